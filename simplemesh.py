@@ -1522,7 +1522,10 @@ DEFAULT_MESH = ("a", "b;delay=50ms", "c;delay=100ms..200ms", "d;error=0.1")
 
 
 def command_mesh(args, environ):
-    specs = [parse_node_spec(text) for text in (args.nodes or DEFAULT_MESH)]
+    try:
+        specs = [parse_node_spec(text) for text in (args.nodes or DEFAULT_MESH)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     base = Config.from_env(environ, address=args.address)
     ports = {}
     for index, (name, _version, _directives) in enumerate(specs, start=1):
