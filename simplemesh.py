@@ -707,15 +707,16 @@ class ConnectionPool:
         self.max_idle_per_peer = max_idle_per_peer
 
     def take(self, address, timeout):
-        with self.lock:
-            stack = self.idle.get(address)
-            while stack:
-                connection = stack.pop()
-                if _still_open(connection.sock):
-                    connection.sock.settimeout(timeout)
-                    return connection
-                connection.close()
-        return http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+        while True:
+            with self.lock:
+                stack = self.idle.get(address)
+                connection = stack.pop() if stack else None
+            if connection is None:
+                return http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+            if _still_open(connection.sock):  # checked outside the lock: it is a system call
+                connection.sock.settimeout(timeout)
+                return connection
+            connection.close()
 
     def give_back(self, address, connection):
         with self.lock:
@@ -1309,6 +1310,8 @@ class Handler(BaseHTTPRequestHandler):
         max_body = self.server.node.config.max_body
         if length > max_body:
             raise BadRequest(413, f"request body of {length} bytes is above MAX_BODY={max_body}")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             return None

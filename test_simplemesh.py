@@ -453,6 +453,16 @@ class NodeOverHttpTest(unittest.TestCase):
         self.assertEqual(answer["next_node"][0]["headers"].get("content-type"), None)
         self.assertEqual(status, 200)
 
+    def test_large_body_with_expect_continue(self):
+        body = b"x" * 5000
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                sock.sendall(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+                self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(body)
+                self.assertIn(b"200 OK", sock.recv(100))
+
     def test_post_body_reaches_the_last_hop(self):
         seen = []
         with Mesh({"a": {}, "b": {}}) as mesh:
