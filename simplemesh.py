@@ -1852,7 +1852,8 @@ def build_parser():
         "manifests", help="print Kubernetes YAML for a mesh",
         description="Print Kubernetes YAML for these nodes: a Service per name and a Deployment per version "
                     "(directives become the node's environment defaults).",
-        epilog="example: simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
+        epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
                "--load http://a/b/c --istio | kubectl apply -f -")
     manifests.add_argument("nodes", nargs="+", metavar="NODE",
                            help="a node spec: name[;directive=value...][;version=v2]")
