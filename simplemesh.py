@@ -1504,6 +1504,269 @@ class Server(ThreadingHTTPServer):
                                     "level": "error", "error": f"{type(error).__name__}: {error}"})
 
 
+# --- Manifests ---------------------------------------------------------------------------------------------
+# SPEC 7. ``manifests`` turns node specs (the words ``mesh`` takes) into Kubernetes objects: pure functions build
+# plain dicts, and a small YAML emitter writes them, so the generator needs nothing outside the standard library.
+
+DEFAULT_IMAGE = f"simplemesh:{__version__}"
+CONTAINER_PORT = 9090
+# Kubernetes stops sending traffic while SHUTDOWN_DELAY runs (readyz is 503), in-flight work gets SHUTDOWN_GRACE,
+# and the kubelet's SIGKILL comes only after both, with room to spare.
+POD_SHUTDOWN_DELAY = 5
+POD_SHUTDOWN_GRACE = 20
+POD_TERMINATION_GRACE = 30
+DNS_LABEL_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # a Service name (RFC 1035 label)
+VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
+LOADGEN = "loadgen"
+DOWNWARD_API = (("HOST", "metadata.labels['app']"), ("VERSION", "metadata.labels['version']"),
+                ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
+                ("POD_IP", "status.podIP"), ("NODE_NAME", "spec.nodeName"))
+
+
+def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp="", load="", rate="5",
+                    concurrency=""):
+    """Kubernetes objects (dicts) for node specs from parse_node_spec(); raises ValueError on a bad input.
+
+    Every name gets a Service; every (name, version) its own Deployment behind it, so ``b;version=v2`` is a
+    second version of ``b``. ``istio`` adds the namespace's injection label and example Istio resources
+    (ingress Gateway, DestinationRule subsets, a weighted split for a name with several versions), which
+    needs a namespace: ``simplemesh`` unless one is given.
+    """
+    if not specs:
+        raise ValueError("name at least one node")
+    if istio and not namespace:
+        namespace = "simplemesh"
+    if namespace and not DNS_LABEL_RE.fullmatch(namespace):
+        raise ValueError(f"bad namespace {namespace!r}: a DNS label (a-z, 0-9, '-', starting with a letter)")
+    if not image or any(char.isspace() for char in image):
+        raise ValueError(f"bad image {image!r}")
+    if otlp and not otlp.startswith(("http://", "https://")):
+        raise ValueError(f"bad OTLP endpoint {otlp!r}: expected http://host:port")
+    versions = {}
+    for name, version, directives in specs:
+        version = version or "v1"
+        if not DNS_LABEL_RE.fullmatch(name):
+            raise ValueError(f"node {name!r}: a Kubernetes Service name is one DNS label starting with a letter")
+        if not VERSION_RE.fullmatch(version):
+            raise ValueError(f"node {name!r}: bad version {version!r} (a-z, 0-9 and '-', at most 32)")
+        if version in versions.setdefault(name, {}):
+            raise ValueError(f"node {name!r} version {version!r} is given twice")
+        if load and name == LOADGEN:
+            raise ValueError(f"{LOADGEN!r} is the load generator's name; pick another node name")
+        try:
+            Directives.resolve(Config(), directives, {})
+        except DirectiveError as error:
+            raise ValueError(f"node {name!r}: {error}") from None
+        versions[name][version] = directives
+    objects = []
+    if namespace:
+        objects.append(_namespace(namespace, istio))
+    for name, by_version in versions.items():
+        objects.append(_service(name, namespace))
+        for version, directives in by_version.items():
+            objects.append(_deployment(name, version, namespace, image, istio,
+                                       _node_env(directives, otlp), _node_container_extras()))
+    if load:
+        objects.append(_deployment(LOADGEN, "v1", namespace, image, istio, [],
+                                   _loadgen_container_extras(load, rate, concurrency), component="load-generator"))
+    if istio:
+        objects.extend(_istio_examples(versions, namespace))
+    return objects
+
+
+def _metadata(name, namespace, labels=None, **extra):
+    metadata = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    if labels:
+        metadata["labels"] = labels
+    metadata.update(extra)
+    return metadata
+
+
+def _namespace(namespace, istio):
+    labels = {"app.kubernetes.io/part-of": "simplemesh"}
+    if istio:
+        labels["istio-injection"] = "enabled"
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _metadata(namespace, "", labels)}
+
+
+def _labels(name, version=None, component="node"):
+    labels = {"app": name}
+    if version:
+        labels["version"] = version
+    labels.update({"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "simplemesh",
+                   "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "simplemesh"})
+    if version:
+        labels["app.kubernetes.io/version"] = version
+    return labels
+
+
+def _service(name, namespace):
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, namespace, _labels(name)),
+            "spec": {"selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"}]}}
+
+
+def _node_env(directives, otlp):
+    """The environment of a node container: identity from the downward API, shutdown timing, directive defaults."""
+    env = [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}} for var, path in DOWNWARD_API]
+    env.append({"name": "PORT", "value": str(CONTAINER_PORT)})
+    env.append({"name": "SHUTDOWN_DELAY", "value": str(POD_SHUTDOWN_DELAY)})
+    env.append({"name": "SHUTDOWN_GRACE", "value": str(POD_SHUTDOWN_GRACE)})
+    for directive in DIRECTIVES.values():
+        if directive.name in directives:
+            value = directives[directive.name]
+            if directive.name == "parallel":
+                value = "parallel" if parse_bool(value) else "sequential"
+            env.append({"name": directive.env, "value": value})
+    env.extend(otlp_env(otlp))
+    return env
+
+
+def otlp_env(endpoint):
+    """Native spans (SPEC 5): the exporter endpoint, and resource attributes a backend groups pods by.
+
+    ``$(VAR)`` is expanded by the kubelet from the variables defined before it in the same container.
+    """
+    if not endpoint:
+        return []
+    return [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint},
+            {"name": "OTEL_RESOURCE_ATTRIBUTES",
+             "value": "service.version=$(VERSION),k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
+                      "k8s.node.name=$(NODE_NAME)"}]
+
+
+def _node_container_extras():
+    def probe(path, period, failures):
+        return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 2,
+                "failureThreshold": failures}
+    return {"ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
+            "readinessProbe": probe("/readyz", 2, 1),
+            "livenessProbe": probe("/healthz", 10, 3),
+            "startupProbe": probe("/healthz", 1, 30)}
+
+
+def _loadgen_container_extras(url, rate, concurrency):
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"bad load URL {url!r}: expected http://a/b/c")
+    try:
+        if float(rate) <= 0 or (concurrency and int(concurrency) <= 0):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad load settings: --rate {rate} --concurrency {concurrency}") from None
+    args = ["load", url, "--rate", str(rate), "--duration", "0"]  # 0: until the pod is stopped
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    return {"args": args}
+
+
+def _deployment(name, version, namespace, image, istio, env, container_extras, component="node"):
+    labels = _labels(name, version, component)
+    annotations = {}
+    if component == "node":
+        annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(CONTAINER_PORT),
+                            "prometheus.io/path": "/metrics"})
+    if istio:  # the app calls out at once (the load generator does), so wait for the sidecar
+        annotations["proxy.istio.io/config"] = '{"holdApplicationUntilProxyStarts": true}'
+    template_metadata = {"labels": labels}
+    if annotations:
+        template_metadata["annotations"] = annotations
+    container = {"name": "simplemesh", "image": image, "imagePullPolicy": "IfNotPresent"}
+    container.update(container_extras)
+    if env:
+        container["env"] = env
+    container["resources"] = {"requests": {"cpu": "50m", "memory": "32Mi"},
+                              "limits": {"cpu": "500m", "memory": "128Mi"}}
+    container["securityContext"] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "privileged": False,
+                                    "capabilities": {"drop": ["ALL"]}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(f"{name}-{version}", namespace, labels),
+            "spec": {"replicas": 1,
+                     "selector": {"matchLabels": {"app": name, "version": version}},
+                     "template": {"metadata": template_metadata, "spec": {
+                         "automountServiceAccountToken": False,
+                         "terminationGracePeriodSeconds": POD_TERMINATION_GRACE,
+                         "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                             "seccompProfile": {"type": "RuntimeDefault"}},
+                         "containers": [container]}}}}
+
+
+def _istio_examples(versions, namespace):
+    """An ingress to the first node, a DestinationRule per name, and a weighted split where there are versions."""
+    first = next(iter(versions))
+    objects = [
+        {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": _metadata("simplemesh", namespace),
+         "spec": {"selector": {"istio": "ingressgateway"},
+                  "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}},
+        {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+         "metadata": _metadata("simplemesh-ingress", namespace),
+         "spec": {"hosts": ["*"], "gateways": ["simplemesh"],
+                  "http": [{"route": [{"destination": {"host": first, "port": {"number": 80}}}]}]}}]
+    for name, by_version in versions.items():
+        objects.append({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                        "metadata": _metadata(name, namespace),
+                        "spec": {"host": name, "subsets": [{"name": version, "labels": {"version": version}}
+                                                           for version in by_version]}})
+        if len(by_version) > 1:
+            share, extra = divmod(100, len(by_version))
+            objects.append({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                            "metadata": _metadata(name, namespace),
+                            "spec": {"hosts": [name], "http": [{"route": [
+                                {"destination": {"host": name, "subset": version},
+                                 "weight": share + (1 if index < extra else 0)}
+                                for index, version in enumerate(by_version)]}]}})
+    return objects
+
+
+YAML_PLAIN_RE = re.compile(r"[A-Za-z/][A-Za-z0-9_./:@-]*")
+YAML_RESERVED = frozenset("y n yes no on off true false null".split())
+
+
+def yaml_scalar(value):
+    """One scalar as YAML: plain where no YAML 1.1 or 1.2 reader could take it for another type, else quoted."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    if YAML_PLAIN_RE.fullmatch(value) and not value.endswith(":") and value.lower() not in YAML_RESERVED:
+        return value
+    return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def _yaml_lines(value, indent):
+    pad = " " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{yaml_scalar(key)}:")
+                lines.extend(_yaml_lines(item, indent + 2))
+            else:
+                lines.append(f"{pad}{yaml_scalar(key)}: {yaml_scalar(item)}")
+    else:
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                inner = _yaml_lines(item, indent + 2)
+                lines.append(f"{pad}- {inner[0][indent + 2:]}")
+                lines.extend(inner[1:])
+            else:
+                lines.append(f"{pad}- {yaml_scalar(item)}")
+    return lines
+
+
+def to_yaml(documents):
+    """A YAML stream of mappings, one ``---`` document each."""
+    return "".join("---\n" + "\n".join(_yaml_lines(document, 0)) + "\n" for document in documents)
+
+
 # --- Command line ------------------------------------------------------------------------------------------
 # SPEC 6. ``serve`` runs one node from the environment; ``mesh`` runs a gateway and named nodes in one process.
 
@@ -1620,6 +1883,17 @@ def command_mesh(args, environ):
     return 0
 
 
+def command_manifests(args, environ):
+    try:
+        specs = [parse_node_spec(text) for text in args.nodes]
+        objects = build_manifests(specs, namespace=args.namespace, image=args.image, istio=args.istio,
+                                  otlp=args.otlp, load=args.load, rate=args.rate, concurrency=args.concurrency)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    sys.stdout.write(to_yaml(objects))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
@@ -1635,10 +1909,30 @@ def build_parser():
                       help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    manifests = commands.add_parser(
+        "manifests", help="print Kubernetes YAML for a mesh",
+        description="Print Kubernetes YAML for these nodes: a Service per name and a Deployment per version "
+                    "(directives become the node's environment defaults).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
+        epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
+               "--load http://a/b/c --istio | kubectl apply -f -")
+    manifests.add_argument("nodes", nargs="+", metavar="NODE",
+                           help="a node spec: name[;directive=value...][;version=v2]")
+    manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
+    manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
+    manifests.add_argument("--istio", action="store_true",
+                           help="label the namespace for sidecar injection (namespace simplemesh unless given) "
+                                "and add an ingress Gateway, DestinationRules and version splits")
+    manifests.add_argument("--otlp", default="", metavar="ENDPOINT",
+                           help="send native spans to this OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    manifests.add_argument("--load", default="", metavar="URL",
+                           help="add a load generator Deployment that runs `simplemesh load URL`")
+    manifests.add_argument("--rate", default="5", help="the load generator's requests per second (default 5)")
+    manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
     return parser
 
 
-COMMANDS = {"serve": command_serve, "mesh": command_mesh}
+COMMANDS = {"serve": command_serve, "mesh": command_mesh, "manifests": command_manifests}
 
 
 def main(argv=None, environ=None):
