@@ -18,6 +18,7 @@ trace context, outbound calls, the answer, metrics, the HTTP handler and server,
 import argparse
 import bisect
 import fnmatch
+import html
 import json
 import os
 import random
@@ -33,6 +34,7 @@ import time
 import http.client
 from http import HTTPStatus
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -103,6 +105,7 @@ class Config:
     shutdown_grace: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
+    trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
     identity: dict = field(default_factory=dict)  # pod, namespace, ip, node from the downward API
 
     @classmethod
@@ -144,6 +147,7 @@ class Config:
         read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
         read("LOG_FORMAT", "log_format", _choice("text", "json"))
         read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
+        read("TRACE_UI_URL", "trace_ui_url", str)
         if "host" not in settings:
             settings["host"] = socket.gethostname()
         defaults = {}
@@ -843,8 +847,9 @@ def child_record(target, url, status, content_type, data, method, elapsed):
             "error": f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else "")}
 
 
-# --- The answer --------------------------------------------------------------------------------------------
-# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree.
+# --- The answer and its views ------------------------------------------------------------------------------
+# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree:
+# JSON, render_tree() for a terminal and render_html() for a browser; the views are pure functions of the record.
 
 def iso_time(epoch):
     """RFC 3339 UTC with microseconds, cached per second (formatting dominates otherwise)."""
@@ -886,6 +891,265 @@ def error_answer(host, status, message, **extra):
     record = {"host": host, "status": status, "error": message}
     record.update(extra)
     return record
+
+def choose_view(query, accept):
+    """The view a request asks for: ``?view=json|tree|html``, else html for a browser (``Accept: text/html``),
+    else json; None for an unknown ``view``. Cheap on purpose: it runs on every routed request."""
+    if "view" in query:
+        for item in query.split("&"):
+            key, sep, value = item.partition("=")
+            if key.lower() == "view":
+                value = unquote(value).lower()
+                return value if value in VIEWS else None
+    return "html" if "text/html" in accept else "json"
+
+
+VIEWS = ("json", "tree", "html")
+
+
+def view_route(path, query):
+    """The route as a user would type it again: the path without its leading "/" and the query without ``view``."""
+    query = "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
+    return path[1:] + ("?" + query if query else "")
+
+
+@dataclass
+class Hop:
+    """One record of the tree, read defensively (a downstream answer may be any JSON) and placed in time."""
+    index: int
+    parent: int  # index of the parent hop, -1 for the root
+    depth: int
+    last: tuple  # for each level down to this hop: is that ancestor (or this hop) its parent's last child?
+    record: dict
+    host: str
+    status: object  # int, or None when the record has none (a reset)
+    elapsed: float
+    delay: float
+    error: str
+    failed: bool = False
+    origin: bool = False  # failed, and not because of a call below it: where the failure comes from
+    start: float = 0.0  # seconds from the root's start
+    estimated: bool = False  # no start_time in the record: the start is inferred from its siblings
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _epoch(text):
+    """Seconds since the epoch of a record's ``start_time``, or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def walk_tree(record):
+    """The hops of a record in display order (depth first), each placed on the root's time line.
+
+    Iterative, so no answer nests deep enough to exhaust the stack. A start comes from the hop's own
+    ``start_time`` (clocks of different nodes can differ a little: a child is kept inside its parent's span);
+    a record written by the caller has none, so its call is taken to start when the previous sibling ended
+    (sequential fan-out), or after the parent's delay.
+    """
+    hops = []
+    root_epoch = _epoch(record.get("start_time")) if isinstance(record, dict) else None
+    stack = [(record, -1, 0, ())]
+    cursors = {}  # parent index -> where its next estimated call starts
+    while stack:
+        item, parent, depth, last = stack.pop()
+        if not isinstance(item, dict):
+            item = {"host": "?", "error": "not a record"}
+        status = item.get("status")
+        hop = Hop(index=len(hops), parent=parent, depth=depth, last=last, record=item,
+                  host=str(item.get("host", "?")) + (f"@{item['version']}" if item.get("version") else ""),
+                  status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+                  elapsed=max(0.0, _number(item.get("elapsed_time"))), delay=max(0.0, _number(item.get("delay"))),
+                  error=str(item.get("error") or ""))
+        hop.failed = hop.status is None or hop.status >= 400
+        if parent >= 0:
+            above = hops[parent]
+            epoch = _epoch(item.get("start_time"))
+            if epoch is None or root_epoch is None:
+                start, hop.estimated = cursors.get(parent, above.start + above.delay), True
+            else:
+                start = epoch - root_epoch
+            hop.elapsed = min(hop.elapsed, above.elapsed)
+            hop.start = min(max(start, above.start), above.start + above.elapsed - hop.elapsed)
+            cursors[parent] = hop.start + hop.elapsed
+        hops.append(hop)
+        children = item.get("next_node")
+        children = children if isinstance(children, list) else []
+        for position in range(len(children) - 1, -1, -1):
+            stack.append((children[position], hop.index, depth + 1, last + (position == len(children) - 1,)))
+    for hop in hops:
+        hop.origin = hop.failed
+    for hop in hops:
+        if hop.failed and hop.parent >= 0:
+            hops[hop.parent].origin = False
+    return hops
+
+
+def format_seconds(seconds):
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def _tree_prefix(hop):
+    if hop.depth == 0:
+        return ""
+    guides = "".join("   " if last else "│  " for last in hop.last[:-1])
+    return guides + ("└─ " if hop.last[-1] else "├─ ")
+
+
+ANSI = {"ok": "\033[32m", "client": "\033[33m", "fail": "\033[31m", "bold": "\033[1m", "dim": "\033[2m",
+        "reset": "\033[0m"}
+
+
+def _status_class(status):
+    if status is None or status >= 500:
+        return "fail"
+    return "client" if status >= 400 else "ok"
+
+
+def render_tree(record, color=False):
+    """The call tree as aligned plain text for a terminal (ANSI colours with ``color``), trace id on top."""
+    hops = walk_tree(record)
+    paint = (lambda text, *styles: "".join(ANSI[s] for s in styles) + text + ANSI["reset"]) if color else \
+        (lambda text, *styles: text)
+    labels = [_tree_prefix(hop) + hop.host for hop in hops]
+    width = max(len(label) for label in labels)
+    times = [format_seconds(hop.elapsed) for hop in hops]
+    time_width = max(len(text) for text in times)
+    root = hops[0]
+    lines = []
+    if isinstance(record, dict) and record.get("trace_id"):
+        lines.append(paint(f"trace {record['trace_id']}", "dim"))
+    for hop, label, elapsed in zip(hops, labels, times):
+        status = "---" if hop.status is None else str(hop.status)
+        notes = []
+        if hop.delay:
+            notes.append(f"delay {format_seconds(hop.delay)}")
+        if hop.failed:
+            mark = "✗ " + (hop.error or ("reset" if hop.status is None else f"status {hop.status}"))
+            notes.append(paint(mark, "fail", "bold") if hop.origin else paint(mark, "dim"))
+        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status))}  {elapsed:>{time_width}}"
+                + ("  " + "  ".join(notes) if notes else ""))
+        lines.append(line.rstrip())
+    origins = [hop for hop in hops if hop.origin]
+    if origins:
+        lines.append(paint(f"{len(origins)} failed hop{'s' if len(origins) > 1 else ''}: "
+                           + ", ".join(hop.host for hop in origins), "fail"))
+    elif root.status is not None and root.status < 400:
+        lines.append(paint(f"ok: {len(hops)} hop{'s' if len(hops) > 1 else ''} "
+                           f"in {format_seconds(root.elapsed)}", "ok"))
+    return "\n".join(lines) + "\n"
+
+
+def trace_link(trace_ui_url, trace_id):
+    """TRACE_UI_URL with ``{trace_id}`` filled in (or the id appended), e.g. http://jaeger:16686/trace/{trace_id}."""
+    if not trace_ui_url or not trace_id:
+        return ""
+    return trace_ui_url.replace("{trace_id}", trace_id) if "{trace_id}" in trace_ui_url else trace_ui_url + trace_id
+
+
+HTML_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; "
+            "form-action 'self'; base-uri 'none'")
+
+
+def render_html(record, route, trace_ui_url=""):
+    """A self-contained page (inline CSS and JS, no other request) drawing the call tree as a waterfall."""
+    esc = html.escape
+    hops = walk_tree(record)
+    total = max([hop.start + hop.elapsed for hop in hops] + [1e-9])
+    root = hops[0]
+    trace_id = str(record.get("trace_id", "")) if isinstance(record, dict) else ""
+    link = trace_link(trace_ui_url, trace_id)
+    trace = (f'<a id="trace" href="{esc(link)}">{esc(trace_id)}</a>' if link else
+             f'<span id="trace">{esc(trace_id)}</span>') if trace_id else '<span id="trace">none</span>'
+    rows = []
+    for hop in hops:
+        left, width = 100 * hop.start / total, max(100 * hop.elapsed / total, 0.2)
+        delay = min(100.0, 100 * hop.delay / hop.elapsed) if hop.elapsed else 0.0
+        label = format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+        if left + width <= 65:  # the label goes after the bar, before it, or on a bar too wide for either
+            side = f"left:{left + width:.3f}%"
+        elif left >= 35:
+            side = f"right:{100 - left:.3f}%"
+        else:
+            side = f"left:{left:.3f}%;color:#fff"
+        classes = " ".join(["hop", _status_class(hop.status)] + ["failed"] * hop.failed + ["origin"] * hop.origin)
+        guides = "".join(f'<i class="g{" end" if last else ""}"></i>' for last in hop.last)
+        details = "".join(f"<dt>{esc(str(key))}</dt><dd>{esc(str(value))}</dd>"
+                          for key, value in hop.record.items() if key not in ("next_node", "padding", "headers"))
+        rows.append(
+            f'<div class="{classes}" data-index="{hop.index}" data-parent="{hop.parent}" data-depth="{hop.depth}" '
+            f'data-host="{esc(hop.host)}" data-status="{hop.status or ""}">'
+            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{hop.status or "reset"}</span>'
+            f'</div><div class="lane"><div class="bar" style="left:{left:.3f}%;width:{width:.3f}%"'
+            f'{" title=estimated" if hop.estimated else ""}><div class="delay" style="width:{delay:.1f}%"></div>'
+            f'</div><span class="label" style="{side}">{esc(label)}</span></div>'
+            f'<dl class="details" hidden>{details}</dl></div>')
+    ticks = "".join(f'<span style="left:{25 * i}%">{format_seconds(total * i / 4)}</span>' for i in range(5))
+    status = "reset" if root.status is None else root.status
+    return HTML_PAGE.format(
+        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status),
+        elapsed=format_seconds(root.elapsed), hops=len(hops), failed=sum(hop.origin for hop in hops),
+        trace=trace, ticks=ticks, rows="\n".join(rows),
+        json_link=esc("/" + route + ("&" if "?" in route else "?") + "view=json"),
+        tree_link=esc("/" + route + ("&" if "?" in route else "?") + "view=tree"))
+
+
+# The page: str.format fields in single braces, CSS and JS braces doubled.
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>simple-mesh {title}</title>
+<style>
+body{{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}}
+header{{padding:12px 20px;background:#fff;border-bottom:1px solid #ddd}}
+form{{display:flex;gap:8px;margin-bottom:8px}} input{{flex:1;font:14px monospace;padding:6px}}
+button{{padding:6px 16px}} .meta span{{margin-right:18px}} .meta a{{margin-right:10px}}
+.ok{{--c:#2e9d4b}} .client{{--c:#d48a00}} .fail{{--c:#d33}}
+.pill{{color:#fff;background:var(--c);border-radius:3px;padding:1px 6px;font-weight:bold}}
+main{{padding:12px 20px}} .hop,.axis{{display:grid;grid-template-columns:minmax(180px,26%) 1fr;align-items:center}}
+.hop{{min-height:26px;border-bottom:1px solid #eee;cursor:pointer}} .hop:hover{{background:#f0f4ff}}
+.name{{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;display:flex;align-items:center}}
+.name b{{font-weight:600;margin-right:6px}} .code{{color:var(--c);font-size:12px}}
+.g{{display:inline-block;width:14px;height:26px;border-left:1px solid #bbb;margin-left:6px}} .g.end{{border-left-color:transparent}}
+.lane{{position:relative;height:26px}}
+.bar{{position:absolute;top:6px;height:14px;background:var(--c);border-radius:2px;min-width:2px;overflow:hidden}}
+.bar[title]{{opacity:.7}} .delay{{height:100%;background:repeating-linear-gradient(45deg,#fff6,#fff6 3px,transparent 3px,transparent 6px)}}
+.label{{position:absolute;top:4px;padding:0 6px;font-size:12px;white-space:nowrap;color:#555}}
+.failed .label{{color:#b00;font-weight:600}} .origin .name b{{color:#b00}} .origin{{background:#fff1f1}}
+.axis{{font-size:11px;color:#777;white-space:nowrap}} .axis div{{position:relative;height:16px}}
+.axis span{{position:absolute;transform:translateX(-50%)}} .axis span:first-child{{transform:none}}
+.axis span:last-child{{transform:translateX(-100%)}}
+.details{{grid-column:1/3;display:grid;grid-template-columns:max-content 1fr;gap:0 12px;margin:4px 0 8px 20px;font:12px monospace}}
+.details[hidden]{{display:none}} dd{{margin:0;word-break:break-all}}
+</style></head>
+<body><header>
+<form id="run"><input id="route" name="route" value="{route}" placeholder="b/c~d;delay=100ms" autofocus>
+<button>Run</button></form>
+<div class="meta"><span class="{cls}">status <span class="pill" id="status">{status}</span></span>
+<span>total <b>{elapsed}</b></span><span>{hops} hops, {failed} failed</span>
+<span>trace {trace}</span><a href="{json_link}">JSON</a><a href="{tree_link}">text tree</a></div>
+</header><main>
+<div class="axis"><div></div><div>{ticks}</div></div>
+<div id="waterfall">
+{rows}
+</div></main>
+<script>
+document.getElementById("run").addEventListener("submit", function (event) {{
+  event.preventDefault();
+  location.assign("/" + document.getElementById("route").value.trim().replace(/^\\/+/, ""));
+}});
+document.getElementById("waterfall").addEventListener("click", function (event) {{
+  var hop = event.target.closest(".hop");
+  if (hop) {{ var details = hop.querySelector(".details"); details.hidden = !details.hidden; }}
+}});
+</script></body></html>
+"""
 
 
 # --- Metrics -----------------------------------------------------------------------------------------------
@@ -1331,7 +1595,20 @@ class Handler(BaseHTTPRequestHandler):
         if first in ("metrics", "healthz", "readyz") or first.startswith("-"):
             return Outcome(404, error_answer(node.config.host, 404, f"/{first} is reserved; "
                                              f"to call a service named {first!r} write the step as ({first})"))
-        return node.serve(request)
+        view = choose_view(request.query, request.headers.get("accept", ""))
+        if view is None:
+            return Outcome(400, error_answer(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}"))
+        outcome = node.serve(request)
+        if view == "json" or outcome.record is None:
+            return outcome
+        if view == "tree":
+            outcome.text, outcome.content_type = render_tree(outcome.record), "text/plain; charset=utf-8"
+        else:
+            outcome.text = render_html(outcome.record, view_route(request.path, request.query),
+                                       node.config.trace_ui_url)
+            outcome.content_type = "text/html; charset=utf-8"
+            outcome.extra_headers += (("Content-Security-Policy", HTML_CSP),)
+        return outcome
 
     def admin(self, node, request):
         """SPEC 4 runtime controls: /-/defaults and /-/ready."""
