@@ -20,7 +20,9 @@ import bisect
 import fnmatch
 import html
 import json
+import math
 import os
+import queue
 import random
 import re
 import select
@@ -36,7 +38,7 @@ from http import HTTPStatus
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -1724,7 +1726,8 @@ class Server(ThreadingHTTPServer):
 
 
 # --- Command line ------------------------------------------------------------------------------------------
-# SPEC 6. ``serve`` runs one node from the environment; ``mesh`` runs a gateway and named nodes in one process.
+# SPEC 6. ``serve`` runs one node from the environment; ``mesh`` runs a gateway and named nodes in one process;
+# ``call`` draws one answer's tree; ``load`` sends steady open-loop traffic.
 
 def parse_node_spec(text):
     """``'b;delay=1;version=v2'`` -> (name, version, {directive: raw text}), validated like a route step."""
@@ -1836,6 +1839,288 @@ def command_mesh(args, environ):
     return 0
 
 
+def split_url(text):
+    """``localhost:9090/a/b`` or ``http://host/a/b?delay=1s`` -> (scheme, host, port, path and query)."""
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"bad URL {text!r}: expected http://host[:port]/route")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"bad URL {text!r}: bad port") from None
+    return parts.scheme, parts.hostname, port, (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def open_connection(scheme, host, port, timeout):
+    kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    return kind(host, port, timeout=timeout)
+
+
+def request_headers(pairs):
+    """``-H 'name: value'`` options -> a dict, JSON asked for (the client renders the views itself)."""
+    headers = {"Accept": "application/json", "User-Agent": f"simplemesh/{__version__}"}
+    for pair in pairs or ():
+        name, sep, value = pair.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"bad header {pair!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def use_color(stream, environ):
+    return stream.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb"
+
+
+def command_call(args, environ):
+    """One request; the answer drawn as a tree. Exit 0 when the root answered < 400, 1 when it failed,
+    2 when there was no answer at all."""
+    scheme, host, port, path = split_url(args.url)
+    headers = request_headers(args.header)
+    connection = open_connection(scheme, host, port, args.timeout)
+    try:
+        connection.request(args.method.upper(), path, body=args.data.encode() if args.data else None,
+                           headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        print(f"simplemesh call: no answer from {host}:{port}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    finally:
+        connection.close()
+    status = response.status
+    if args.json:
+        sys.stdout.write(data.decode("utf-8", "replace") + ("" if data.endswith(b"\n") else "\n"))
+        return 0 if status < 400 else 1
+    try:
+        record = json.loads(data) if "json" in (response.getheader("content-type") or "") else None
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and "host" in record:
+        sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
+    else:
+        snippet = data[:500].decode("utf-8", "replace").strip()
+        print(f"{status} {response.reason} from {host}:{port}, not a simplemesh answer"
+              + (f":\n{snippet}" if snippet else ""))
+    return 0 if status < 400 else 1
+
+
+class LatencyHistogram:
+    """Latencies in logarithmic buckets 1% wide from 10 µs: bounded memory however long a load runs, and
+    percentiles at most 1% high (a bucket's upper bound, capped by the largest value seen)."""
+
+    LOW = 1e-5
+    LOG_GROWTH = math.log(1.01)
+
+    def __init__(self):
+        self.counts = {}
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, seconds):
+        index = 0 if seconds <= self.LOW else int(math.log(seconds / self.LOW) / self.LOG_GROWTH) + 1
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.max = max(self.max, seconds)
+
+    def percentile(self, fraction):
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(fraction * self.count))
+        seen = 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return min(self.LOW * math.exp(index * self.LOG_GROWTH), self.max)
+        return self.max
+
+
+@dataclass
+class LoadStats:
+    """What a load run has done so far; workers update it under ``lock``."""
+    rate: float
+    concurrency: int
+    sent: int = 0
+    missed_busy: int = 0  # due while every worker was waiting for an answer
+    missed_late: int = 0  # due while this process could not even schedule it in time
+    in_flight: int = 0
+    codes: dict = field(default_factory=dict)  # status code, or an error kind -> count
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    elapsed: float = 0.0
+    lock: object = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def errors(self):
+        return sum(count for code, count in self.codes.items() if not isinstance(code, int) or code >= 400)
+
+    @property
+    def kept(self):
+        """True when the target rate was met: no due send was missed."""
+        return self.missed_busy + self.missed_late == 0
+
+    def summary(self):
+        """The figures as a dict (``load --json``); latencies in seconds."""
+        return {"sent": self.sent, "answered": self.latency.count, "unfinished": self.in_flight,
+                "missed": self.missed_busy + self.missed_late, "missed_busy": self.missed_busy,
+                "missed_late": self.missed_late, "elapsed": round(self.elapsed, 3),
+                "target_rate": self.rate, "achieved_rate": round(self.sent / self.elapsed, 3) if self.elapsed else 0.0,
+                "rate_kept": self.kept, "errors": self.errors,
+                "codes": {str(code): count for code, count in sorted(self.codes.items(), key=str)},
+                "latency": {name: round(self.latency.percentile(p), 6)
+                            for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+                | {"max": round(self.latency.max, 6)}}
+
+
+def render_progress(stats):
+    """The live progress line: elapsed, sent, achieved rate, errors, p50/p99 so far."""
+    rate = stats.sent / stats.elapsed if stats.elapsed else 0.0
+    missed = stats.missed_busy + stats.missed_late
+    return (f"{stats.elapsed:7.1f}s  sent {stats.sent}  rate {rate:.1f}/s of {stats.rate:g}/s  "
+            f"errors {stats.errors}  p50 {format_seconds(stats.latency.percentile(0.5))}  "
+            f"p99 {format_seconds(stats.latency.percentile(0.99))}" + (f"  MISSED {missed}" if missed else ""))
+
+
+def render_load_summary(summary, url):
+    """The final summary of a load run, for people; honest about a rate it did not keep."""
+    latency = summary["latency"]
+    lines = [f"load {url}: {summary['sent']} requests in {summary['elapsed']:.2f} s = "
+             f"{summary['achieved_rate']:.1f}/s (target {summary['target_rate']:g}/s)",
+             "status: " + (" ".join(f"{code}={count}" for code, count in summary["codes"].items()) or "none"),
+             f"latency: p50 {format_seconds(latency['p50'])}  p90 {format_seconds(latency['p90'])}  "
+             f"p99 {format_seconds(latency['p99'])}  max {format_seconds(latency['max'])}"]
+    if summary["unfinished"]:
+        lines.append(f"{summary['unfinished']} requests had no answer yet when the run stopped (not in the figures)")
+    if not summary["rate_kept"]:
+        reasons = []
+        if summary["missed_busy"]:
+            reasons.append(f"{summary['missed_busy']} found all workers waiting for answers "
+                           "(raise --concurrency, or the service is slower than rate x concurrency allows)")
+        if summary["missed_late"]:
+            reasons.append(f"{summary['missed_late']} could not be scheduled on time by this process "
+                           "(CPU-bound: run several load processes)")
+        lines.append(f"TARGET RATE NOT KEPT: {summary['missed']} sends missed: " + "; ".join(reasons))
+    return "\n".join(lines) + "\n"
+
+
+LOAD_LATE = 0.05  # a send that cannot start within 50 ms of its time is counted as missed, not sent in a burst
+
+
+def load_worker(stats, jobs, scheme, host, port, path, method, headers, timeout):
+    """Send one request per job (its due time) on a keep-alive connection of this worker's own."""
+    connection = None
+    while True:
+        due = jobs.get()
+        if due is None:
+            break
+        try:
+            if connection is None:
+                connection = open_connection(scheme, host, port, timeout)
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            code = response.status
+            if response.will_close:
+                connection.close()
+                connection = None
+        except (OSError, http.client.HTTPException) as error:
+            code = ("refused" if isinstance(error, ConnectionRefusedError) else
+                    "timeout" if isinstance(error, TimeoutError) else
+                    "reset" if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)) else
+                    "error")
+            if connection is not None:
+                connection.close()
+                connection = None
+        latency = time.monotonic() - due  # from when it was due: time lost in this client counts too
+        with stats.lock:
+            stats.in_flight -= 1
+            stats.codes[code] = stats.codes.get(code, 0) + 1
+            stats.latency.add(latency)
+    if connection is not None:
+        connection.close()
+
+
+def run_load(stats, url_parts, method, headers, timeout, duration, stop, progress=None, progress_every=1.0):
+    """Open-loop traffic: send ``i`` is due at start + i/rate whatever the answers do. A due send starts on an
+    idle worker, or is counted as missed (every worker busy, or this loop too late); never queued, so a slow
+    service cannot quietly lower the rate. Runs until ``duration`` (0: until ``stop`` is set)."""
+    jobs = queue.SimpleQueue()
+    workers = [threading.Thread(target=load_worker, args=(stats, jobs, *url_parts, method, headers, timeout),
+                                daemon=True) for _ in range(stats.concurrency)]
+    for worker in workers:
+        worker.start()
+    start = time.monotonic()
+    end = start + duration if duration else math.inf
+    interval = 1.0 / stats.rate
+    next_progress = start + progress_every
+    index = 0
+    while not stop.is_set():
+        due = start + index * interval
+        now = time.monotonic()
+        if due >= end:
+            if now >= end:
+                break
+            stop.wait(end - now)
+            continue
+        if now < due:
+            stop.wait(min(due, next_progress) - now)
+        else:
+            with stats.lock:
+                if now - due > LOAD_LATE:
+                    stats.missed_late += 1
+                elif stats.in_flight >= stats.concurrency:
+                    stats.missed_busy += 1
+                else:
+                    stats.in_flight += 1
+                    stats.sent += 1
+                    jobs.put(due)
+            index += 1
+        if progress and now >= next_progress:
+            stats.elapsed = now - start
+            progress(stats)
+            next_progress += progress_every
+    stats.elapsed = min(time.monotonic(), end) - start
+    for _ in workers:
+        jobs.put(None)
+    deadline = time.monotonic() + min(timeout, 5.0)  # answers still on their way get a moment to count
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return stats
+
+
+def command_load(args, environ):
+    scheme, host, port, path = split_url(args.url)
+    headers = request_headers(args.header)
+    if args.rate <= 0 or args.concurrency < 1 or args.duration < 0:
+        raise ConfigError("--rate and --concurrency must be above zero, --duration at least 0")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both end the run with the summary so far, exit 0
+        signal.signal(signum, lambda *_: stop.set())
+    out = sys.stderr if args.json else sys.stdout
+    live = out.isatty()
+
+    def progress(stats):
+        line = render_progress(stats)
+        out.write(f"\r{line}\033[K" if live else line + "\n")
+        out.flush()
+
+    print(f"load {scheme}://{host}:{port}{path}: {args.rate:g}/s "
+          f"{'until stopped' if not args.duration else f'for {args.duration:g} s'}, "
+          f"up to {args.concurrency} in flight", file=out, flush=True)
+    stats = run_load(LoadStats(args.rate, args.concurrency), (scheme, host, port, path), args.method.upper(),
+                     headers, args.timeout, args.duration, stop, progress,
+                     0.5 if live else args.interval)
+    if live:
+        out.write("\n")
+    summary = stats.summary()
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        sys.stdout.write(render_load_summary(summary, f"{scheme}://{host}:{port}{path}"))
+        sys.stdout.flush()
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
@@ -1851,10 +2136,36 @@ def build_parser():
                       help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
+                               description="Send one request and draw the answer as a tree (in colour on a "
+                                           "terminal). Exit status: 0 the root answered < 400, 1 it failed, "
+                                           "2 no answer.")
+    call.add_argument("url", help="http://host[:port]/route[?directives] (http:// may be left out)")
+    call.add_argument("--json", action="store_true", help="print the raw answer instead of the tree")
+    load = commands.add_parser("load", help="steady open-loop traffic with a live progress line and a summary",
+                               description="Send requests at a steady rate whatever the answers do (open loop), "
+                                           "show progress, and end with count, achieved rate, status counts and "
+                                           "latency percentiles. SIGTERM or Ctrl-C stop it with the summary so "
+                                           "far. A send that cannot start on time is counted as missed.")
+    load.add_argument("url", help="http://host[:port]/route[?directives] (http:// may be left out)")
+    load.add_argument("--rate", type=float, default=10.0, help="requests per second (default 10)")
+    load.add_argument("--duration", type=parse_duration, default=parse_duration("10s"),
+                      help="how long, e.g. 30s or 5m; 0 runs until stopped (default 10s)")
+    load.add_argument("--concurrency", type=int, default=32,
+                      help="requests in flight at most, one keep-alive connection each (default 32)")
+    load.add_argument("--interval", type=parse_duration, default=parse_duration("10s"),
+                      help="how often to print a progress line when not on a terminal (default 10s)")
+    load.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    for command in (call, load):
+        command.add_argument("-X", "--method", default="GET", help="HTTP method (default GET)")
+        command.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="a request header")
+        command.add_argument("--timeout", type=parse_duration, default=parse_duration("30s"),
+                             help="per-request timeout (default 30s)")
+    call.add_argument("-d", "--data", help="a request body")
     return parser
 
 
-COMMANDS = {"serve": command_serve, "mesh": command_mesh}
+COMMANDS = {"serve": command_serve, "mesh": command_mesh, "call": command_call, "load": command_load}
 
 
 def main(argv=None, environ=None):
