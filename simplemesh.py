@@ -897,7 +897,7 @@ def error_answer(host, status, message, **extra):
 def choose_view(query, accept):
     """The view a request asks for: ``?view=json|tree|html``, else html for a browser (``Accept: text/html``),
     else json; None for an unknown ``view``. Cheap on purpose: it runs on every routed request."""
-    if "view" in query:
+    if "view" in query.lower():
         for item in query.split("&"):
             key, sep, value = item.partition("=")
             if key.lower() == "view":
@@ -1118,16 +1118,19 @@ main{{padding:12px 20px}} .hop,.axis{{display:grid;grid-template-columns:minmax(
 .hop{{min-height:26px;border-bottom:1px solid #eee;cursor:pointer}} .hop:hover{{background:#f0f4ff}}
 .name{{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;display:flex;align-items:center}}
 .name b{{font-weight:600;margin-right:6px}} .code{{color:var(--c);font-size:12px}}
-.g{{display:inline-block;width:14px;height:26px;border-left:1px solid #bbb;margin-left:6px}} .g.end{{border-left-color:transparent}}
+.g{{display:inline-block;width:14px;height:26px;border-left:1px solid #bbb;margin-left:6px}}
+.g.end{{border-left-color:transparent}}
 .lane{{position:relative;height:26px}}
 .bar{{position:absolute;top:6px;height:14px;background:var(--c);border-radius:2px;min-width:2px;overflow:hidden}}
-.bar[title]{{opacity:.7}} .delay{{height:100%;background:repeating-linear-gradient(45deg,#fff6,#fff6 3px,transparent 3px,transparent 6px)}}
+.bar[title]{{opacity:.7}}
+.delay{{height:100%;background:repeating-linear-gradient(45deg,#fff6,#fff6 3px,transparent 3px,transparent 6px)}}
 .label{{position:absolute;top:4px;padding:0 6px;font-size:12px;white-space:nowrap;color:#555}}
 .failed .label{{color:#b00;font-weight:600}} .origin .name b{{color:#b00}} .origin{{background:#fff1f1}}
 .axis{{font-size:11px;color:#777;white-space:nowrap}} .axis div{{position:relative;height:16px}}
 .axis span{{position:absolute;transform:translateX(-50%)}} .axis span:first-child{{transform:none}}
 .axis span:last-child{{transform:translateX(-100%)}}
-.details{{grid-column:1/3;display:grid;grid-template-columns:max-content 1fr;gap:0 12px;margin:4px 0 8px 20px;font:12px monospace}}
+.details{{grid-column:1/3;display:grid;grid-template-columns:max-content 1fr;gap:0 12px;margin:4px 0 8px 20px;
+font:12px monospace}}
 .details[hidden]{{display:none}} dd{{margin:0;word-break:break-all}}
 </style></head>
 <body><header>
@@ -1966,7 +1969,8 @@ class LoadStats:
                 "missed_late": self.missed_late, "elapsed": round(self.elapsed, 3),
                 "target_rate": self.rate, "achieved_rate": round(self.sent / self.elapsed, 3) if self.elapsed else 0.0,
                 "rate_kept": self.kept, "errors": self.errors,
-                "codes": {str(code): count for code, count in sorted(self.codes.items(), key=str)},
+                "codes": {str(code): count for code, count in  # status codes first, then error kinds
+                          sorted(self.codes.items(), key=lambda item: (not isinstance(item[0], int), str(item[0])))},
                 "latency": {name: round(self.latency.percentile(p), 6)
                             for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
                 | {"max": round(self.latency.max, 6)}}
