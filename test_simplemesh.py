@@ -281,9 +281,10 @@ class DevTools:
     def __init__(self, test):
         require_tool(test, "chromium")
         import tempfile
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.process = subprocess.Popen(["chromium", *chromium_flags(self.profile.name), "--remote-debugging-port=0",
-                                         "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)  # its own group: close() ends its helpers too
         port_file = os.path.join(self.profile.name, "DevToolsActivePort")
         deadline = time.monotonic() + 20
         while not read_text(port_file).count("\n"):  # written once the browser listens
@@ -364,7 +365,7 @@ class DevTools:
     def close(self):
         if getattr(self, "sock", None):
             self.sock.close()
-        self.process.kill()
+        os.killpg(self.process.pid, 9)
         self.process.wait()
         self.profile.cleanup()
 
@@ -376,6 +377,12 @@ READ_WATERFALL = """JSON.stringify(Array.from(document.querySelectorAll('.hop'))
           left: bar.left, right: bar.right, width: bar.width, top: bar.top,
           label: hop.querySelector('.label').textContent};
 }))"""
+
+
+def label_seconds(label):
+    """The duration a waterfall bar's label shows: '12.5 ms · error' -> 0.0125."""
+    number, unit = label.split()[:2]
+    return float(number) / (1000 if unit == "ms" else 1)
 
 
 class TestWaterfallInChromium(unittest.TestCase):
@@ -396,7 +403,10 @@ class TestWaterfallInChromium(unittest.TestCase):
                     self.assertGreaterEqual(hop["left"], parent["left"] - 1, hop)
                     self.assertLessEqual(hop["right"], parent["right"] + 1, hop)
                     self.assertGreater(hop["top"], parent["top"], hop)
-                self.assertGreater(hops[1]["width"], 300)  # b's 30 ms delay dominates a 1280 px page
+                self.assertGreater(hops[0]["width"], 800)  # the root spans the time line of a 1280 px page
+                for hop in hops[1:]:  # and every bar is as long as its share of the root's time
+                    share = label_seconds(hop["label"]) / label_seconds(hops[0]["label"])
+                    self.assertAlmostEqual(hop["width"] / hops[0]["width"], share, delta=0.01, msg=hop)
                 self.assertGreaterEqual(hops[3]["left"], hops[2]["right"] - 1)  # d called after c (sequential)
                 self.assertEqual([h["origin"] for h in hops], [False, False, False, True])
                 self.assertEqual([h["failed"] for h in hops], [True, True, False, True])
