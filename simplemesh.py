@@ -2002,8 +2002,9 @@ def render_load_summary(summary, url):
                            "(raise --concurrency, or the service is slower than rate x concurrency allows)")
         if summary["missed_late"]:
             reasons.append(f"{summary['missed_late']} could not be scheduled on time by this process "
-                           "(CPU-bound: run several load processes)")
-        lines.append(f"TARGET RATE NOT KEPT: {summary['missed']} sends missed: " + "; ".join(reasons))
+                           "(short of CPU: a less busy machine, or several load processes)")
+        lines.append(f"TARGET RATE NOT KEPT: {summary['missed']} send{'s' * (summary['missed'] != 1)} missed: "
+                     + "; ".join(reasons))
     return "\n".join(lines) + "\n"
 
 
