@@ -935,7 +935,9 @@ class Hop:
 
 
 def _number(value):
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0  # JSON allows NaN and Infinity; a bar cannot be drawn with them
 
 
 def _epoch(text):
@@ -944,7 +946,7 @@ def _epoch(text):
         return None
     try:
         return datetime.fromisoformat(text).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 

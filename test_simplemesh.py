@@ -165,10 +165,14 @@ class TestTreeView(unittest.TestCase):
     def test_garbage_from_downstream_never_breaks_the_view(self):
         for record in ({"host": "a", "next_node": "x"}, {"host": "a", "next_node": [1, None]},
                        {"host": "a", "status": "200", "elapsed_time": "slow", "start_time": 5},
-                       {"host": "a", "status": True, "next_node": [{"host": "b", "start_time": "yesterday"}]}):
+                       {"host": "a", "status": True, "next_node": [{"host": "b", "start_time": "yesterday"}]},
+                       {"host": "a", "elapsed_time": float("inf"), "start_time": "0001-01-01T00:00:00",
+                        "next_node": [{"host": "b", "elapsed_time": float("nan"), "start_time": "9999-12-31"}]}):
             with self.subTest(record=record):
                 self.assertIn("a", sm.render_tree(record))
-                self.assertIn("<!DOCTYPE html>", sm.render_html(record, "b"))
+                page = sm.render_html(record, "b")
+                self.assertIn("<!DOCTYPE html>", page)
+                self.assertNotIn("nan%", page)
 
     def test_a_very_deep_answer_renders_without_recursion(self):
         record = leaf = {"host": "n0", "status": 200, "elapsed_time": 1.0}
