@@ -177,6 +177,8 @@ class NodeProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+        self.out.close()
+        self.err.close()
 
 
 def raw_exchange(port, data, timeout=5.0, half_close=True):
@@ -723,7 +725,7 @@ class RobustShutdownTest(unittest.TestCase):
             port = free_port()
         env = {"SHUTDOWN_DELAY": "0.3"}
         status, results, _seconds, (_out, err) = self.drain(
-            ("mesh", "--port", str(port), "a", "b"), env, port, "/a;delay=1s/b", signal.SIGTERM)
+            ("mesh", "--port", str(port), "a", "b"), env, port, "/a;delay=2500ms/b", signal.SIGTERM)
         self.assertEqual(status, 0, err)
         slow_status, _headers, answer = results["slow"]
         self.assertEqual((slow_status, hosts(answer)), (200, ["gateway", [["a", [["b", []]]]]]))
@@ -801,10 +803,10 @@ def process_status(pid):
 
 class RobustSoakTest(unittest.TestCase):
     """SPEC 8 under load: 200 concurrent keep-alive connections (wrk) on a three-node mesh for SOAK_SECONDS
-    (60 in CI, 12 locally by default): no unexpected errors, threads and memory flat after the warm-up (the
-    first quarter, at least 5 s: connection pools grow to the load's concurrency, then stay)."""
+    (60 in CI, 12 locally by default, 10 at least): no unexpected errors, threads and memory flat after the
+    warm-up (the first quarter, at least 5 s: connection pools grow to the load's concurrency, then stay)."""
 
-    SECONDS = float(os.environ.get("SOAK_SECONDS", "60" if IN_CI else "12"))
+    SECONDS = max(10.0, float(os.environ.get("SOAK_SECONDS", "60" if IN_CI else "12")))
 
     def test_soak(self):
         require_tool(self, "wrk")
@@ -813,7 +815,8 @@ class RobustSoakTest(unittest.TestCase):
             port = free_port()
         mesh = NodeProcess("mesh", "--port", str(port), "a", "b", env={"LOG_LEVEL": "warning"}, port=port)
         self.addCleanup(mesh.kill)
-        warmup = min(max(5.0, self.SECONDS / 4), self.SECONDS / 2)
+        warmup = max(5.0, self.SECONDS / 4)
+        idle = process_status(mesh.process.pid)
         wrk = subprocess.Popen(["wrk", "-t2", "-c200", f"-d{self.SECONDS:g}s", "--timeout", "10s", "--latency",
                                 f"http://127.0.0.1:{port}/a/b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -832,17 +835,20 @@ class RobustSoakTest(unittest.TestCase):
         self.assertGreater(requests, 100 * self.SECONDS)
         threads = [t for t, _rss in samples]
         rss = [r for _t, r in samples]
-        self.assertLessEqual(max(threads), 3 * 200 + 20, threads)  # a thread per connection per hop, no more
-        self.assertLessEqual(threads[-1] - threads[0], 30, threads)
+        # A thread per connection per hop and no more (a leak of one per request would pass this in a second);
+        # pools may still grow a little after the warm-up, when a rare peak of concurrency reaches a hop.
+        self.assertLessEqual(max(threads), 3 * 200 + 20, threads)
+        self.assertLessEqual(threads[-1] - threads[0], 60, threads)
         self.assertLessEqual(rss[-1] - rss[0], max(16 << 20, rss[0] // 5), rss)
         self.assertEqual(http_request(("127.0.0.1", port), "/a/b")[0], 200)
         self.assertEqual(mesh.stop(), 0)
         _out, mesh_err = mesh.logs()
         self.assertEqual(mesh_err, "")
         latency = re.search(r"99%\s+(\S+)", out).group(1)
-        print(f"\nsoak: {requests} requests in {self.SECONDS:g}s at 200 connections, p99 {latency}, threads "
-              f"{threads[0]}->{threads[-1]} (max {max(threads)}), RSS {rss[0] >> 20}->{rss[-1] >> 20} MiB "
-              f"(max {max(rss) >> 20})", file=sys.stderr)
+        print(f"\nsoak: {requests} requests in {self.SECONDS:g}s at 200 connections, p99 {latency}; idle "
+              f"{idle[0]} threads, {idle[1] >> 20} MiB; after warm-up {threads[0]} -> {threads[-1]} threads "
+              f"(max {max(threads)}), RSS {rss[0] >> 20} -> {rss[-1] >> 20} MiB (max {max(rss) >> 20})",
+              file=sys.stderr)
 
 
 # --- Command line ---------------------------------------------------------------------------------------------
