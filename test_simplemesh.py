@@ -5,6 +5,7 @@ Run with ``python3 -m unittest -v`` (stdlib only); the tests that drive external
 Chromium, kubectl, opentelemetry-proto) need what ``.ci/run`` installs and fail, never skip, in CI without them.
 """
 
+import concurrent.futures
 import http.client
 import json
 import os
@@ -310,8 +311,10 @@ class RobustFuzzLiveNodeTest(unittest.TestCase):
         rng = random.Random(20261125)
         kinds = {}
         slowest = 0.0
-        for kind, data in fuzz_requests(rng, self.COUNT):
-            status, headers, body, seconds = raw_exchange(port, data)
+        inputs = list(fuzz_requests(rng, self.COUNT))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # several at once, as a node gets them
+            answers = list(pool.map(lambda item: raw_exchange(port, item[1]), inputs))
+        for (kind, data), (status, headers, body, seconds) in zip(inputs, answers):
             slowest = max(slowest, seconds)
             kinds[kind] = kinds.get(kind, 0) + 1
             text = data.decode("latin-1")
@@ -338,6 +341,52 @@ class RobustFuzzLiveNodeTest(unittest.TestCase):
         for line in out.splitlines():  # every log line is one JSON object: no input forged a line
             json.loads(line)
         print(f"\nfuzz: {sum(kinds.values())} requests {kinds}, slowest {slowest:.3f}s", file=sys.stderr)
+
+    def test_no_input_forges_a_text_log_line(self):
+        port = free_port()
+        node = NodeProcess("serve", env={**fuzz_config(port), "LOG_FORMAT": "text"}, port=port)
+        self.addCleanup(node.kill)
+        for path in ("/%0d%0a2026-01-01T00:00:00Z%20forged%20method=GET", "/b%0a", "/%1b[31mred"):
+            self.assertEqual(http_request(("127.0.0.1", port), path)[0], 400)
+        self.assertEqual(node.stop(), 0)
+        lines = node.logs()[0].splitlines()
+        self.assertEqual(len(lines), 4, lines)  # the start-up line and one per request
+        self.assertTrue(all(line.isprintable() for line in lines), lines)
+        self.assertIn("path='/\\r\\n2026-01-01T00:00:00Z forged method=GET'", lines[1])
+
+
+class RobustInternalErrorTest(unittest.TestCase):
+    """A bug answers 500 with a JSON error and one log line saying where; the connection keeps serving."""
+
+    def test_an_exception_is_a_500_and_one_log_line(self):
+        import tempfile
+        with Mesh({"a": {}}) as mesh, tempfile.TemporaryFile() as log:
+            node = mesh.node("a")
+
+            def broken(request):
+                raise KeyError("bug")
+
+            node.serve = broken
+            saved = os.dup(1)
+            os.dup2(log.fileno(), 1)
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", mesh.port("a"), timeout=5)
+                connection.request("GET", "/b")
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+                connection.request("GET", "/healthz")
+                health = connection.getresponse()
+                health.read()
+                connection.close()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            self.assertEqual((response.status, answer["error"]), (500, "internal error: KeyError: 'bug'"))
+            self.assertEqual(health.status, 200)
+            log.seek(0)
+            lines = log.read().decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"level=error error=\"KeyError: 'bug'\" at=test_simplemesh.py:\d+")
 
 
 class RobustParsingTest(unittest.TestCase):
