@@ -801,11 +801,11 @@ class CallFailed(Exception):
 class Deadlines:
     """Enforces a call's total timeout: a socket timeout bounds each read, not the call, so a peer trickling a
     byte now and then could hold a caller forever. One thread for the process shuts down the socket of any call
-    that outlives its deadline, and sleeps while nothing is watched.
+    (or inbound request) that outlives its deadline, and sleeps while nothing is watched.
     """
 
     def __init__(self):
-        self.watched = {}  # id(entry) -> entry: [deadline, connection, expired]
+        self.watched = {}  # id(entry) -> entry: [deadline, socket or http.client connection, expired]
         self.wake = threading.Condition()
         self.next_check = float("inf")
         self.thread = None
@@ -838,7 +838,7 @@ class Deadlines:
                         continue
                     del self.watched[key]
                     entry[2] = True
-                    sock = entry[1].sock
+                    sock = getattr(entry[1], "sock", entry[1])
                     if sock is not None:
                         try:
                             sock.shutdown(socket.SHUT_RDWR)
@@ -1378,6 +1378,19 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(400, "malformed request line") from None
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version!r}")
+        # The socket timeout bounds each read; this bounds the whole request, so a client trickling its headers
+        # or body a byte at a time cannot hold a thread for ever (slowloris).
+        watch = DEADLINES.watch(self.connection, self.server.node.config.keepalive_timeout)
+        try:
+            request = self.read_message(method, target, version, received, received_wall)
+        finally:
+            cut = DEADLINES.release(watch)
+        if cut:
+            raise TimeoutError("the request took longer than KEEPALIVE_TIMEOUT to arrive")
+        return request
+
+    def read_message(self, method, target, version, received, received_wall):
+        """The headers and body after a request line -> Request (None when the client went away)."""
         headers = Headers()
         for _ in range(MAX_HEADERS + 1):
             header = self.rfile.readline(MAX_HEADER_LINE + 1)

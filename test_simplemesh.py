@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -638,6 +639,22 @@ class RobustLimitsTest(unittest.TestCase):
             while threading.active_count() > before and time.monotonic() < deadline:
                 time.sleep(0.02)
             self.assertLessEqual(threading.active_count(), before)
+
+    def test_a_client_trickling_its_request_is_cut_at_the_keepalive_timeout(self):
+        with Mesh({"a": {}}, keepalive_timeout=0.5) as mesh:
+            for head, trickle in ((b"GET / HTTP/1.1\r\n", b"x-slow: 1\r\n"),
+                                  (b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n", b"x")):
+                with self.subTest(trickle=trickle), \
+                        socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                    started = time.monotonic()
+                    sock.sendall(head)
+                    with self.assertRaises(OSError):  # every byte inside the timeout, the whole far beyond
+                        for _ in range(30):
+                            time.sleep(0.1)
+                            sock.sendall(trickle)
+                            if select.select([sock], [], [], 0)[0] and sock.recv(1) == b"":
+                                raise ConnectionResetError("closed")
+                    self.assertLess(time.monotonic() - started, 1.0)
 
     def test_header_limits(self):
         with Mesh({"a": {}}) as mesh:
