@@ -1846,6 +1846,8 @@ class Handler(BaseHTTPRequestHandler):
                                   extra_headers=(("Retry-After", "1"),))
             else:
                 outcome = self.dispatch(node, request)
+                if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
+                    node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
             if outcome.reset:
                 self.reset_connection()
             else:
@@ -1858,8 +1860,6 @@ class Handler(BaseHTTPRequestHandler):
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
         metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
-        if outcome.trace is not None and outcome.trace.sampled:
-            node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
         self.log_access(request, outcome, elapsed)
 
     def read_request(self):
