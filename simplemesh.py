@@ -1314,10 +1314,12 @@ class TracingConfig:
             good = False
         if not good:
             raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
+        # OTLP/HTTP receivers (Collector, Jaeger, Tempo) take JSON and protobuf on the same path, so an
+        # http/protobuf setting still works with JSON; gRPC is another port and protocol altogether.
         protocol = signal("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json"
-        if protocol != "http/json":
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: simple-mesh exports http/json only "
-                              "(the standard library has no protobuf); every collector accepts it")
+        if protocol not in ("http/json", "http/protobuf"):
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: simple-mesh exports OTLP/HTTP JSON "
+                              "(port 4318), not gRPC; use http/json")
         compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
         if compression not in ("", "none", "gzip"):
             raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
@@ -1535,6 +1537,8 @@ class SpanExporter:
                     break
                 self.export(batch)
             if stopping:
+                if self.connection is not None:
+                    self.connection.close()
                 return
 
     def export(self, batch):
@@ -2086,7 +2090,9 @@ def startup_line(config):
                       "peers": ",".join(sorted(config.peers)) or None,
                       "defaults": ",".join(f"{k}={v}" for k, v in config.defaults.items()) or None,
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
-                      "max_concurrency": config.max_concurrency, "simplemesh": __version__})
+                      "max_concurrency": config.max_concurrency,
+                      "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
+                                 else "mesh-only"), "simplemesh": __version__})
 
 
 def wait_for_stop(servers):
