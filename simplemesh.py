@@ -19,6 +19,7 @@ import argparse
 import bisect
 import email.utils
 import fnmatch
+import functools
 import gzip
 import json
 import os
@@ -668,6 +669,16 @@ PROPAGATED_HEADERS = (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def copied_headers(forward_headers, native):
+    """The (lower-case) request headers a node copies onward; a native node writes the trace headers itself.
+
+    Intersecting this set with the request's few headers beats looking up every name on each request.
+    """
+    names = frozenset(PROPAGATED_HEADERS).union(forward_headers)
+    return names.difference(TRACE_HEADERS) if native else names
+
+
 def new_trace_id():
     return f"{random.getrandbits(128) or 1:032x}"
 
@@ -802,11 +813,7 @@ class TraceContext:
     def from_headers(cls, headers, forward_headers=(), tracing=None):
         if tracing is not None:
             return cls._native(headers, forward_headers, tracing)
-        outbound = {}
-        for name in PROPAGATED_HEADERS + tuple(forward_headers):
-            value = headers.get(name)
-            if value is not None:
-                outbound[name] = value
+        outbound = {name: headers[name] for name in copied_headers(forward_headers, False).intersection(headers)}
         parsed = parse_traceparent(headers.get("traceparent"))
         if parsed:
             version, trace_id, parent_id, flags = parsed
@@ -825,33 +832,29 @@ class TraceContext:
 
     @classmethod
     def _native(cls, headers, forward_headers, tracing):
-        outbound = {}
-        for name in PROPAGATED_HEADERS + tuple(forward_headers):
-            value = headers.get(name)
-            if value is not None and name not in TRACE_HEADERS:
-                outbound[name] = value
+        outbound = {name: headers[name] for name in copied_headers(forward_headers, True).intersection(headers)}
         propagators = tracing.propagators
         parent = parse_traceparent(headers.get("traceparent")) if "tracecontext" in propagators else None
-        b3 = parse_b3(headers)
-        b3_forms = {form for form, name in (("single", "b3"), ("multi", "b3multi")) if name in propagators}
-        tracestate = ""
+        b3 = parse_b3(headers) if "b3" in headers or "x-b3-traceid" in headers else None
+        b3_forms = tracing.b3_forms
+        tracestate = headers.get("tracestate")
         if parent:
             _version, trace_id, parent_id, flags = parent
             parent_sampled = bool(flags & FLAG_SAMPLED)
-            tracestate = format_tracestate(parse_tracestate(headers.get("tracestate")))
+            tracestate = format_tracestate(parse_tracestate(tracestate)) if tracestate else ""
             flags &= FLAG_RANDOM  # W3C: unknown flags are set to zero; the random flag stays with its trace id
         elif b3:
             trace_id, parent_id, parent_sampled, _form = b3
-            flags = 0
+            flags, tracestate = 0, ""
         else:
-            trace_id, parent_id, parent_sampled, flags = new_trace_id(), "", None, FLAG_RANDOM
-        if b3:
-            b3_forms.add(b3[3])  # answer B3 in the form it came in (Envoy's Zipkin tracer)
+            trace_id, parent_id, parent_sampled, flags, tracestate = new_trace_id(), "", None, FLAG_RANDOM, ""
+        if b3 and b3[3] not in b3_forms:
+            b3_forms += (b3[3],)  # answer B3 in the form it came in (Envoy's Zipkin tracer)
         sampled = tracing.sample(trace_id, parent_sampled)
         if sampled:
             flags |= FLAG_SAMPLED
         return cls(trace_id, new_span_id(), outbound, parent_id, flags, native=True, sampled=sampled,
-                   tracestate=tracestate, b3_forms=tuple(sorted(b3_forms)), events=[] if sampled else None,
+                   tracestate=tracestate, b3_forms=b3_forms, events=[] if sampled else None,
                    w3c="tracecontext" in propagators)
 
     def headers_for(self, client_span_id):
@@ -1275,6 +1278,11 @@ class TracingConfig:
     max_batch: int = 512
     schedule_delay: float = 5.0
 
+    @property
+    def b3_forms(self):
+        """The B3 forms OTEL_PROPAGATORS asks for: "b3" is the single header, "b3multi" the x-b3-* ones."""
+        return _b3_forms(self.propagators)
+
     @classmethod
     def from_env(cls, environ):
         def get(name):
@@ -1373,6 +1381,11 @@ class TracingConfig:
         return int(trace_id[18:], 16) < self.ratio * (1 << 56)
 
 
+@functools.lru_cache(maxsize=None)
+def _b3_forms(propagators):
+    return tuple(form for form, name in (("single", "b3"), ("multi", "b3multi")) if name in propagators)
+
+
 def parse_key_values(text):
     """``k1=v1,k2=v2`` with percent-encoded values (OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS)."""
     pairs = {}
@@ -1400,23 +1413,29 @@ def node_resource(config):
     return attributes
 
 
+# Spans are written straight to OTLP JSON text: building dicts for json.dumps costs about twice as much, and
+# the export thread shares the GIL with the request threads.
+_quote = json.encoder.encode_basestring_ascii
+
+
 def otlp_attributes(attributes):
-    """OTLP JSON KeyValues; ints travel as strings, as proto3 JSON writes int64."""
-    encoded = []
+    """OTLP JSON KeyValues of a dict; ints travel as strings, as proto3 JSON writes int64."""
+    parts = []
     for key, value in attributes.items():
         if isinstance(value, bool):
-            encoded.append({"key": key, "value": {"boolValue": value}})
+            kind, text = "boolValue", "true" if value else "false"
         elif isinstance(value, int):
-            encoded.append({"key": key, "value": {"intValue": str(value)}})
+            kind, text = "intValue", f'"{value}"'
         elif isinstance(value, float):
-            encoded.append({"key": key, "value": {"doubleValue": value}})
+            kind, text = "doubleValue", repr(value)
         else:
-            encoded.append({"key": key, "value": {"stringValue": str(value)}})
-    return encoded
+            kind, text = "stringValue", _quote(str(value))
+        parts.append(f'{{"key":{_quote(key)},"value":{{"{kind}":{text}}}}}')
+    return "[" + ",".join(parts) + "]"
 
 
 def server_span_json(trace, request, status, end_ns):
-    """The SERVER span of one request, with HTTP semantic-convention attributes and fault events."""
+    """The SERVER span of one request as OTLP JSON: HTTP semantic-convention attributes and fault events."""
     host, _, port = (request.headers.get("host") or "").rpartition(":")
     if not port.isdigit():
         host, port = (request.headers.get("host") or ""), ""
@@ -1432,18 +1451,20 @@ def server_span_json(trace, request, status, end_ns):
         attributes["user_agent.original"] = request.headers.get("user-agent")
     if status:
         attributes["http.response.status_code"] = status
-    span = _span_json(trace.trace_id, trace.span_id, trace.parent_id, request.method, SPAN_KIND_SERVER,
-                      int(request.received_wall * 1e9), end_ns, attributes)
-    if not status or status >= 500:  # semconv: a server's 4xx is the client's fault, not a span error
+    error = not status or status >= 500  # semconv: a server's 4xx is the client's fault, not a span error
+    if error:
         attributes["error.type"] = str(status) if status else "reset"
-        span["status"] = {"code": STATUS_ERROR}
+    extra = ""
     if trace.tracestate:
-        span["traceState"] = trace.tracestate
+        extra += f',"traceState":{_quote(trace.tracestate)}'
     if trace.events:
-        span["events"] = [{"timeUnixNano": str(when), "name": name, "attributes": otlp_attributes(values)}
-                          for name, when, values in trace.events]
-    span["attributes"] = otlp_attributes(attributes)
-    return span
+        extra += ',"events":[' + ",".join(
+            f'{{"timeUnixNano":"{when}","name":{_quote(name)},"attributes":{otlp_attributes(values)}}}'
+            for name, when, values in trace.events) + "]"
+    if error:
+        extra += f',"status":{{"code":{STATUS_ERROR}}}'
+    return _span_json(trace.trace_id, trace.span_id, trace.parent_id, request.method, SPAN_KIND_SERVER,
+                      int(request.received_wall * 1e9), end_ns, attributes, extra)
 
 
 def client_span_json(trace, span_id, method, target, peer, status, error, start_ns, end_ns):
@@ -1452,28 +1473,26 @@ def client_span_json(trace, span_id, method, target, peer, status, error, start_
                   "server.port": peer.address[1], "url.full": peer.url}
     if status and not error:
         attributes["http.response.status_code"] = status
-    span = _span_json(trace.trace_id, span_id, trace.span_id, method, SPAN_KIND_CLIENT, start_ns, end_ns,
-                      attributes)
+    extra = ""
     if error or status >= 400:
         attributes["error.type"] = ("timeout" if status == 504 else "connection") if error else str(status)
-        span["status"] = {"code": STATUS_ERROR, "message": error} if error else {"code": STATUS_ERROR}
-    span["attributes"] = otlp_attributes(attributes)
-    return span
+        extra = f',"status":{{"code":{STATUS_ERROR}' + (f',"message":{_quote(error)}}}' if error else "}")
+    return _span_json(trace.trace_id, span_id, trace.span_id, method, SPAN_KIND_CLIENT, start_ns, end_ns,
+                      attributes, extra)
 
 
-def _span_json(trace_id, span_id, parent_id, name, kind, start_ns, end_ns, attributes):
-    span = {"traceId": trace_id, "spanId": span_id, "name": name, "kind": kind,
-            "startTimeUnixNano": str(start_ns), "endTimeUnixNano": str(max(end_ns, start_ns))}
-    if parent_id:
-        span["parentSpanId"] = parent_id
-    return span
+def _span_json(trace_id, span_id, parent_id, name, kind, start_ns, end_ns, attributes, extra):
+    parent = f'"parentSpanId":"{parent_id}",' if parent_id else ""
+    return (f'{{"traceId":"{trace_id}","spanId":"{span_id}",{parent}"name":{_quote(name)},"kind":{kind},'
+            f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{max(end_ns, start_ns)}",'
+            f'"attributes":{otlp_attributes(attributes)}{extra}}}')
 
 
 def otlp_request(resource, spans):
-    """An ExportTraceServiceRequest in OTLP/HTTP JSON (ids as hex, as OTLP's JSON mapping says)."""
-    return {"resourceSpans": [{
-        "resource": {"attributes": otlp_attributes(resource)},
-        "scopeSpans": [{"scope": {"name": "simplemesh", "version": __version__}, "spans": spans}]}]}
+    """An ExportTraceServiceRequest in OTLP/HTTP JSON (ids as hex, as OTLP's JSON mapping says) from span texts."""
+    return (f'{{"resourceSpans":[{{"resource":{{"attributes":{otlp_attributes(resource)}}},'
+            f'"scopeSpans":[{{"scope":{{"name":"simplemesh","version":"{__version__}"}},"spans":['
+            + ",".join(spans) + "]}]}]}")
 
 
 def retry_after_seconds(text):
@@ -1543,7 +1562,7 @@ class SpanExporter:
 
     def export(self, batch):
         spans = [encode(*arguments) for encode, arguments in batch]
-        payload = json.dumps(otlp_request(self.resource, spans), separators=(",", ":")).encode()
+        payload = otlp_request(self.resource, spans).encode()
         if self.tracing.compression:
             payload = gzip.compress(payload)
         deadline = time.monotonic() + self.tracing.export_timeout

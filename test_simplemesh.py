@@ -645,6 +645,38 @@ class TestOtelEnvironment(unittest.TestCase):
             self.assertIn(name if name != "OTEL_EXPORTER_OTLP_ENDPOINT" else "endpoint", str(caught.exception))
 
 
+class TestOtlpJsonEncoding(unittest.TestCase):
+    """The span writers are pure: what they write must parse strictly, whatever a client put in the request."""
+
+    def test_spans_with_hostile_text_parse_strictly(self):
+        tracing = sm.TracingConfig(endpoint="http://x/v1/traces")
+        headers = sm.Headers({"host": "a:8080", "user-agent": 'evil "agent"\\\n\u00e9', "traceparent": VALID_TP,
+                              "tracestate": "rojo=00f067aa0ba902b7"})
+        request = sm.Request("POST", '/b/"q\u2603', "x=1&y=%22", headers, b"", 0.0, 1700000000.5)
+        trace = sm.TraceContext.from_headers(headers, (), tracing)
+        trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": 0.25})
+        trace.event("simplemesh.error", **{"http.response.status_code": 503})
+        peer = sm.Peer(("10.0.0.1", 80), "b", "http://b/\"q")
+        spans = [sm.server_span_json(trace, request, 503, 1700000001_000_000_000),
+                 sm.client_span_json(trace, "1234567812345678", "POST", sm.Target("b"), peer, 504,
+                                     'timeout after 1s "x"', 1700000000_600_000_000, 1700000000_700_000_000)]
+        payload = json.loads(sm.otlp_request({"service.name": "a", "flag": True, "n": 3}, spans))
+        message = strict_otlp_parse(self, payload)
+        server, client = message.resource_spans[0].scope_spans[0].spans
+        self.assertEqual((server.kind, client.kind), (2, 3))
+        self.assertEqual(server.parent_span_id.hex(), "00f067aa0ba902b7")
+        self.assertEqual(client.parent_span_id, server.span_id)
+        self.assertEqual(server.trace_state, "rojo=00f067aa0ba902b7")
+        self.assertEqual(server.start_time_unix_nano, 1700000000_500_000_000)
+        attributes = {a.key: a.value for a in server.attributes}
+        self.assertEqual(attributes["user_agent.original"].string_value, 'evil "agent"\\\n\u00e9')
+        self.assertEqual(attributes["url.path"].string_value, '/b/"q\u2603')
+        self.assertEqual(attributes["server.port"].int_value, 8080)
+        self.assertEqual([(e.name, e.attributes[0].value.double_value or e.attributes[0].value.int_value)
+                          for e in server.events], [("simplemesh.delay", 0.25), ("simplemesh.error", 503)])
+        self.assertEqual((server.status.code, client.status.code, client.status.message), (2, 2, 'timeout after 1s "x"'))
+
+
 class TestNativeSpans(unittest.TestCase):
     def setUp(self):
         self.receiver = OTLPReceiver()
