@@ -21,8 +21,11 @@ import email.utils
 import fnmatch
 import functools
 import gzip
+import html
 import json
+import math
 import os
+import queue
 import random
 import re
 import select
@@ -36,6 +39,7 @@ import time
 import http.client
 from http import HTTPStatus
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -106,6 +110,7 @@ class Config:
     shutdown_grace: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
+    trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
     identity: dict = field(default_factory=dict)  # pod, namespace, ip, node from the downward API
     tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
 
@@ -148,6 +153,7 @@ class Config:
         read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
         read("LOG_FORMAT", "log_format", _choice("text", "json"))
         read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
+        read("TRACE_UI_URL", "trace_ui_url", str)
         if "host" not in settings:
             settings["host"] = socket.gethostname()
         defaults = {}
@@ -631,10 +637,10 @@ def split_query(query):
 
 
 def burn_cpu(seconds):
-    """Keep one core busy for ``seconds`` of wall time (visible in CPU metrics and autoscalers)."""
-    end = time.perf_counter() + seconds
+    """Spend ``seconds`` of this thread's CPU time (visible in CPU metrics and autoscalers), however busy the machine."""
+    end = time.thread_time() + seconds
     n = 0
-    while time.perf_counter() < end:
+    while time.thread_time() < end:
         for _ in range(1000):
             n = (n * 1103515245 + 12345) & 0x7FFFFFFF
     return n
@@ -885,6 +891,77 @@ class TraceContext:
 # SPEC 1, 3. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
 # A call never raises: whatever happens (refused, reset, timeout, garbage) becomes a record in the caller's tree.
 
+class Response(http.client.HTTPResponse):
+    """http.client's response, but its headers are read without the email parser (a tenth of a hop's CPU).
+
+    begin() keeps http.client's own rules for status lines, 1xx answers, chunked bodies and keep-alive.
+    """
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            headers = read_header_lines(self.fp, http.client.HTTPException)
+            if status != http.client.CONTINUE:
+                break
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = headers
+        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        length = headers.get("content-length")
+        self.length = int(length) if length and length.isdigit() and not self.chunked else None
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
+class Connection(http.client.HTTPConnection):
+    response_class = Response
+
+
+class Headers(dict):
+    """HTTP headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def get_all(self, name, default=None):  # what http.client's getheader() asks for
+        value = dict.get(self, name.lower())
+        return default if value is None else [value]
+
+
+MAX_HEADER_LINE = 16 * 1024
+MAX_HEADERS = 100
+
+
+def read_header_lines(stream, error):
+    """Read header lines up to the blank line into Headers; raise ``error(message)`` on malformed or oversized ones."""
+    headers = Headers()
+    for _ in range(MAX_HEADERS + 1):
+        line = stream.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise error(f"a header line is longer than {MAX_HEADER_LINE} bytes")
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        name = name.strip().lower()
+        if not sep or not name or " " in name or "\t" in name:
+            raise error("malformed header line")
+        value = value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    raise error(f"more than {MAX_HEADERS} headers")
+
+
 class ConnectionPool:
     """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back."""
 
@@ -894,15 +971,16 @@ class ConnectionPool:
         self.max_idle_per_peer = max_idle_per_peer
 
     def take(self, address, timeout):
-        with self.lock:
-            stack = self.idle.get(address)
-            while stack:
-                connection = stack.pop()
-                if _still_open(connection.sock):
-                    connection.sock.settimeout(timeout)
-                    return connection
-                connection.close()
-        return http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+        while True:
+            with self.lock:
+                stack = self.idle.get(address)
+                connection = stack.pop() if stack else None
+            if connection is None:
+                return Connection(address[0], address[1], timeout=timeout)
+            if _still_open(connection.sock):  # checked outside the lock: it is a system call
+                connection.sock.settimeout(timeout)
+                return connection
+            connection.close()
 
     def give_back(self, address, connection):
         with self.lock:
@@ -1030,8 +1108,9 @@ def child_record(target, url, status, content_type, data, method, elapsed):
             "error": f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else "")}
 
 
-# --- The answer --------------------------------------------------------------------------------------------
-# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree.
+# --- The answer and its views ------------------------------------------------------------------------------
+# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree:
+# JSON, render_tree() for a terminal and render_html() for a browser; the views are pure functions of the record.
 
 def iso_time(epoch):
     """RFC 3339 UTC with microseconds, cached per second (formatting dominates otherwise)."""
@@ -1073,6 +1152,270 @@ def error_answer(host, status, message, **extra):
     record = {"host": host, "status": status, "error": message}
     record.update(extra)
     return record
+
+def choose_view(query, accept):
+    """The view a request asks for: ``?view=json|tree|html``, else html for a browser (``Accept: text/html``),
+    else json; None for an unknown ``view``. Cheap on purpose: it runs on every routed request."""
+    if "view" in query.lower():
+        for item in query.split("&"):
+            key, sep, value = item.partition("=")
+            if key.lower() == "view":
+                value = unquote(value).lower()
+                return value if value in VIEWS else None
+    return "html" if "text/html" in accept else "json"
+
+
+VIEWS = ("json", "tree", "html")
+
+
+def view_route(path, query):
+    """The route as a user would type it again: the path without its leading "/" and the query without ``view``."""
+    query = "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
+    return path[1:] + ("?" + query if query else "")
+
+
+@dataclass
+class Hop:
+    """One record of the tree, read defensively (a downstream answer may be any JSON) and placed in time."""
+    index: int
+    parent: int  # index of the parent hop, -1 for the root
+    depth: int
+    last: tuple  # for each level down to this hop: is that ancestor (or this hop) its parent's last child?
+    record: dict
+    host: str
+    status: object  # int, or None when the record has none (a reset)
+    elapsed: float
+    delay: float
+    error: str
+    failed: bool = False
+    origin: bool = False  # failed, and not because of a call below it: where the failure comes from
+    start: float = 0.0  # seconds from the root's start
+    estimated: bool = False  # no start_time in the record: the start is inferred from its siblings
+
+
+def _number(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0  # JSON allows NaN and Infinity; a bar cannot be drawn with them
+
+
+def _epoch(text):
+    """Seconds since the epoch of a record's ``start_time``, or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def walk_tree(record):
+    """The hops of a record in display order (depth first), each placed on the root's time line.
+
+    Iterative, so no answer nests deep enough to exhaust the stack. A start comes from the hop's own
+    ``start_time`` (clocks of different nodes can differ a little: a child is kept inside its parent's span);
+    a record written by the caller has none, so its call is taken to start when the previous sibling ended
+    (sequential fan-out), or after the parent's delay.
+    """
+    hops = []
+    root_epoch = _epoch(record.get("start_time")) if isinstance(record, dict) else None
+    stack = [(record, -1, 0, ())]
+    cursors = {}  # parent index -> where its next estimated call starts
+    while stack:
+        item, parent, depth, last = stack.pop()
+        if not isinstance(item, dict):
+            item = {"host": "?", "error": "not a record"}
+        status = item.get("status")
+        hop = Hop(index=len(hops), parent=parent, depth=depth, last=last, record=item,
+                  host=str(item.get("host", "?")) + (f"@{item['version']}" if item.get("version") else ""),
+                  status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+                  elapsed=max(0.0, _number(item.get("elapsed_time"))), delay=max(0.0, _number(item.get("delay"))),
+                  error=str(item.get("error") or ""))
+        hop.failed = hop.status is None or hop.status >= 400
+        if parent >= 0:
+            above = hops[parent]
+            epoch = _epoch(item.get("start_time"))
+            if epoch is None or root_epoch is None:
+                start, hop.estimated = cursors.get(parent, above.start + above.delay), True
+            else:
+                start = epoch - root_epoch
+            hop.elapsed = min(hop.elapsed, above.elapsed)
+            hop.start = min(max(start, above.start), above.start + above.elapsed - hop.elapsed)
+            cursors[parent] = hop.start + hop.elapsed
+        hops.append(hop)
+        children = item.get("next_node")
+        children = children if isinstance(children, list) else []
+        for position in range(len(children) - 1, -1, -1):
+            stack.append((children[position], hop.index, depth + 1, last + (position == len(children) - 1,)))
+    for hop in hops:
+        hop.origin = hop.failed
+    for hop in hops:
+        if hop.failed and hop.parent >= 0:
+            hops[hop.parent].origin = False
+    return hops
+
+
+def format_seconds(seconds):
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def _tree_prefix(hop):
+    if hop.depth == 0:
+        return ""
+    guides = "".join("   " if last else "│  " for last in hop.last[:-1])
+    return guides + ("└─ " if hop.last[-1] else "├─ ")
+
+
+ANSI = {"ok": "\033[32m", "client": "\033[33m", "fail": "\033[31m", "bold": "\033[1m", "dim": "\033[2m",
+        "reset": "\033[0m"}
+
+
+def _status_class(status):
+    if status is None or status >= 500:
+        return "fail"
+    return "client" if status >= 400 else "ok"
+
+
+def render_tree(record, color=False):
+    """The call tree as aligned plain text for a terminal (ANSI colours with ``color``), trace id on top."""
+    hops = walk_tree(record)
+    paint = (lambda text, *styles: "".join(ANSI[s] for s in styles) + text + ANSI["reset"]) if color else \
+        (lambda text, *styles: text)
+    labels = [_tree_prefix(hop) + hop.host for hop in hops]
+    width = max(len(label) for label in labels)
+    times = [format_seconds(hop.elapsed) for hop in hops]
+    time_width = max(len(text) for text in times)
+    root = hops[0]
+    lines = []
+    if isinstance(record, dict) and record.get("trace_id"):
+        lines.append(paint(f"trace {record['trace_id']}", "dim"))
+    for hop, label, elapsed in zip(hops, labels, times):
+        status = "---" if hop.status is None else str(hop.status)
+        notes = []
+        if hop.delay:
+            notes.append(f"delay {format_seconds(hop.delay)}")
+        if hop.failed:
+            mark = "✗ " + (hop.error or ("reset" if hop.status is None else f"status {hop.status}"))
+            notes.append(paint(mark, "fail", "bold") if hop.origin else paint(mark, "dim"))
+        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status))}  {elapsed:>{time_width}}"
+                + ("  " + "  ".join(notes) if notes else ""))
+        lines.append(line.rstrip())
+    origins = [hop for hop in hops if hop.origin]
+    if origins:
+        lines.append(paint(f"{len(origins)} failed hop{'s' if len(origins) > 1 else ''}: "
+                           + ", ".join(hop.host for hop in origins), "fail"))
+    elif root.status is not None and root.status < 400:
+        lines.append(paint(f"ok: {len(hops)} hop{'s' if len(hops) > 1 else ''} "
+                           f"in {format_seconds(root.elapsed)}", "ok"))
+    return "\n".join(lines) + "\n"
+
+
+def trace_link(trace_ui_url, trace_id):
+    """TRACE_UI_URL with ``{trace_id}`` filled in (or the id appended), e.g. http://jaeger:16686/trace/{trace_id}."""
+    if not trace_ui_url or not trace_id:
+        return ""
+    return trace_ui_url.replace("{trace_id}", trace_id) if "{trace_id}" in trace_ui_url else trace_ui_url + trace_id
+
+
+HTML_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; "
+            "form-action 'self'; base-uri 'none'")
+
+
+def render_html(record, route, trace_ui_url=""):
+    """A self-contained page (inline CSS and JS, no other request) drawing the call tree as a waterfall."""
+    esc = html.escape
+    hops = walk_tree(record)
+    total = max([hop.start + hop.elapsed for hop in hops] + [1e-9])
+    root = hops[0]
+    trace_id = str(record.get("trace_id", "")) if isinstance(record, dict) else ""
+    link = trace_link(trace_ui_url, trace_id)
+    trace = (f'<a id="trace" href="{esc(link)}">{esc(trace_id)}</a>' if link else
+             f'<span id="trace">{esc(trace_id)}</span>') if trace_id else '<span id="trace">none</span>'
+    rows = []
+    for hop in hops:
+        left, width = 100 * hop.start / total, max(100 * hop.elapsed / total, 0.2)
+        delay = min(100.0, 100 * hop.delay / hop.elapsed) if hop.elapsed else 0.0
+        label = format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+        if left + width <= 65:  # the label goes after the bar, before it, or on a bar too wide for either
+            side = f"left:{left + width:.3f}%"
+        elif left >= 35:
+            side = f"right:{100 - left:.3f}%"
+        else:
+            side = f"left:{left:.3f}%;color:#fff"
+        classes = " ".join(["hop", _status_class(hop.status)] + ["failed"] * hop.failed + ["origin"] * hop.origin)
+        guides = "".join(f'<i class="g{" end" if last else ""}"></i>' for last in hop.last)
+        details = "".join(f"<dt>{esc(str(key))}</dt><dd>{esc(str(value))}</dd>"
+                          for key, value in hop.record.items() if key not in ("next_node", "padding", "headers"))
+        rows.append(
+            f'<div class="{classes}" data-index="{hop.index}" data-parent="{hop.parent}" data-depth="{hop.depth}" '
+            f'data-host="{esc(hop.host)}" data-status="{hop.status or ""}">'
+            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{hop.status or "reset"}</span>'
+            f'</div><div class="lane"><div class="bar" style="left:{left:.3f}%;width:{width:.3f}%"'
+            f'{" title=estimated" if hop.estimated else ""}><div class="delay" style="width:{delay:.1f}%"></div>'
+            f'</div><span class="label" style="{side}">{esc(label)}</span></div>'
+            f'<dl class="details" hidden>{details}</dl></div>')
+    ticks = "".join(f'<span style="left:{25 * i}%">{format_seconds(total * i / 4)}</span>' for i in range(5))
+    status = "reset" if root.status is None else root.status
+    return HTML_PAGE.format(
+        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status),
+        elapsed=format_seconds(root.elapsed), hops=len(hops), failed=sum(hop.origin for hop in hops),
+        trace=trace, ticks=ticks, rows="\n".join(rows),
+        json_link=esc("/" + route + ("&" if "?" in route else "?") + "view=json"),
+        tree_link=esc("/" + route + ("&" if "?" in route else "?") + "view=tree"))
+
+
+# The page: str.format fields in single braces, CSS and JS braces doubled.
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>simple-mesh {title}</title>
+<style>
+body{{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}}
+header{{padding:12px 20px;background:#fff;border-bottom:1px solid #ddd}}
+form{{display:flex;gap:8px;margin-bottom:8px}} input{{flex:1;font:14px monospace;padding:6px}}
+button{{padding:6px 16px}} .meta span{{margin-right:18px}} .meta a{{margin-right:10px}}
+.ok{{--c:#2e9d4b}} .client{{--c:#d48a00}} .fail{{--c:#d33}}
+.pill{{color:#fff;background:var(--c);border-radius:3px;padding:1px 6px;font-weight:bold}}
+main{{padding:12px 20px}} .hop,.axis{{display:grid;grid-template-columns:minmax(180px,26%) 1fr;align-items:center}}
+.hop{{min-height:26px;border-bottom:1px solid #eee;cursor:pointer}} .hop:hover{{background:#f0f4ff}}
+.name{{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;display:flex;align-items:center}}
+.name b{{font-weight:600;margin-right:6px}} .code{{color:var(--c);font-size:12px}}
+.g{{display:inline-block;width:14px;height:26px;border-left:1px solid #bbb;margin-left:6px}}
+.g.end{{border-left-color:transparent}}
+.lane{{position:relative;height:26px}}
+.bar{{position:absolute;top:6px;height:14px;background:var(--c);border-radius:2px;min-width:2px;overflow:hidden}}
+.bar[title]{{opacity:.7}}
+.delay{{height:100%;background:repeating-linear-gradient(45deg,#fff6,#fff6 3px,transparent 3px,transparent 6px)}}
+.label{{position:absolute;top:4px;padding:0 6px;font-size:12px;white-space:nowrap;color:#555}}
+.failed .label{{color:#b00;font-weight:600}} .origin .name b{{color:#b00}} .origin{{background:#fff1f1}}
+.axis{{font-size:11px;color:#777;white-space:nowrap}} .axis div{{position:relative;height:16px}}
+.axis span{{position:absolute;transform:translateX(-50%)}} .axis span:first-child{{transform:none}}
+.axis span:last-child{{transform:translateX(-100%)}}
+.details{{grid-column:1/3;display:grid;grid-template-columns:max-content 1fr;gap:0 12px;margin:4px 0 8px 20px;
+font:12px monospace}}
+.details[hidden]{{display:none}} dd{{margin:0;word-break:break-all}}
+</style></head>
+<body><header>
+<form id="run"><input id="route" name="route" value="{route}" placeholder="b/c~d;delay=100ms" autofocus>
+<button>Run</button></form>
+<div class="meta"><span class="{cls}">status <span class="pill" id="status">{status}</span></span>
+<span>total <b>{elapsed}</b></span><span>{hops} hops, {failed} failed</span>
+<span>trace {trace}</span><a href="{json_link}">JSON</a><a href="{tree_link}">text tree</a></div>
+</header><main>
+<div class="axis"><div></div><div>{ticks}</div></div>
+<div id="waterfall">
+{rows}
+</div></main>
+<script>
+document.getElementById("run").addEventListener("submit", function (event) {{
+  event.preventDefault();
+  location.assign("/" + document.getElementById("route").value.trim().replace(/^\\/+/, ""));
+}});
+document.getElementById("waterfall").addEventListener("click", function (event) {{
+  var hop = event.target.closest(".hop");
+  if (hop) {{ var details = hop.querySelector(".details"); details.hidden = !details.hidden; }}
+}});
+</script></body></html>
+"""
 
 
 # --- Metrics -----------------------------------------------------------------------------------------------
@@ -1815,23 +2158,21 @@ class Node:
 # the handler below reads the request line and headers itself and writes each answer in one send.
 
 MAX_REQUEST_LINE = 16 * 1024
-MAX_HEADER_LINE = 16 * 1024
-MAX_HEADERS = 100
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
-class Headers(dict):
-    """Request headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
 
 
 class BadRequest(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class HeaderError(BadRequest):
+    def __init__(self, message):
+        super().__init__(431 if "longer" in message or "more than" in message else 400, message)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1899,21 +2240,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(400, "malformed request line") from None
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version!r}")
-        headers = Headers()
-        for _ in range(MAX_HEADERS + 1):
-            header = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(header) > MAX_HEADER_LINE:
-                raise BadRequest(431, f"a header line is longer than {MAX_HEADER_LINE} bytes")
-            if header in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = header.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if not sep or not name or " " in name or "\t" in name:
-                raise BadRequest(400, "malformed header line")
-            value = value.strip()
-            headers[name] = headers[name] + ", " + value if name in headers else value
-        else:
-            raise BadRequest(431, f"more than {MAX_HEADERS} headers")
+        headers = read_header_lines(self.rfile, HeaderError)
         self.request_version = version
         self.command = method
         connection = headers.get("connection", "").lower()
@@ -1930,6 +2257,8 @@ class Handler(BaseHTTPRequestHandler):
         max_body = self.server.node.config.max_body
         if length > max_body:
             raise BadRequest(413, f"request body of {length} bytes is above MAX_BODY={max_body}")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             return None
@@ -1954,7 +2283,20 @@ class Handler(BaseHTTPRequestHandler):
         if first in ("metrics", "healthz", "readyz") or first.startswith("-"):
             return Outcome(404, error_answer(node.config.host, 404, f"/{first} is reserved; "
                                              f"to call a service named {first!r} write the step as ({first})"))
-        return node.serve(request)
+        view = choose_view(request.query, request.headers.get("accept", ""))
+        if view is None:
+            return Outcome(400, error_answer(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}"))
+        outcome = node.serve(request)
+        if view == "json" or outcome.record is None:
+            return outcome
+        if view == "tree":
+            outcome.text, outcome.content_type = render_tree(outcome.record), "text/plain; charset=utf-8"
+        else:
+            outcome.text = render_html(outcome.record, view_route(request.path, request.query),
+                                       node.config.trace_ui_url)
+            outcome.content_type = "text/html; charset=utf-8"
+            outcome.extra_headers += (("Content-Security-Policy", HTML_CSP),)
+        return outcome
 
     def admin(self, node, request):
         """SPEC 4 runtime controls: /-/defaults and /-/ready."""
@@ -2070,8 +2412,272 @@ class Server(ThreadingHTTPServer):
                                     "level": "error", "error": f"{type(error).__name__}: {error}"})
 
 
+# --- Manifests ---------------------------------------------------------------------------------------------
+# SPEC 7. ``manifests`` turns node specs (the words ``mesh`` takes) into Kubernetes objects: pure functions build
+# plain dicts, and a small YAML emitter writes them, so the generator needs nothing outside the standard library.
+
+DEFAULT_IMAGE = f"simplemesh:{__version__}"
+CONTAINER_PORT = 9090
+# Kubernetes stops sending traffic while SHUTDOWN_DELAY runs (readyz is 503), in-flight work gets SHUTDOWN_GRACE,
+# and the kubelet's SIGKILL comes only after both, with room to spare.
+POD_SHUTDOWN_DELAY = 5
+POD_SHUTDOWN_GRACE = 20
+POD_TERMINATION_GRACE = 30
+DNS_LABEL_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # a Service name (RFC 1035 label)
+VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
+LOADGEN = "loadgen"
+DOWNWARD_API = (("HOST", "metadata.labels['app']"), ("VERSION", "metadata.labels['version']"),
+                ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
+                ("POD_IP", "status.podIP"), ("NODE_NAME", "spec.nodeName"))
+
+
+def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp="", load="", rate="5",
+                    concurrency=""):
+    """Kubernetes objects (dicts) for node specs from parse_node_spec(); raises ValueError on a bad input.
+
+    Every name gets a Service; every (name, version) its own Deployment behind it, so ``b;version=v2`` is a
+    second version of ``b``. ``istio`` adds the namespace's injection label and example Istio resources
+    (ingress Gateway, DestinationRule subsets, a weighted split for a name with several versions), which
+    needs a namespace: ``simplemesh`` unless one is given.
+    """
+    if not specs:
+        raise ValueError("name at least one node")
+    if istio and not namespace:
+        namespace = "simplemesh"
+    if namespace and not DNS_LABEL_RE.fullmatch(namespace):
+        raise ValueError(f"bad namespace {namespace!r}: a DNS label (a-z, 0-9, '-', starting with a letter)")
+    if not image or any(char.isspace() for char in image):
+        raise ValueError(f"bad image {image!r}")
+    if otlp and not otlp.startswith(("http://", "https://")):
+        raise ValueError(f"bad OTLP endpoint {otlp!r}: expected http://host:port")
+    versions = {}
+    for name, version, directives in specs:
+        version = version or "v1"
+        if not DNS_LABEL_RE.fullmatch(name):
+            raise ValueError(f"node {name!r}: a Kubernetes Service name is one DNS label starting with a letter")
+        if not VERSION_RE.fullmatch(version):
+            raise ValueError(f"node {name!r}: bad version {version!r} (a-z, 0-9 and '-', at most 32)")
+        if version in versions.setdefault(name, {}):
+            raise ValueError(f"node {name!r} version {version!r} is given twice")
+        if load and name == LOADGEN:
+            raise ValueError(f"{LOADGEN!r} is the load generator's name; pick another node name")
+        try:
+            Directives.resolve(Config(), directives, {})
+        except DirectiveError as error:
+            raise ValueError(f"node {name!r}: {error}") from None
+        versions[name][version] = directives
+    objects = []
+    if namespace:
+        objects.append(_namespace(namespace, istio))
+    for name, by_version in versions.items():
+        objects.append(_service(name, namespace))
+        for version, directives in by_version.items():
+            objects.append(_deployment(name, version, namespace, image, istio,
+                                       _node_env(directives, otlp), _node_container_extras()))
+    if load:
+        objects.append(_deployment(LOADGEN, "v1", namespace, image, istio, [],
+                                   _loadgen_container_extras(load, rate, concurrency), component="load-generator"))
+    if istio:
+        objects.extend(_istio_examples(versions, namespace))
+    return objects
+
+
+def _metadata(name, namespace, labels=None, **extra):
+    metadata = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    if labels:
+        metadata["labels"] = labels
+    metadata.update(extra)
+    return metadata
+
+
+def _namespace(namespace, istio):
+    labels = {"app.kubernetes.io/part-of": "simplemesh"}
+    if istio:
+        labels["istio-injection"] = "enabled"
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _metadata(namespace, "", labels)}
+
+
+def _labels(name, version=None, component="node"):
+    labels = {"app": name}
+    if version:
+        labels["version"] = version
+    labels.update({"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "simplemesh",
+                   "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "simplemesh"})
+    if version:
+        labels["app.kubernetes.io/version"] = version
+    return labels
+
+
+def _service(name, namespace):
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, namespace, _labels(name)),
+            "spec": {"selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"}]}}
+
+
+def _node_env(directives, otlp):
+    """The environment of a node container: identity from the downward API, shutdown timing, directive defaults."""
+    env = [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}} for var, path in DOWNWARD_API]
+    env.append({"name": "PORT", "value": str(CONTAINER_PORT)})
+    env.append({"name": "SHUTDOWN_DELAY", "value": str(POD_SHUTDOWN_DELAY)})
+    env.append({"name": "SHUTDOWN_GRACE", "value": str(POD_SHUTDOWN_GRACE)})
+    for directive in DIRECTIVES.values():
+        if directive.name in directives:
+            value = directives[directive.name]
+            if directive.name == "parallel":
+                value = "parallel" if parse_bool(value) else "sequential"
+            env.append({"name": directive.env, "value": value})
+    env.extend(otlp_env(otlp))
+    return env
+
+
+def otlp_env(endpoint):
+    """Native spans (SPEC 5): the exporter endpoint, and resource attributes a backend groups pods by.
+
+    ``$(VAR)`` is expanded by the kubelet from the variables defined before it in the same container.
+    """
+    if not endpoint:
+        return []
+    return [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint},
+            {"name": "OTEL_RESOURCE_ATTRIBUTES",
+             "value": "service.version=$(VERSION),k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
+                      "k8s.node.name=$(NODE_NAME)"}]
+
+
+def _node_container_extras():
+    def probe(path, period, failures):
+        return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 2,
+                "failureThreshold": failures}
+    return {"ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
+            "readinessProbe": probe("/readyz", 2, 1),
+            "livenessProbe": probe("/healthz", 10, 3),
+            "startupProbe": probe("/healthz", 1, 30)}
+
+
+def _loadgen_container_extras(url, rate, concurrency):
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"bad load URL {url!r}: expected http://a/b/c")
+    try:
+        if float(rate) <= 0 or (concurrency and int(concurrency) <= 0):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad load settings: --rate {rate} --concurrency {concurrency}") from None
+    args = ["load", url, "--rate", str(rate), "--duration", "0"]  # 0: until the pod is stopped
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    return {"args": args}
+
+
+def _deployment(name, version, namespace, image, istio, env, container_extras, component="node"):
+    labels = _labels(name, version, component)
+    annotations = {}
+    if component == "node":
+        annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(CONTAINER_PORT),
+                            "prometheus.io/path": "/metrics"})
+    if istio:  # the app calls out at once (the load generator does), so wait for the sidecar
+        annotations["proxy.istio.io/config"] = '{"holdApplicationUntilProxyStarts": true}'
+    template_metadata = {"labels": labels}
+    if annotations:
+        template_metadata["annotations"] = annotations
+    container = {"name": "simplemesh", "image": image, "imagePullPolicy": "IfNotPresent"}
+    container.update(container_extras)
+    if env:
+        container["env"] = env
+    container["resources"] = {"requests": {"cpu": "50m", "memory": "32Mi"},
+                              "limits": {"cpu": "500m", "memory": "128Mi"}}
+    container["securityContext"] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "privileged": False,
+                                    "capabilities": {"drop": ["ALL"]}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(f"{name}-{version}", namespace, labels),
+            "spec": {"replicas": 1,
+                     "selector": {"matchLabels": {"app": name, "version": version}},
+                     "template": {"metadata": template_metadata, "spec": {
+                         "automountServiceAccountToken": False,
+                         "terminationGracePeriodSeconds": POD_TERMINATION_GRACE,
+                         "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                             "seccompProfile": {"type": "RuntimeDefault"}},
+                         "containers": [container]}}}}
+
+
+def _istio_examples(versions, namespace):
+    """An ingress to the first node, a DestinationRule per name, and a weighted split where there are versions."""
+    first = next(iter(versions))
+    objects = [
+        {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": _metadata("simplemesh", namespace),
+         "spec": {"selector": {"istio": "ingressgateway"},
+                  "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}},
+        {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+         "metadata": _metadata("simplemesh-ingress", namespace),
+         "spec": {"hosts": ["*"], "gateways": ["simplemesh"],
+                  "http": [{"route": [{"destination": {"host": first, "port": {"number": 80}}}]}]}}]
+    for name, by_version in versions.items():
+        objects.append({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                        "metadata": _metadata(name, namespace),
+                        "spec": {"host": name, "subsets": [{"name": version, "labels": {"version": version}}
+                                                           for version in by_version]}})
+        if len(by_version) > 1:
+            share, extra = divmod(100, len(by_version))
+            objects.append({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                            "metadata": _metadata(name, namespace),
+                            "spec": {"hosts": [name], "http": [{"route": [
+                                {"destination": {"host": name, "subset": version},
+                                 "weight": share + (1 if index < extra else 0)}
+                                for index, version in enumerate(by_version)]}]}})
+    return objects
+
+
+YAML_PLAIN_RE = re.compile(r"[A-Za-z/][A-Za-z0-9_./:@-]*")
+YAML_RESERVED = frozenset("y n yes no on off true false null".split())
+
+
+def yaml_scalar(value):
+    """One scalar as YAML: plain where no YAML 1.1 or 1.2 reader could take it for another type, else quoted."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    if YAML_PLAIN_RE.fullmatch(value) and not value.endswith(":") and value.lower() not in YAML_RESERVED:
+        return value
+    return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def _yaml_lines(value, indent):
+    pad = " " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{yaml_scalar(key)}:")
+                lines.extend(_yaml_lines(item, indent + 2))
+            else:
+                lines.append(f"{pad}{yaml_scalar(key)}: {yaml_scalar(item)}")
+    else:
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                inner = _yaml_lines(item, indent + 2)
+                lines.append(f"{pad}- {inner[0][indent + 2:]}")
+                lines.extend(inner[1:])
+            else:
+                lines.append(f"{pad}- {yaml_scalar(item)}")
+    return lines
+
+
+def to_yaml(documents):
+    """A YAML stream of mappings, one ``---`` document each."""
+    return "".join("---\n" + "\n".join(_yaml_lines(document, 0)) + "\n" for document in documents)
+
+
 # --- Command line ------------------------------------------------------------------------------------------
-# SPEC 6. ``serve`` runs one node from the environment; ``mesh`` runs a gateway and named nodes in one process.
+# SPEC 6. ``serve`` runs one node from the environment; ``mesh`` runs a gateway and named nodes in one process;
+# ``call`` draws one answer's tree; ``load`` sends steady open-loop traffic.
 
 def parse_node_spec(text):
     """``'b;delay=1;version=v2'`` -> (name, version, {directive: raw text}), validated like a route step."""
@@ -2149,7 +2755,10 @@ DEFAULT_MESH = ("a", "b;delay=50ms", "c;delay=100ms..200ms", "d;error=0.1")
 
 
 def command_mesh(args, environ):
-    specs = [parse_node_spec(text) for text in (args.nodes or DEFAULT_MESH)]
+    try:
+        specs = [parse_node_spec(text) for text in (args.nodes or DEFAULT_MESH)]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     base = Config.from_env(environ, address=args.address)
     ports = {}
     for index, (name, _version, _directives) in enumerate(specs, start=1):
@@ -2188,6 +2797,301 @@ def command_mesh(args, environ):
     return 0
 
 
+def command_manifests(args, environ):
+    try:
+        specs = [parse_node_spec(text) for text in args.nodes]
+        objects = build_manifests(specs, namespace=args.namespace, image=args.image, istio=args.istio,
+                                  otlp=args.otlp, load=args.load, rate=args.rate, concurrency=args.concurrency)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    sys.stdout.write(to_yaml(objects))
+    return 0
+
+
+def split_url(text):
+    """``localhost:9090/a/b`` or ``http://host/a/b?delay=1s`` -> (scheme, host, port, path and query)."""
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"bad URL {text!r}: expected http://host[:port]/route")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"bad URL {text!r}: bad port") from None
+    return parts.scheme, parts.hostname, port, (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def open_connection(scheme, host, port, timeout):
+    kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    return kind(host, port, timeout=timeout)
+
+
+def request_headers(pairs):
+    """``-H 'name: value'`` options -> a dict, JSON asked for (the client renders the views itself)."""
+    headers = {"Accept": "application/json", "User-Agent": f"simplemesh/{__version__}"}
+    for pair in pairs or ():
+        name, sep, value = pair.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"bad header {pair!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def use_color(stream, environ):
+    return stream.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb"
+
+
+def command_call(args, environ):
+    """One request; the answer drawn as a tree. Exit 0 when the root answered < 400, 1 when it failed,
+    2 when there was no answer at all."""
+    scheme, host, port, path = split_url(args.url)
+    headers = request_headers(args.header)
+    connection = open_connection(scheme, host, port, args.timeout)
+    try:
+        connection.request(args.method.upper(), path, body=args.data.encode() if args.data else None,
+                           headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        print(f"simplemesh call: no answer from {host}:{port}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    finally:
+        connection.close()
+    status = response.status
+    if args.json:
+        sys.stdout.write(data.decode("utf-8", "replace") + ("" if data.endswith(b"\n") else "\n"))
+        return 0 if status < 400 else 1
+    try:
+        record = json.loads(data) if "json" in (response.getheader("content-type") or "") else None
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and "host" in record:
+        sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
+    else:
+        snippet = data[:500].decode("utf-8", "replace").strip()
+        print(f"{status} {response.reason} from {host}:{port}, not a simplemesh answer"
+              + (f":\n{snippet}" if snippet else ""))
+    return 0 if status < 400 else 1
+
+
+class LatencyHistogram:
+    """Latencies in logarithmic buckets 1% wide from 10 µs: bounded memory however long a load runs, and
+    percentiles at most 1% high (a bucket's upper bound, capped by the largest value seen)."""
+
+    LOW = 1e-5
+    LOG_GROWTH = math.log(1.01)
+
+    def __init__(self):
+        self.counts = {}
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, seconds):
+        index = 0 if seconds <= self.LOW else int(math.log(seconds / self.LOW) / self.LOG_GROWTH) + 1
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.max = max(self.max, seconds)
+
+    def percentile(self, fraction):
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(fraction * self.count))
+        seen = 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return min(self.LOW * math.exp(index * self.LOG_GROWTH), self.max)
+        return self.max
+
+
+@dataclass
+class LoadStats:
+    """What a load run has done so far; workers update it under ``lock``."""
+    rate: float
+    concurrency: int
+    sent: int = 0
+    missed_busy: int = 0  # due while every worker was waiting for an answer
+    missed_late: int = 0  # due while this process could not even schedule it in time
+    in_flight: int = 0
+    codes: dict = field(default_factory=dict)  # status code, or an error kind -> count
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    elapsed: float = 0.0
+    lock: object = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def errors(self):
+        return sum(count for code, count in self.codes.items() if not isinstance(code, int) or code >= 400)
+
+    @property
+    def kept(self):
+        """True when the target rate was met: no due send was missed."""
+        return self.missed_busy + self.missed_late == 0
+
+    def summary(self):
+        """The figures as a dict (``load --json``); latencies in seconds."""
+        return {"sent": self.sent, "answered": self.latency.count, "unfinished": self.in_flight,
+                "missed": self.missed_busy + self.missed_late, "missed_busy": self.missed_busy,
+                "missed_late": self.missed_late, "elapsed": round(self.elapsed, 3),
+                "target_rate": self.rate, "achieved_rate": round(self.sent / self.elapsed, 3) if self.elapsed else 0.0,
+                "rate_kept": self.kept, "errors": self.errors,
+                "codes": {str(code): count for code, count in  # status codes first, then error kinds
+                          sorted(self.codes.items(), key=lambda item: (not isinstance(item[0], int), str(item[0])))},
+                "latency": {name: round(self.latency.percentile(p), 6)
+                            for name, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+                | {"max": round(self.latency.max, 6)}}
+
+
+def render_progress(stats):
+    """The live progress line: elapsed, sent, achieved rate, errors, p50/p99 so far."""
+    rate = stats.sent / (stats.elapsed + 1 / stats.rate)  # n sends so far span n intervals (the first is at 0)
+    missed = stats.missed_busy + stats.missed_late
+    return (f"{stats.elapsed:7.1f}s  sent {stats.sent}  rate {rate:.1f}/s of {stats.rate:g}/s  "
+            f"errors {stats.errors}  p50 {format_seconds(stats.latency.percentile(0.5))}  "
+            f"p99 {format_seconds(stats.latency.percentile(0.99))}" + (f"  MISSED {missed}" if missed else ""))
+
+
+def render_load_summary(summary, url):
+    """The final summary of a load run, for people; honest about a rate it did not keep."""
+    latency = summary["latency"]
+    lines = [f"load {url}: {summary['sent']} requests in {summary['elapsed']:.2f} s = "
+             f"{summary['achieved_rate']:.1f}/s (target {summary['target_rate']:g}/s)",
+             "status: " + (" ".join(f"{code}={count}" for code, count in summary["codes"].items()) or "none"),
+             f"latency: p50 {format_seconds(latency['p50'])}  p90 {format_seconds(latency['p90'])}  "
+             f"p99 {format_seconds(latency['p99'])}  max {format_seconds(latency['max'])}"]
+    if summary["unfinished"]:
+        lines.append(f"{summary['unfinished']} requests had no answer yet when the run stopped (not in the figures)")
+    if not summary["rate_kept"]:
+        reasons = []
+        if summary["missed_busy"]:
+            reasons.append(f"{summary['missed_busy']} found all workers waiting for answers "
+                           "(raise --concurrency, or the service is slower than rate x concurrency allows)")
+        if summary["missed_late"]:
+            reasons.append(f"{summary['missed_late']} could not be scheduled on time by this process "
+                           "(short of CPU: a less busy machine, or several load processes)")
+        lines.append(f"TARGET RATE NOT KEPT: {summary['missed']} send{'s' * (summary['missed'] != 1)} missed: "
+                     + "; ".join(reasons))
+    return "\n".join(lines) + "\n"
+
+
+LOAD_LATE = 0.1  # a send this late is missed, not sent in a burst; a smaller lag shows in its latency instead
+
+
+def load_worker(stats, jobs, scheme, host, port, path, method, headers, timeout):
+    """Send one request per job (its due time) on a keep-alive connection of this worker's own."""
+    connection = None
+    while True:
+        due = jobs.get()
+        if due is None:
+            break
+        try:
+            if connection is None:
+                connection = open_connection(scheme, host, port, timeout)
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            code = response.status
+            if response.will_close:
+                connection.close()
+                connection = None
+        except (OSError, http.client.HTTPException) as error:
+            code = ("refused" if isinstance(error, ConnectionRefusedError) else
+                    "timeout" if isinstance(error, TimeoutError) else
+                    "reset" if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)) else
+                    "error")
+            if connection is not None:
+                connection.close()
+                connection = None
+        latency = time.monotonic() - due  # from when it was due: time lost in this client counts too
+        with stats.lock:
+            stats.in_flight -= 1
+            stats.codes[code] = stats.codes.get(code, 0) + 1
+            stats.latency.add(latency)
+    if connection is not None:
+        connection.close()
+
+
+def run_load(stats, url_parts, method, headers, timeout, duration, stop, progress=None, progress_every=1.0):
+    """Open-loop traffic: send ``i`` is due at start + i/rate whatever the answers do. A due send starts on an
+    idle worker, or is counted as missed (every worker busy, or this loop too late); never queued, so a slow
+    service cannot quietly lower the rate. Runs until ``duration`` (0: until ``stop`` is set)."""
+    jobs = queue.SimpleQueue()
+    workers = [threading.Thread(target=load_worker, args=(stats, jobs, *url_parts, method, headers, timeout),
+                                daemon=True) for _ in range(stats.concurrency)]
+    for worker in workers:
+        worker.start()
+    start = time.monotonic()
+    end = start + duration if duration else math.inf
+    interval = 1.0 / stats.rate
+    next_progress = start + progress_every
+    index = 0
+    while not stop.is_set():
+        due = start + index * interval
+        now = time.monotonic()
+        if due >= end:
+            if now >= end:
+                break
+            stop.wait(end - now)
+            continue
+        if now < due:
+            stop.wait(min(due, next_progress) - now)
+        else:
+            with stats.lock:
+                if now - due > LOAD_LATE:
+                    stats.missed_late += 1
+                elif stats.in_flight >= stats.concurrency:
+                    stats.missed_busy += 1
+                else:
+                    stats.in_flight += 1
+                    stats.sent += 1
+                    jobs.put(due)
+            index += 1
+        if progress and now >= next_progress:
+            stats.elapsed = now - start
+            progress(stats)
+            next_progress += progress_every
+    stats.elapsed = min(time.monotonic(), end) - start
+    for _ in workers:
+        jobs.put(None)
+    deadline = time.monotonic() + min(timeout, 5.0)  # answers still on their way get a moment to count
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return stats
+
+
+def command_load(args, environ):
+    scheme, host, port, path = split_url(args.url)
+    headers = request_headers(args.header)
+    if args.rate <= 0 or args.concurrency < 1 or args.duration < 0:
+        raise ConfigError("--rate and --concurrency must be above zero, --duration at least 0")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both end the run with the summary so far, exit 0
+        signal.signal(signum, lambda *_: stop.set())
+    out = sys.stderr if args.json else sys.stdout
+    live = out.isatty()
+
+    def progress(stats):
+        line = render_progress(stats)
+        out.write(f"\r{line}\033[K" if live else line + "\n")
+        out.flush()
+
+    print(f"load {scheme}://{host}:{port}{path}: {args.rate:g}/s "
+          f"{'until stopped' if not args.duration else f'for {args.duration:g} s'}, "
+          f"up to {args.concurrency} in flight", file=out, flush=True)
+    stats = run_load(LoadStats(args.rate, args.concurrency), (scheme, host, port, path), args.method.upper(),
+                     headers, args.timeout, args.duration, stop, progress,
+                     0.5 if live else args.interval)
+    if live:
+        out.write("\n")
+    summary = stats.summary()
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        sys.stdout.write(render_load_summary(summary, f"{scheme}://{host}:{port}{path}"))
+        sys.stdout.flush()
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
@@ -2203,10 +3107,57 @@ def build_parser():
                       help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    manifests = commands.add_parser(
+        "manifests", help="print Kubernetes YAML for a mesh",
+        description="Print Kubernetes YAML for these nodes: a Service per name and a Deployment per version "
+                    "(directives become the node's environment defaults).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
+        epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
+               "--load http://a/b/c --istio | kubectl apply -f -")
+    manifests.add_argument("nodes", nargs="+", metavar="NODE",
+                           help="a node spec: name[;directive=value...][;version=v2]")
+    manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
+    manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
+    manifests.add_argument("--istio", action="store_true",
+                           help="label the namespace for sidecar injection (namespace simplemesh unless given) "
+                                "and add an ingress Gateway, DestinationRules and version splits")
+    manifests.add_argument("--otlp", default="", metavar="ENDPOINT",
+                           help="send native spans to this OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    manifests.add_argument("--load", default="", metavar="URL",
+                           help="add a load generator Deployment that runs `simplemesh load URL`")
+    manifests.add_argument("--rate", default="5", help="the load generator's requests per second (default 5)")
+    manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
+    call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
+                               description="Send one request and draw the answer as a tree (in colour on a "
+                                           "terminal). Exit status: 0 the root answered < 400, 1 it failed, "
+                                           "2 no answer.")
+    call.add_argument("url", help="http://host[:port]/route[?directives] (http:// may be left out)")
+    call.add_argument("--json", action="store_true", help="print the raw answer instead of the tree")
+    load = commands.add_parser("load", help="steady open-loop traffic with a live progress line and a summary",
+                               description="Send requests at a steady rate whatever the answers do (open loop), "
+                                           "show progress, and end with count, achieved rate, status counts and "
+                                           "latency percentiles. SIGTERM or Ctrl-C stop it with the summary so "
+                                           "far. A send that cannot start on time is counted as missed.")
+    load.add_argument("url", help="http://host[:port]/route[?directives] (http:// may be left out)")
+    load.add_argument("--rate", type=float, default=10.0, help="requests per second (default 10)")
+    load.add_argument("--duration", type=parse_duration, default=parse_duration("10s"),
+                      help="how long, e.g. 30s or 5m; 0 runs until stopped (default 10s)")
+    load.add_argument("--concurrency", type=int, default=32,
+                      help="requests in flight at most, one keep-alive connection each (default 32)")
+    load.add_argument("--interval", type=parse_duration, default=parse_duration("10s"),
+                      help="how often to print a progress line when not on a terminal (default 10s)")
+    load.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    for command in (call, load):
+        command.add_argument("-X", "--method", default="GET", help="HTTP method (default GET)")
+        command.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="a request header")
+        command.add_argument("--timeout", type=parse_duration, default=parse_duration("30s"),
+                             help="per-request timeout (default 30s)")
+    call.add_argument("-d", "--data", help="a request body")
     return parser
 
 
-COMMANDS = {"serve": command_serve, "mesh": command_mesh}
+COMMANDS = {"serve": command_serve, "mesh": command_mesh, "call": command_call, "load": command_load,
+            "manifests": command_manifests}
 
 
 def main(argv=None, environ=None):

@@ -9,7 +9,7 @@ import base64
 import gzip
 import http.client
 import http.server
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -32,21 +32,21 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def require_tool(testcase, name):
-    """Skip ``testcase`` when the tool (an executable, or a Python module for a dotted name) is missing;
-    fail instead under CI=true, where .ci/run installs every tool."""
-    if "." in name:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-    else:
-        found = shutil.which(name) is not None
-    if not found:
+    """The path of executable ``name``; a missing tool fails the test in CI (where .ci/run installs it), else skips."""
+    path = shutil.which(name)
+    if path is None:
         message = f"{name} is not installed (.ci/run installs it)"
-        if IN_CI:
-            testcase.fail(message)
-        testcase.skipTest(message)
+        testcase.fail(message) if IN_CI else testcase.skipTest(message)
+    return path
 
+
+def require_module(testcase, name):
+    """Import a test-only package from requirements-test.txt, failing in CI and skipping elsewhere without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"Python package {name} is not installed (pip install -r requirements-test.txt)"
+        testcase.fail(message) if IN_CI else testcase.skipTest(message)
 
 
 # --- Harness: real nodes on loopback -------------------------------------------------------------------------
@@ -118,10 +118,19 @@ def run_cli(*args, env=None, timeout=30, input=None):
                           capture_output=True, text=True, timeout=timeout, env=env, input=input)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(count=1):
+    """A port with ``count - 1`` free ports after it, below the ephemeral range (so no client socket takes them)."""
+    import random
+    for _attempt in range(200):
+        base = random.randrange(20000, 32000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no free ports")
 
 
 def free_port_run(count):
@@ -151,9 +160,176 @@ def wait_for_port(port, timeout=10.0, address="127.0.0.1"):
 
 # --- Configuration --------------------------------------------------------------------------------------------
 
+class ConfigTest(unittest.TestCase):
+    def test_defaults_and_environment(self):
+        config = sm.Config.from_env({"HOST": "a", "PORT": "8081", "PEERS": "b=127.0.0.1:9092,c=10.0.0.1:80|10.0.0.2:80",
+                                     "DELAY": "0.5", "FANOUT": "parallel", "MAX_CALLS": "7"})
+        self.assertEqual((config.host, config.port, config.max_calls), ("a", 8081, 7))
+        self.assertEqual(config.peers, {"b": [("127.0.0.1", 9092)], "c": [("10.0.0.1", 80), ("10.0.0.2", 80)]})
+        self.assertEqual(config.defaults, {"delay": "0.5", "parallel": "true"})
+        self.assertEqual(config.upstream_port, 80)
+        self.assertEqual(sm.Config.from_env({}).host, socket.gethostname())
+
+    def test_identity_from_downward_api(self):
+        config = sm.Config.from_env({"POD_NAME": "a-1", "POD_NAMESPACE": "mesh", "POD_IP": "10.1.2.3"})
+        self.assertEqual(config.identity, {"pod": "a-1", "namespace": "mesh", "ip": "10.1.2.3"})
+
+    def test_bad_values_name_the_variable(self):
+        for env, word in [({"PORT": "http"}, "PORT"), ({"PEERS": "a=nowhere"}, "PEERS"), ({"DELAY": "soon"}, "DELAY"),
+                          ({"ERROR_RATE": "2"}, "ERROR_RATE"), ({"FANOUT": "both"}, "FANOUT"),
+                          ({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"DELAY": "2m", "MAX_DELAY": "1m"}, "DELAY"),
+                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS")]:
+            with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
+                sm.Config.from_env(env)
+
+
 # --- Route grammar --------------------------------------------------------------------------------------------
 
+T = sm.Target
+
+
+class RouteGrammarTest(unittest.TestCase):
+    def test_valid_routes(self):
+        cases = {
+            "/": (),
+            "/b": (((T("b"),),)),
+            "/b/c": ((T("b"),), (T("c"),)),
+            "/b/c/": ((T("b"),), (T("c"),)),
+            "/B/C.NS.svc": ((T("b"),), (T("c.ns.svc"),)),
+            "/b~c/d": ((T("b"), T("c")), (T("d"),)),
+            "/b:8080/c": ((T("b", 8080),), (T("c"),)),
+            "/b;delay=200ms;error=0.5/c": ((T("b", None, (("delay", "200ms"), ("error", "0.5"))),), (T("c"),)),
+            "/b;parallel~c": ((T("b", None, (("parallel", None),)), T("c")),),
+            "/(b/d)~(c/e)/f": ((sm.Group(((T("b"),), (T("d"),))), sm.Group(((T("c"),), (T("e"),)))), (T("f"),)),
+            "/((b))": ((sm.Group(((sm.Group(((T("b"),),)),),)),),),
+            "/b;delay=10ms:0.9,2s:0.1": ((T("b", None, (("delay", "10ms:0.9,2s:0.1"),)),),),
+            "/b;status=503:0.2,429:0.1": ((T("b", None, (("status", "503:0.2,429:0.1"),)),),),
+        }
+        for path, steps in cases.items():
+            with self.subTest(path=path):
+                self.assertEqual(sm.parse_route(path), steps)
+
+    def test_errors_say_what_and_where(self):
+        cases = [
+            ("/b//c", "empty step", 3), ("//", "empty step", 1), ("/b~", "empty step", 3), ("/~b", "empty step", 1),
+            ("/(b/c", "'(' is not closed", 1), ("/b)/c", "')' has no '('", 2), ("/()", "empty step", 2),
+            ("/b_c", "unexpected character '_'", 2), ("/-b", "label '-b'", 1), ("/b-", "label 'b-'", 1),
+            ("/a..b", "empty label", 1), ("/" + "x" * 64, "label", 1), ("/" + ".".join(["x" * 60] * 5), "253", 1),
+            ("/b:0", "bad port", 3), ("/b:70000", "bad port", 3), ("/b:/c", "bad port", 3),
+            ("/b;dealy=1s", "unknown directive 'dealy'", 3), ("/b;delay=fast", "bad duration", 3),
+            ("/b;error=1.5", "probability", 3), ("/b;delay", "needs a value", 3), ("/b;status=200", "400 to 599", 3),
+            ("/b;delay=2s..1s", "low end", 3), ("/b;delay=1s:0.7,2s:0.7", "more than 1", 3),
+            ("/b c", "unexpected character ' '", 2), ("/b\x00", "unexpected character", 2), ("/b?c", "unexpected", 2),
+            ("b/c", "must start with '/'", 0), ("/" + "(" * 40 + "b" + ")" * 40, "nested deeper", 33),
+        ]
+        for path, message, position in cases:
+            with self.subTest(path=path):
+                with self.assertRaises(sm.RouteError) as caught:
+                    sm.parse_route(path)
+                self.assertIn(message, caught.exception.message)
+                self.assertEqual(caught.exception.position, position)
+
+    def test_format_route_is_the_inverse_of_parse(self):
+        for path in ["/b", "/b/c", "/b~c/d", "/(b/d)~(c/e)/f", "/b:8080;delay=1s;parallel/c", "/((b~c)/d)/e"]:
+            with self.subTest(path=path):
+                self.assertEqual("/" + sm.format_route(sm.parse_route(path)), path)
+
+    def test_plan_calls_appends_the_rest_to_groups(self):
+        calls = sm.plan_calls(sm.parse_route("/(b/d)~(c/e)~g/f"))
+        self.assertEqual([(t.name, sm.format_route(rest)) for t, rest in calls],
+                         [("b", "d/f"), ("c", "e/f"), ("g", "f")])
+        calls = sm.plan_calls(sm.parse_route("/((b~c)/d)/e"))
+        self.assertEqual([(t.name, sm.format_route(rest)) for t, rest in calls], [("b", "d/e"), ("c", "d/e")])
+        self.assertEqual(sm.plan_calls(()), [])
+
+    def test_route_size_counts_every_call_of_the_tree(self):
+        for path, size in [("/b", (1, 1)), ("/b/c", (2, 2)), ("/b~c/d", (4, 2)), ("/b~c/d~e", (6, 2)),
+                           ("/(b/d)~(c/e)/f", (6, 3)), ("/b/a/b/a", (4, 4))]:
+            with self.subTest(path=path):
+                self.assertEqual(sm.route_size(sm.parse_route(path), 1000, 1000), size)
+
+    def test_route_size_stops_early_on_exponential_routes(self):
+        steps = sm.parse_route("/" + "/".join(["a~b~c~d"] * 40))  # 4**40 calls if expanded
+        started = time.perf_counter()
+        calls, _depth = sm.route_size(steps, 100, 1000)
+        self.assertGreater(calls, 100)
+        self.assertLess(time.perf_counter() - started, 0.5)
+        calls, depth = sm.route_size(sm.parse_route("/" + "/".join(["a"] * 40)), 1000, 16)
+        self.assertGreater(depth, 16)
+
+    def test_ip_literals(self):
+        for name in ["127.0.0.1", "127.1", "10.0.0.1", "2130706433", "0x7f000001", "0x7f.1"]:
+            self.assertTrue(sm.is_ip_literal(name), name)
+        for name in ["b", "b.ns.svc.cluster.local", "x1", "a-1.b2", "0xfoo"]:
+            self.assertFalse(sm.is_ip_literal(name), name)
+
+
 # --- Directives -----------------------------------------------------------------------------------------------
+
+class DirectivesTest(unittest.TestCase):
+    config = sm.Config(host="t")
+
+    def test_durations_and_sizes(self):
+        for text, seconds in [("200ms", 0.2), ("1.5s", 1.5), ("2m", 120), ("0.5", 0.5), (".25s", 0.25), ("3", 3)]:
+            self.assertAlmostEqual(sm.parse_duration(text), seconds)
+        for text in ["", "fast", "1h", "-1s", "1 s", "1e3"]:
+            self.assertRaises(ValueError, sm.parse_duration, text)
+        for text, size in [("512", 512), ("10k", 10240), ("2m", 2 * 1024 ** 2), ("1KB", 1024)]:
+            self.assertEqual(sm.parse_size(text), size)
+        self.assertRaises(ValueError, sm.parse_size, "lots")
+
+    def test_delay_distributions(self):
+        rng = __import__("random").Random(1)
+        self.assertEqual(sm.parse_delay("200ms").sample(rng), 0.2)
+        samples = [sm.parse_delay("100ms..300ms").sample(rng) for _ in range(500)]
+        self.assertTrue(all(0.1 <= s <= 0.3 for s in samples))
+        self.assertLess(abs(sum(samples) / len(samples) - 0.2), 0.02)
+        weighted = [sm.parse_delay("10ms:0.9,2s:0.1").sample(rng) for _ in range(2000)]
+        self.assertEqual(set(weighted), {0.01, 2.0})
+        self.assertLess(abs(weighted.count(2.0) / 2000 - 0.1), 0.03)
+        self.assertEqual(sm.parse_delay("1s:0.5,2s:0.5").maximum, 2.0)
+
+    def test_resolve_merges_defaults_and_request_and_checks_caps(self):
+        directives = sm.Directives.resolve(self.config, {"delay": "1s", "error": "0.5"}, {"delay": "2s", "parallel": None})
+        self.assertEqual((directives.delay.low, directives.error, directives.parallel), (2.0, 0.5, True))
+        self.assertEqual(sm.Directives.resolve(self.config, {}, {}).timeout, 30.0)
+        for requested, limit in [({"delay": "61s"}, "MAX_DELAY"), ({"delay": "1s..2m"}, "MAX_DELAY"),
+                                 ({"size": "11m"}, "MAX_SIZE"), ({"cpu": "6s"}, "MAX_CPU"),
+                                 ({"timeout": "301s"}, "MAX_TIMEOUT")]:
+            with self.subTest(requested=requested), self.assertRaisesRegex(sm.DirectiveError, limit):
+                sm.Directives.resolve(self.config, {}, requested)
+        self.assertRaises(sm.DirectiveError, sm.Directives.resolve, self.config, {}, {"timeout": "0"})
+        self.assertRaisesRegex(sm.DirectiveError, "unknown directive 'bogus'",
+                               sm.Directives.resolve, self.config, {}, {"bogus": "1"})
+
+    def failures(self, defaults, requested, n=4000):
+        rng = __import__("random").Random(7)
+        directives = sm.Directives.resolve(self.config, defaults, requested)
+        return [directives.failure_status(rng) for _ in range(n)]
+
+    def test_failure_rules(self):
+        self.assertEqual(set(self.failures({}, {})), {None})
+        self.assertEqual(set(self.failures({}, {"status": "503"})), {503})  # status alone always fails
+        self.assertEqual(set(self.failures({"status": "503"}, {})), {None})  # ERROR_STATUS only names the code
+        errors = self.failures({}, {"error": "0.3"})
+        self.assertEqual(set(errors), {None, 500})
+        self.assertLess(abs(errors.count(500) / len(errors) - 0.3), 0.03)
+        self.assertEqual(set(self.failures({"status": "429"}, {"error": "1"})), {429})
+        weighted = self.failures({}, {"status": "503:0.2,429:0.1"})
+        self.assertLess(abs(weighted.count(503) / len(weighted) - 0.2), 0.03)
+        self.assertLess(abs(weighted.count(429) / len(weighted) - 0.1), 0.03)
+        self.assertLess(abs(weighted.count(None) / len(weighted) - 0.7), 0.03)
+
+    def test_split_query(self):
+        self.assertEqual(sm.split_query("delay=1s&parallel&view=tree&x=%32"),
+                         {"delay": "1s", "parallel": None, "view": "tree", "x": "2"})
+
+    def test_node_spec_uses_the_directive_syntax(self):
+        self.assertEqual(sm.parse_node_spec("B;delay=0.5;version=v2;parallel"),
+                         ("b", "v2", {"delay": "0.5", "parallel": "true"}))
+        for bad in ["", "b;dealy=1", "b_c", "b;error=2"]:
+            self.assertRaises(ValueError, sm.parse_node_spec, bad)
+
 
 # --- Trace context --------------------------------------------------------------------------------------------
 
@@ -418,6 +594,305 @@ class TestSamplers(unittest.TestCase):
 
 # --- The answer and its views ---------------------------------------------------------------------------------
 
+KNOWN_TREE = {
+    "host": "a", "status": 502, "elapsed_time": 0.35, "start_time": "2026-01-01T00:00:00.000000Z",
+    "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "error": "a downstream call failed", "next_node": [
+        {"host": "b", "version": "v2", "status": 200, "elapsed_time": 0.2, "delay": 0.1,
+         "start_time": "2026-01-01T00:00:00.001000Z", "next_node": [
+             {"host": "c", "status": 200, "elapsed_time": 0.05, "start_time": "2026-01-01T00:00:00.150000Z",
+              "next_node": []}]},
+        {"host": "d", "url": "http://d/", "status": 502, "elapsed_time": 0.01, "error": "connection refused"}]}
+
+
+class TestTreeView(unittest.TestCase):
+    def test_known_tree_renders_aligned_with_the_failing_branch_marked(self):
+        self.assertEqual(sm.render_tree(KNOWN_TREE), (
+            "trace 4bf92f3577b34da6a3ce929d0e0e4736\n"
+            "a        502  350.0 ms  ✗ a downstream call failed\n"
+            "├─ b@v2  200  200.0 ms  delay 100.0 ms\n"
+            "│  └─ c  200   50.0 ms\n"
+            "└─ d     502   10.0 ms  ✗ connection refused\n"
+            "1 failed hop: d\n"))
+
+    def test_color_marks_statuses_and_the_origin_of_the_failure(self):
+        text = sm.render_tree(KNOWN_TREE, color=True)
+        self.assertIn("\033[32m200\033[0m", text)
+        self.assertIn("\033[31m\033[1m✗ connection refused\033[0m", text)  # the origin: red and bold
+        self.assertIn("\033[2m✗ a downstream call failed\033[0m", text)  # only passing it on: dim
+        self.assertEqual(sm.render_tree(KNOWN_TREE).count("\033"), 0)
+
+    def test_success_says_ok_and_a_reset_has_no_status(self):
+        self.assertTrue(sm.render_tree({"host": "a", "status": 200, "elapsed_time": 1.5}).endswith(
+            "ok: 1 hop in 1.500 s\n"))
+        text = sm.render_tree({"host": "a", "status": 502, "next_node": [{"host": "b", "error": "reset"}]})
+        self.assertIn("└─ b  ---", text)
+
+    def test_garbage_from_downstream_never_breaks_the_view(self):
+        for record in ({"host": "a", "next_node": "x"}, {"host": "a", "next_node": [1, None]},
+                       {"host": "a", "status": "200", "elapsed_time": "slow", "start_time": 5},
+                       {"host": "a", "status": True, "next_node": [{"host": "b", "start_time": "yesterday"}]},
+                       {"host": "a", "elapsed_time": float("inf"), "start_time": "0001-01-01T00:00:00",
+                        "next_node": [{"host": "b", "elapsed_time": float("nan"), "start_time": "9999-12-31"}]}):
+            with self.subTest(record=record):
+                self.assertIn("a", sm.render_tree(record))
+                page = sm.render_html(record, "b")
+                self.assertIn("<!DOCTYPE html>", page)
+                self.assertNotIn("nan%", page)
+
+    def test_a_very_deep_answer_renders_without_recursion(self):
+        record = leaf = {"host": "n0", "status": 200, "elapsed_time": 1.0}
+        for depth in range(1, 3000):
+            leaf["next_node"] = [{"host": f"n{depth}", "status": 200, "elapsed_time": 1.0}]
+            leaf = leaf["next_node"][0]
+        self.assertEqual(len(sm.walk_tree(record)), 3000)
+
+
+class TestWaterfallLayout(unittest.TestCase):
+    def test_hops_are_placed_on_the_root_time_line(self):
+        hops = sm.walk_tree(KNOWN_TREE)
+        self.assertEqual([(h.host, h.parent, h.depth) for h in hops],
+                         [("a", -1, 0), ("b@v2", 0, 1), ("c", 1, 2), ("d", 0, 1)])
+        self.assertAlmostEqual(hops[1].start, 0.001, places=4)
+        self.assertAlmostEqual(hops[2].start, 0.150, places=4)
+        # d was written by its caller (no start_time): it starts when its sibling b ended
+        self.assertTrue(hops[3].estimated)
+        self.assertAlmostEqual(hops[3].start, 0.201, places=4)
+        self.assertEqual([h.origin for h in hops], [False, False, False, True])
+
+    def test_a_child_is_kept_inside_its_parent_despite_clock_skew(self):
+        record = {"host": "a", "status": 200, "elapsed_time": 0.1, "start_time": "2026-01-01T00:00:00Z",
+                  "next_node": [{"host": "b", "status": 200, "elapsed_time": 0.05,
+                                 "start_time": "2026-01-01T00:00:09Z"},
+                                {"host": "c", "status": 200, "elapsed_time": 0.05,
+                                 "start_time": "2025-12-31T23:59:00Z"}]}
+        _a, b, c = sm.walk_tree(record)
+        self.assertAlmostEqual(b.start, 0.05)
+        self.assertEqual(c.start, 0.0)
+
+
+class TestHtmlView(unittest.TestCase):
+    def test_page_is_self_contained_and_escapes_what_it_shows(self):
+        record = dict(KNOWN_TREE, host="<script>alert(1)</script>")
+        page = sm.render_html(record, 'b/"><img src=x>', "http://jaeger:16686/trace/{trace_id}")
+        self.assertNotIn("<script>alert", page)
+        self.assertNotIn('"><img', page)
+        self.assertIn('<link rel="icon" href="data:,">', page)
+        self.assertIn('href="http://jaeger:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736"', page)
+        self.assertNotRegex(page, r'(src|href)="(https?:)?//(?!jaeger)')  # no external asset
+        self.assertEqual(page.count('class="hop '), 4)
+        self.assertIn('class="hop fail failed origin" data-index="3" data-parent="0"', page)
+
+    def test_bars_are_positioned_by_start_and_length(self):
+        page = sm.render_html(KNOWN_TREE, "b/c~d")
+        self.assertIn('style="left:0.000%;width:100.000%"', page)  # the root spans the whole time line
+        self.assertIn('style="left:42.857%;width:14.286%"', page)  # c: 150 ms + 50 ms of 350 ms
+
+    def test_trace_link(self):
+        self.assertEqual(sm.trace_link("http://j/trace/{trace_id}?x=1", "ab"), "http://j/trace/ab?x=1")
+        self.assertEqual(sm.trace_link("http://tempo/explore?trace=", "ab"), "http://tempo/explore?trace=ab")
+        self.assertEqual(sm.trace_link("", "ab"), "")
+
+    def test_choose_view(self):
+        browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        self.assertEqual(sm.choose_view("", "*/*"), "json")
+        self.assertEqual(sm.choose_view("", browser), "html")
+        self.assertEqual(sm.choose_view("delay=1s&view=json", browser), "json")
+        self.assertEqual(sm.choose_view("VIEW=Tree", ""), "tree")
+        self.assertEqual(sm.choose_view("delay=1s", browser), "html")
+        self.assertIsNone(sm.choose_view("view=xml", ""))
+        self.assertEqual(sm.view_route("/b/c", "delay=1s&view=tree"), "b/c?delay=1s")
+        self.assertEqual(sm.view_route("/", "view=tree"), "")
+
+
+class TestViewsOverHttp(unittest.TestCase):
+    def test_handler_picks_the_view(self):
+        with Mesh({"a": {}, "b": {}, "c": {"error": "1"}}) as mesh:
+            status, headers, text = mesh.request("a", "/b~c?view=tree")
+            self.assertEqual((status, headers["content-type"]), (502, "text/plain; charset=utf-8"))
+            self.assertRegex(text, r"^trace [0-9a-f]{32}\na +502 .*\n├─ b +200 .*\n"
+                                   r"└─ c +500 .*✗ injected failure 500")
+            status, headers, page = mesh.request("a", "/b?delay=1ms", headers={"Accept": "text/html"})
+            self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+            self.assertIn("default-src 'none'", headers["content-security-policy"])
+            self.assertIn('value="b?delay=1ms"', page)
+            status, headers, record = mesh.request("a", "/b?view=json", headers={"Accept": "text/html"})
+            self.assertEqual(hosts(record), ["a", [["b", []]]])
+            status, _headers, record = mesh.request("a", "/b?view=pdf")
+            self.assertEqual(status, 400)
+            self.assertIn("unknown view", record["error"])
+            self.assertEqual(mesh.node("b").metrics.requests, {("GET", "200"): 3})  # the bad view called no one
+
+    def test_trace_ui_url_links_the_trace(self):
+        config = sm.Config.from_env({"TRACE_UI_URL": "http://jaeger:16686/trace/{trace_id}", "HOST": "a"})
+        self.assertEqual(config.trace_ui_url, "http://jaeger:16686/trace/{trace_id}")
+        with Mesh({"a": {}}, trace_ui_url=config.trace_ui_url) as mesh:
+            _status, headers, page = mesh.request("a", "/", headers={"Accept": "text/html"})
+            self.assertIn(f'href="http://jaeger:16686/trace/{headers["x-trace-id"]}"', page)
+
+
+def chromium_flags(profile):
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--window-size=1280,800", f"--user-data-dir={profile}"]
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except FileNotFoundError:
+        return ""
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol over a stdlib WebSocket client to drive one page."""
+
+    def __init__(self, test):
+        require_tool(test, "chromium")
+        import tempfile
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
+        self.process = subprocess.Popen(["chromium", *chromium_flags(self.profile.name), "--remote-debugging-port=0",
+                                         "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)  # its own group: close() ends its helpers too
+        port_file = os.path.join(self.profile.name, "DevToolsActivePort")
+        deadline = time.monotonic() + 20
+        while not read_text(port_file).count("\n"):  # written once the browser listens
+            if time.monotonic() > deadline:
+                self.close()
+                raise AssertionError("chromium did not open its DevTools port")
+            time.sleep(0.05)
+        port = int(read_text(port_file).split()[0])
+        _status, _headers, targets = http_request(("127.0.0.1", port), "/json/list")
+        page = next(t for t in targets if t["type"] == "page")
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = "c2ltcGxlbWVzaHRlc3RrZXk="
+        path = page["webSocketDebuggerUrl"].split(str(port), 1)[1]
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          .encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(4096)
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.next_id = 0
+        self.events = []
+
+    def read(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def receive(self):
+        message = b""
+        while True:
+            first, second = self.read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = int.from_bytes(self.read(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self.read(8), "big")
+            message += self.read(length)
+            if first & 0x80:
+                return json.loads(message)
+
+    def send(self, method, **params):
+        self.next_id += 1
+        payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        length = len(payload)
+        header = bytes([0x81]) + (bytes([0x80 | length]) if length < 126 else
+                                  bytes([0x80 | 126]) + length.to_bytes(2, "big"))
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            message = self.receive()
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, method, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, event in enumerate(self.events):
+                if event.get("method") == method:
+                    return self.events.pop(index)
+            self.events.append(self.receive())
+        raise AssertionError(f"no {method} within {timeout}s")
+
+    def evaluate(self, expression):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def requested_urls(self):
+        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+
+    def close(self):
+        if getattr(self, "sock", None):
+            self.sock.close()
+        os.killpg(self.process.pid, 9)
+        self.process.wait()
+        self.profile.cleanup()
+
+
+READ_WATERFALL = """JSON.stringify(Array.from(document.querySelectorAll('.hop')).map(function (hop) {
+  var bar = hop.querySelector('.bar').getBoundingClientRect();
+  return {index: +hop.dataset.index, parent: +hop.dataset.parent, host: hop.dataset.host,
+          failed: hop.classList.contains('failed'), origin: hop.classList.contains('origin'),
+          left: bar.left, right: bar.right, width: bar.width, top: bar.top,
+          label: hop.querySelector('.label').textContent};
+}))"""
+
+
+def label_seconds(label):
+    """The duration a waterfall bar's label shows: '12.5 ms · error' -> 0.0125."""
+    number, unit = label.split()[:2]
+    return float(number) / (1000 if unit == "ms" else 1)
+
+
+class TestWaterfallInChromium(unittest.TestCase):
+    def test_browser_draws_one_bar_per_hop_nested_with_the_failure_marked_and_fetches_nothing_else(self):
+        with Mesh({"a": {}, "b": {"delay": "30ms"}, "c": {"delay": "20ms"}, "d": {"error": "1"}}) as mesh:
+            devtools = DevTools(self)
+            try:
+                devtools.send("Network.enable")
+                devtools.send("Page.enable")
+                base = f"http://127.0.0.1:{mesh.port('a')}/"
+                devtools.send("Page.navigate", url=base + "b/c~d")
+                devtools.wait_for("Page.loadEventFired")
+                hops = json.loads(devtools.evaluate(READ_WATERFALL))
+                self.assertEqual([(h["host"], h["parent"]) for h in hops], [("a", -1), ("b", 0), ("c", 1), ("d", 1)])
+                by_index = {h["index"]: h for h in hops}
+                for hop in hops[1:]:  # each bar lies within its caller's bar and below it
+                    parent = by_index[hop["parent"]]
+                    self.assertGreaterEqual(hop["left"], parent["left"] - 1, hop)
+                    self.assertLessEqual(hop["right"], parent["right"] + 1, hop)
+                    self.assertGreater(hop["top"], parent["top"], hop)
+                self.assertGreater(hops[0]["width"], 800)  # the root spans the time line of a 1280 px page
+                for hop in hops[1:]:  # and every bar is as long as its share of the root's time
+                    share = label_seconds(hop["label"]) / label_seconds(hops[0]["label"])
+                    self.assertAlmostEqual(hop["width"] / hops[0]["width"], share, delta=0.01, msg=hop)
+                self.assertGreaterEqual(hops[3]["left"], hops[2]["right"] - 1)  # d called after c (sequential)
+                self.assertEqual([h["origin"] for h in hops], [False, False, False, True])
+                self.assertEqual([h["failed"] for h in hops], [True, True, False, True])
+                self.assertIn("injected failure 500", hops[3]["label"])
+                self.assertRegex(devtools.evaluate("document.getElementById('trace').textContent"), "^[0-9a-f]{32}$")
+                # the form runs another route on the same node
+                devtools.evaluate("document.getElementById('route').value = 'c';"
+                                  "document.getElementById('run').requestSubmit()")
+                devtools.wait_for("Page.loadEventFired")
+                hops = json.loads(devtools.evaluate(READ_WATERFALL))
+                self.assertEqual([(h["host"], h["failed"]) for h in hops], [("a", False), ("c", False)])
+                urls = devtools.requested_urls()
+            finally:
+                devtools.close()
+        self.assertEqual([url for url in urls if not url.startswith("data:")], [base + "b/c~d", base + "c"])
+
+
 # --- Metrics --------------------------------------------------------------------------------------------------
 
 def mixed_traffic(mesh):
@@ -585,7 +1060,7 @@ def strict_otlp_parse(testcase, payload):
 
     OTLP's JSON differs from proto3 JSON in one documented way: trace and span ids are hex, not base64.
     """
-    require_tool(testcase, "opentelemetry.proto")
+    require_module(testcase, "opentelemetry.proto")
     from google.protobuf import json_format
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     payload = json.loads(json.dumps(payload))
@@ -812,6 +1287,256 @@ class TestNativeSpans(unittest.TestCase):
 
 # --- The node over HTTP ---------------------------------------------------------------------------------------
 
+class NodeOverHttpTest(unittest.TestCase):
+    def test_chain_nests_answers_and_shares_one_trace(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            status, headers, answer = mesh.request("a", "/b/c")
+        self.assertEqual(status, 200)
+        self.assertEqual(hosts(answer), ["a", [["b", [["c", []]]]]])
+        for key in ("host", "status", "elapsed_time", "start_time", "trace_id", "span_id", "next_node"):
+            self.assertIn(key, answer)
+        self.assertEqual(list(answer)[:4], ["host", "status", "elapsed_time", "start_time"])
+        trace_ids = {answer["trace_id"], answer["next_node"][0]["trace_id"],
+                     answer["next_node"][0]["next_node"][0]["trace_id"]}
+        self.assertEqual(len(trace_ids), 1)
+        self.assertRegex(answer["trace_id"], "^[0-9a-f]{32}$")
+        self.assertEqual(headers["x-trace-id"], answer["trace_id"])
+
+    def test_incoming_traceparent_is_kept(self):
+        traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            _status, _headers, answer = mesh.request("a", "/b", headers={"traceparent": traceparent})
+        self.assertEqual(answer["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736")
+        self.assertEqual(answer["next_node"][0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736")
+
+    def test_fan_out_groups_and_shared_tails(self):
+        with Mesh({n: {} for n in "abcdef"}) as mesh:
+            _s, _h, fan = mesh.request("a", "/b~c/d")
+            _s, _h, groups = mesh.request("a", "/(b/d)~(c/e)/f")
+        self.assertEqual(hosts(fan), ["a", [["b", [["d", []]]], ["c", [["d", []]]]]])
+        self.assertEqual(hosts(groups), ["a", [["b", [["d", [["f", []]]]]], ["c", [["e", [["f", []]]]]]]])
+
+    def test_parallel_fan_out_runs_concurrently(self):
+        with Mesh({"a": {}, "b": {"delay": "0.4"}, "c": {"delay": "0.4"}, "d": {"delay": "0.4"}}) as mesh:
+            started = time.perf_counter()
+            status, _h, answer = mesh.request("a", "/b~c~d?parallel")
+            parallel = time.perf_counter() - started
+            started = time.perf_counter()
+            mesh.request("a", "/b~c~d")
+            sequential = time.perf_counter() - started
+        self.assertEqual(status, 200)
+        self.assertEqual([child["host"] for child in answer["next_node"]], ["b", "c", "d"])  # route order kept
+        self.assertLess(parallel, 0.8)
+        self.assertGreater(sequential, 1.2)
+
+    def test_directives_apply_to_their_hop_only(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            started = time.perf_counter()
+            _s, _h, answer = mesh.request("a", "/b;delay=300ms/c")
+            elapsed = time.perf_counter() - started
+        b, c = answer["next_node"][0], answer["next_node"][0]["next_node"][0]
+        self.assertEqual(b["delay"], 0.3)
+        self.assertNotIn("delay", c)
+        self.assertNotIn("delay", answer)
+        self.assertGreaterEqual(elapsed, 0.3)
+        self.assertGreaterEqual(answer["elapsed_time"], b["elapsed_time"])
+        self.assertGreaterEqual(b["elapsed_time"], 0.3)
+
+    def test_query_string_directives_are_the_entry_nodes(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b?status=503")
+            self.assertEqual((status, answer["status"]), (503, 503))
+            self.assertEqual(answer["next_node"], [])  # a failing node calls no one
+            self.assertIn("503", answer["error"])
+            status, _h, answer = mesh.request("a", "/?size=20k")
+            self.assertEqual(status, 200)
+            self.assertLess(abs(len(json.dumps(answer)) - 20480), 200)
+
+    def test_environment_defaults_and_request_override(self):
+        with Mesh({"a": {"delay": "0.2", "status": "418"}, "b": {}}) as mesh:
+            _s, _h, answer = mesh.request("a", "/")
+            self.assertEqual((answer["delay"], answer["status"]), (0.2, 200))  # ERROR_STATUS alone fails nothing
+            _s, _h, answer = mesh.request("a", "/?delay=0&error=1")
+            self.assertNotIn("delay", answer)
+            self.assertEqual(answer["status"], 418)
+
+    def test_failures_propagate_to_the_root(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b/c;error=1")
+        self.assertEqual(status, 502)
+        b = answer["next_node"][0]
+        self.assertEqual((b["status"], b["next_node"][0]["status"]), (502, 500))
+        self.assertEqual(b["next_node"][0]["error"], "injected failure 500")
+
+    def test_dead_peer_and_unknown_name_stay_in_the_tree(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            mesh.peers["dead"] = [("127.0.0.1", free_port())]
+            status, _h, answer = mesh.request("a", "/dead~b~nosuchname.invalid")
+        self.assertEqual(status, 502)
+        dead, b, unknown = answer["next_node"]
+        self.assertEqual((dead["host"], dead["status"]), ("dead", 502))
+        self.assertIn("connection refused", dead["error"])
+        self.assertTrue(dead["url"].startswith("http://dead/"))
+        self.assertEqual(b["status"], 200)
+        self.assertEqual((unknown["host"], unknown["status"]), ("nosuchname.invalid", 502))
+        self.assertIn("cannot resolve", unknown["error"])
+
+    def test_timeout_is_504(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            started = time.perf_counter()
+            status, _h, answer = mesh.request("a", "/b;delay=2s?timeout=300ms")
+            elapsed = time.perf_counter() - started
+        self.assertEqual((status, answer["next_node"][0]["status"]), (504, 504))
+        self.assertIn("timeout", answer["next_node"][0]["error"])
+        self.assertLess(elapsed, 1.5)
+
+    def test_reset_closes_without_an_answer(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b;reset=1")
+            self.assertEqual(status, 502)
+            self.assertIn("reset", answer["next_node"][0]["error"])
+            with self.assertRaises((http.client.RemoteDisconnected, ConnectionResetError)):
+                mesh.request("b", "/?reset=1")
+
+    def test_non_simplemesh_answer_is_recorded_by_the_caller(self):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        class Envoyish(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"no healthy upstream"
+                self.send_response(503)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        other = HTTPServer(("127.0.0.1", 0), Envoyish)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            with Mesh({"a": {}}) as mesh:
+                mesh.peers["envoy"] = [("127.0.0.1", other.server_address[1])]
+                status, _h, answer = mesh.request("a", "/envoy")
+        finally:
+            other.shutdown()
+            other.server_close()
+        self.assertEqual(status, 502)
+        child = answer["next_node"][0]
+        self.assertEqual((child["host"], child["status"]), ("envoy", 503))
+        self.assertIn("no healthy upstream", child["error"])
+
+    def test_method_and_body_are_forwarded(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b?headers", method="POST", body=b'{"x": 1}',
+                                              headers={"Content-Type": "application/json"})
+            self.assertEqual(status, 200)
+            status, _h, _text = mesh.request("a", "/b", method="HEAD")
+            self.assertEqual(status, 200)
+            status, _h, answer = mesh.request("a", "/b;headers", method="DELETE")
+        self.assertEqual(answer["next_node"][0]["headers"].get("content-type"), None)
+        self.assertEqual(status, 200)
+
+    def test_large_body_with_expect_continue(self):
+        body = b"x" * 5000
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                sock.sendall(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+                self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(body)
+                self.assertIn(b"200 OK", sock.recv(100))
+
+    def test_post_body_reaches_the_last_hop(self):
+        seen = []
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            node_b = mesh.node("b")
+            original = node_b.serve
+
+            def spy(request):
+                seen.append((request.method, request.body))
+                return original(request)
+
+            node_b.serve = spy
+            mesh.request("a", "/b", method="PUT", body=b"payload")
+        self.assertEqual(seen, [("PUT", b"payload")])
+
+    def test_outbound_connections_are_reused(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            accepted = []
+            server_b = mesh.servers["b"]
+            original = server_b.process_request
+            server_b.process_request = lambda request, address: (accepted.append(address), original(request, address))
+            for _ in range(20):
+                self.assertEqual(mesh.request("a", "/b")[0], 200)
+        self.assertEqual(len(accepted), 1)
+
+    def test_limits_refuse_before_any_call(self):
+        with Mesh({"a": {}, "b": {}}, max_calls=5, max_depth=3) as mesh:
+            status, _h, answer = mesh.request("a", "/b~b~b/b~b")
+            self.assertEqual(status, 400)
+            self.assertIn("MAX_CALLS=5", answer["error"])
+            status, _h, answer = mesh.request("a", "/b/b/b/b")
+            self.assertEqual(status, 400)
+            self.assertIn("MAX_DEPTH=3", answer["error"])
+            self.assertEqual(mesh.node("b").metrics.requests, {})  # nobody was called
+
+    def test_bad_route_is_a_400_with_position(self):
+        with Mesh({"a": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b/%28c")
+            self.assertEqual(status, 400)
+            self.assertEqual(answer["position"], 3)
+            self.assertIn("not closed", answer["error"])
+            status, _h, answer = mesh.request("a", "/b?dealy=1s")
+            self.assertEqual(status, 400)
+            self.assertIn("dealy", answer["error"])
+
+    def test_refused_targets_are_403(self):
+        with Mesh({"a": {}, "b": {}}, allowed_hosts=("b", "*.svc")) as mesh:
+            status, _h, answer = mesh.request("a", "/127.0.0.1")
+            self.assertEqual(status, 403)
+            self.assertIn("ALLOW_IP_TARGETS", answer["error"])
+            status, _h, answer = mesh.request("a", "/c")
+            self.assertEqual((status, answer["rule"]), (403, "ALLOWED_HOSTS"))
+            self.assertEqual(mesh.request("a", "/b")[0], 200)
+
+    def test_health_ready_and_reserved_names(self):
+        with Mesh({"a": {}}) as mesh:
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            self.assertEqual(mesh.request("a", "/readyz")[0], 200)
+            mesh.request("a", "/-/ready?ready=false", method="POST")
+            self.assertEqual(mesh.request("a", "/readyz")[0], 503)
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            status, _h, answer = mesh.request("a", "/metrics/b")
+            self.assertEqual(status, 404)
+            self.assertIn("reserved", answer["error"])
+            self.assertEqual(mesh.request("a", "/-/nothing")[0], 404)
+
+    def test_runtime_defaults_make_a_sick_replica(self):
+        with Mesh({"a": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/-/defaults?error=1&status=503", method="POST")
+            self.assertEqual((status, answer["defaults"]), (200, {"error": "1", "status": "503"}))
+            self.assertEqual(mesh.request("a", "/")[0], 503)
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            self.assertEqual(mesh.request("a", "/-/defaults?error=5", method="POST")[0], 400)
+            mesh.request("a", "/-/defaults", method="DELETE")
+            self.assertEqual(mesh.request("a", "/")[0], 200)
+
+    def test_identity_and_version_fields(self):
+        with Mesh({"a": {}}, version="v2", identity={"pod": "a-7f", "namespace": "demo"}) as mesh:
+            _s, _h, answer = mesh.request("a", "/")
+        self.assertEqual((answer["version"], answer["pod"], answer["namespace"]), ("v2", "a-7f", "demo"))
+
+    def test_cpu_burn(self):
+        with Mesh({"a": {}}) as mesh:
+            before = time.process_time()
+            _s, _h, answer = mesh.request("a", "/?cpu=200ms")
+            burnt = time.process_time() - before
+        self.assertEqual(answer["cpu"], 0.2)
+        self.assertGreater(burnt, 0.19)
+
+
 class TestJsonLogsCarryTraceIds(unittest.TestCase):
     def test_access_log_has_trace_and_span_ids(self):
         port = free_port()
@@ -838,7 +1563,583 @@ class TestJsonLogsCarryTraceIds(unittest.TestCase):
 
 # --- Command line ---------------------------------------------------------------------------------------------
 
+class CommandLineTest(unittest.TestCase):
+    def test_help_runs_on_a_bare_interpreter(self):
+        for args in [("--help",), ("serve", "--help"), ("mesh", "--help")]:
+            result = run_cli(*args)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("usage", result.stdout)
+
+    def test_bad_configuration_exits_2_with_a_message(self):
+        result = run_cli("serve", env={"PORT": "nope"})
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("PORT", result.stderr)
+        result = run_cli("mesh", "b;dealy=1")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("dealy", result.stderr)
+
+    def test_mesh_reproduces_the_original_demo(self):
+        port = free_port(4)
+        process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "mesh",
+                                    "--port", str(port), "a;delay=0.1", "b;delay=0.2", "c;delay=0.3"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_port(port + 3)
+            status, _h, answer = http_request(("127.0.0.1", port), "/a/b/c")
+            self.assertEqual(status, 200)
+            self.assertEqual(hosts(answer), ["gateway", [["a", [["b", [["c", []]]]]]]])
+            a = answer["next_node"][0]
+            self.assertGreaterEqual(a["elapsed_time"], 0.6)
+            self.assertLess(a["elapsed_time"], 0.9)
+        finally:
+            process.send_signal(__import__("signal").SIGINT)
+            out, err = process.communicate(timeout=15)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn(f"curl http://localhost:{port}/a/b/c", out)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("path=/a/b/c status=200", out)  # the access log
+
+    def test_mesh_with_two_versions_behind_one_name(self):
+        port = free_port(3)
+        process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "mesh",
+                                    "--port", str(port), "b;version=v1", "b;version=v2"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_port(port + 2)
+            versions = {http_request(("127.0.0.1", port), "/b")[2]["next_node"][0]["version"] for _ in range(4)}
+        finally:
+            process.terminate()
+            process.communicate(timeout=15)
+        self.assertEqual(versions, {"v1", "v2"})
+        self.assertEqual(process.returncode, 0)
+
+    def test_serve_is_the_default_command_and_logs_json(self):
+        port = free_port()
+        env = {"HOST": "solo", "PORT": str(port), "ADDRESS": "127.0.0.1", "LOG_FORMAT": "json"}
+        process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py")], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_port(port)
+            status, _h, answer = http_request(("127.0.0.1", port), "/")
+            self.assertEqual((status, answer["host"]), (200, "solo"))
+        finally:
+            process.terminate()
+            out, err = process.communicate(timeout=15)
+        self.assertEqual(process.returncode, 0, err)
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(lines[0]["event"], "start")
+        access = [line for line in lines if line.get("path") == "/"]
+        self.assertEqual(access[0]["trace_id"], answer["trace_id"])
+        self.assertEqual(access[0]["status"], 200)
+
+
+class TestCallCommand(unittest.TestCase):
+    def test_call_prints_the_tree_and_exits_by_the_root_status(self):
+        with Mesh({"a": {}, "b": {"delay": "10ms"}, "c": {"error": "1", "status": "503"}}) as mesh:
+            url = f"127.0.0.1:{mesh.port('a')}"
+            result = run_cli("call", f"{url}/b")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertRegex(result.stdout, r"^trace [0-9a-f]{32}\na +200 .*\n"
+                                            r"└─ b +200 +\d+\.\d ms  delay 10\.0 ms\nok: 2 hops in ")
+            self.assertNotIn("\033", result.stdout)  # not a terminal: no colour
+            result = run_cli("call", f"http://{url}/b/c")
+            self.assertEqual(result.returncode, 1)
+            self.assertIn("✗ injected failure 503", result.stdout)
+            self.assertTrue(result.stdout.endswith("1 failed hop: c\n"))
+            result = run_cli("call", "--json", f"{url}/b;delay=1ms")
+            self.assertEqual(result.returncode, 0)
+            self.assertEqual(hosts(json.loads(result.stdout)), ["a", [["b", []]]])
+            result = run_cli("call", "--json", f"{url}/b//c")
+            self.assertEqual((result.returncode, json.loads(result.stdout)["status"]), (1, 400))
+
+    def test_call_without_an_answer_exits_2(self):
+        result = run_cli("call", f"http://127.0.0.1:{free_port()}/a")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no answer from 127.0.0.1", result.stderr)
+        result = run_cli("call", "ftp://x/a")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("bad URL", result.stderr)
+
+    def test_call_in_a_terminal_is_coloured(self):
+        import pty
+        with Mesh({"a": {}}) as mesh:
+            leader, follower = pty.openpty()
+            process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "call",
+                                        f"127.0.0.1:{mesh.port('a')}/"], stdout=follower, stderr=follower,
+                                       env={"TERM": "xterm"})
+            os.close(follower)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            os.close(leader)
+            self.assertEqual(process.wait(timeout=10), 0)
+        self.assertIn(b"\033[32m200\033[0m", output)
+
+
+class TestLatencyHistogram(unittest.TestCase):
+    def test_percentiles_within_one_percent(self):
+        histogram = sm.LatencyHistogram()
+        for value in range(1, 1001):
+            histogram.add(value / 1000)
+        for fraction, expected in ((0.5, 0.5), (0.9, 0.9), (0.99, 0.99)):
+            self.assertAlmostEqual(histogram.percentile(fraction), expected, delta=expected * 0.011)
+        self.assertEqual((histogram.count, histogram.max, histogram.percentile(1.0)), (1000, 1.0, 1.0))
+        self.assertEqual(sm.LatencyHistogram().percentile(0.5), 0.0)
+        self.assertLess(len(histogram.counts), 700)  # bounded: buckets, not samples
+
+
+class TestLoadSummary(unittest.TestCase):
+    def test_summary_is_honest_about_a_rate_not_kept(self):
+        stats = sm.LoadStats(rate=100, concurrency=2, sent=50, missed_busy=40, missed_late=10, elapsed=1.0,
+                             codes={200: 49, "refused": 1})
+        summary = stats.summary()
+        self.assertEqual((summary["achieved_rate"], summary["rate_kept"], summary["errors"]), (50.0, False, 1))
+        text = sm.render_load_summary(summary, "http://a/")
+        self.assertIn("50 requests in 1.00 s = 50.0/s (target 100/s)", text)
+        self.assertIn("status: 200=49 refused=1", text)
+        self.assertIn("TARGET RATE NOT KEPT: 50 sends missed: 40 found all workers waiting", text)
+        self.assertIn("10 could not be scheduled on time", text)
+        self.assertIn("MISSED 50", sm.render_progress(stats))
+        kept = sm.LoadStats(rate=10, concurrency=2, sent=10, elapsed=1.0, codes={200: 10})
+        self.assertNotIn("NOT KEPT", sm.render_load_summary(kept.summary(), "http://a/"))
+
+
+class TestLoadCommand(unittest.TestCase):
+    def load(self, mesh, *args, path="/b"):
+        result = run_cli("load", f"127.0.0.1:{mesh.port('a')}{path}", "--json", *args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout)
+
+    def test_count_matches_rate_times_duration(self):
+        with Mesh({"a": {}, "b": {"delay": "5ms"}}) as mesh:
+            summary = self.load(mesh, "--rate", "100", "--duration", "2s")
+            self.assertEqual(summary["sent"] + summary["missed"], 200)
+            self.assertGreaterEqual(summary["sent"], 190, summary)  # a busy 2-core CI box may miss a few
+            self.assertEqual(summary["answered"], summary["sent"])
+            self.assertAlmostEqual(summary["achieved_rate"], summary["sent"] / 2, delta=1)
+            self.assertEqual(summary["codes"], {"200": summary["sent"]})
+            self.assertGreater(summary["latency"]["p50"], 0.005)
+            self.assertLessEqual(summary["latency"]["p50"], summary["latency"]["p99"])
+            self.assertEqual(mesh.node("b").metrics.requests, {("GET", "200"): summary["sent"]})
+
+    def test_a_slow_service_cannot_lower_the_rate_quietly(self):
+        with Mesh({"a": {}, "b": {"delay": "200ms"}}) as mesh:
+            summary = self.load(mesh, "--rate", "50", "--duration", "1s", "--concurrency", "2")
+            # 2 in flight for 200 ms each: about 10/s get out; the rest are reported missed, not dropped silently
+            self.assertFalse(summary["rate_kept"])
+            self.assertEqual(summary["sent"] + summary["missed"], 50)
+            self.assertLessEqual(summary["sent"], 12)
+            self.assertGreater(summary["missed_busy"], 35)
+            result = run_cli("load", f"127.0.0.1:{mesh.port('a')}/b", "--rate", "20", "--duration", "0.3s",
+                             "--concurrency", "1")
+            self.assertIn("TARGET RATE NOT KEPT", result.stdout)
+
+    def test_errors_are_counted_by_code_and_plain_lines_when_not_a_terminal(self):
+        with Mesh({"a": {}, "b": {"error": "1", "status": "503"}}) as mesh:
+            result = run_cli("load", f"127.0.0.1:{mesh.port('a')}/b", "--rate", "20", "--duration", "1.2s",
+                             "--interval", "0.5s")
+        lines = result.stdout.splitlines()
+        self.assertEqual(result.returncode, 0)
+        self.assertNotIn("\r", result.stdout)
+        self.assertEqual(len([line for line in lines if " sent " in line]), 2, result.stdout)
+        self.assertIn("status: 502=24", result.stdout)
+        self.assertRegex(result.stdout, r"latency: p50 [\d.]+ ms  p90 [\d.]+ ms  p99 [\d.]+ ms  max [\d.]+ ms")
+        result = run_cli("load", f"127.0.0.1:{free_port()}/", "--rate", "20", "--duration", "0.5s", "--json")
+        self.assertEqual(json.loads(result.stdout)["codes"], {"refused": 10})
+
+    def test_duration_0_runs_until_sigterm_and_prints_the_summary(self):
+        import signal
+        with Mesh({"a": {}}) as mesh:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "load",
+                                            f"127.0.0.1:{mesh.port('a')}/", "--rate", "50", "--duration", "0",
+                                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                before, deadline = sum(mesh.node("a").metrics.requests.values()), time.monotonic() + 10
+                while sum(mesh.node("a").metrics.requests.values()) == before and time.monotonic() < deadline:
+                    time.sleep(0.02)  # the load has started
+                time.sleep(0.6)
+                self.assertIsNone(process.poll())
+                process.send_signal(signum)
+                out, err = process.communicate(timeout=10)
+                self.assertEqual(process.returncode, 0, err)
+                summary = json.loads(out)
+                self.assertGreaterEqual(summary["sent"], 30)
+                self.assertAlmostEqual(summary["achieved_rate"], 50, delta=5)
+
+    def test_bad_arguments(self):
+        result = run_cli("load", "127.0.0.1:1/", "--rate", "0")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--rate", result.stderr)
+        result = run_cli("load", "127.0.0.1:1/", "--duration", "soon")
+        self.assertEqual(result.returncode, 2)
+
+
 # --- Packaging ------------------------------------------------------------------------------------------------
+
+# The demo mesh of manifests/base, as the generator's arguments (manifests/base/kustomization.yaml says the same).
+DEMO_NODES = ("a;delay=0.5", "b;delay=1", "b;delay=1;version=v2", "c;delay=1.5", "d")
+DEMO_OPTIONS = ("--load", "http://a/b/c/d", "--rate", "2", "--concurrency", "8")
+# kubernetes-validate ships the schemas; strict ones also refuse unknown fields (a typo is an error).
+K8S_SCHEMA_VERSION = "1.30.0"
+ISTIO_REQUIRED = {"Gateway": ("selector", "servers"), "VirtualService": ("hosts",),
+                  "DestinationRule": ("host",)}
+
+
+def generate(*args):
+    """The YAML text of ``simplemesh manifests ARGS``, run as the image runs it."""
+    result = run_cli("manifests", *args)
+    if result.returncode != 0:
+        raise AssertionError(f"manifests {args} failed: {result.stderr}")
+    return result.stdout
+
+
+def node_deployments(objects):
+    return [o for o in objects if o["kind"] == "Deployment"
+            and o["metadata"]["labels"].get("app.kubernetes.io/component") == "node"]
+
+
+def container_env(deployment, labels=None, pod="pod-0"):
+    """The environment the kubelet would give the container: literal values and the downward API resolved."""
+    template = deployment["spec"]["template"]
+    labels = labels or template["metadata"]["labels"]
+    fields = {"metadata.name": pod, "metadata.namespace": "default", "status.podIP": "10.0.0.7",
+              "spec.nodeName": "node-1"}
+    fields.update({f"metadata.labels['{k}']": v for k, v in labels.items()})
+    env = {}
+    for item in template["spec"]["containers"][0].get("env", []):
+        env[item["name"]] = item["value"] if "value" in item else fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def by_kind_and_name(objects):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+class TestManifestYaml(unittest.TestCase):
+    """The hand-written YAML emitter: strings that a YAML reader would retype are quoted."""
+
+    def test_scalars(self):
+        self.assertEqual(sm.yaml_scalar("simplemesh:0.1.0"), "simplemesh:0.1.0")
+        self.assertEqual(sm.yaml_scalar("/readyz"), "/readyz")
+        self.assertEqual(sm.yaml_scalar(True), "true")
+        self.assertEqual(sm.yaml_scalar(9090), "9090")
+        for text in ("true", "No", "on", "y", "null", "9090", "0.5", "1:30", "", " a", "a: b", "#x", "a:",
+                     "metadata.labels['app']", "*", "-", "@x", "é"):
+            with self.subTest(text=text):
+                self.assertTrue(sm.yaml_scalar(text).startswith('"'), sm.yaml_scalar(text))
+
+    def test_round_trip_through_a_yaml_parser(self):
+        yaml = require_module(self, "yaml")
+        tricky = {"strings": ["yes", "0.5", "1:30", "", "a: b", "#c", "line\nbreak", 'q"uote', "é", "~", "-1",
+                              "simplemesh:0.1.0", "$(POD_NAME),k=v"],
+                  "empty": {}, "none": [], "nested": [[1, 2], {"k": [{"a": {"b": False}}]}], "n": 3, "f": 0.25}
+        documents = [tricky] + sm.build_manifests([sm.parse_node_spec(s) for s in DEMO_NODES], istio=True,
+                                                  otlp="http://collector:4318", load="http://a/b")
+        self.assertEqual(list(yaml.safe_load_all(sm.to_yaml(documents))), documents)
+
+
+class TestManifestGenerator(unittest.TestCase):
+    """build_manifests() on its own: what every pod gets, and clear errors for bad input."""
+
+    def build(self, *specs, **options):
+        return sm.build_manifests([sm.parse_node_spec(s) for s in specs], **options)
+
+    def test_service_and_a_deployment_per_version(self):
+        objects = by_kind_and_name(self.build("a", "b;delay=1", "b;delay=1;version=v2"))
+        self.assertEqual(sorted(objects), [("Deployment", "a-v1"), ("Deployment", "b-v1"), ("Deployment", "b-v2"),
+                                           ("Service", "a"), ("Service", "b")])
+        service = objects["Service", "b"]
+        self.assertEqual(service["spec"]["ports"], [{"name": "http", "port": 80, "targetPort": "http",
+                                                     "appProtocol": "http"}])
+        for version in ("v1", "v2"):
+            deployment = objects["Deployment", f"b-{version}"]
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            self.assertEqual(labels["app"], "b")
+            self.assertEqual(labels["version"], version)
+            self.assertEqual(labels["app.kubernetes.io/name"], "b")
+            self.assertLessEqual(service["spec"]["selector"].items(), labels.items())
+            self.assertLessEqual(deployment["spec"]["selector"]["matchLabels"].items(), labels.items())
+            self.assertEqual(deployment["spec"]["template"]["spec"]["containers"][0]["ports"],
+                             [{"name": "http", "containerPort": 9090, "protocol": "TCP"}])
+
+    def test_pods_are_restricted_probed_limited_and_scraped(self):
+        for deployment in [o for o in self.build("a", "b;version=v2", load="http://a/b") if o["kind"] == "Deployment"]:
+            name = deployment["metadata"]["name"]
+            pod = deployment["spec"]["template"]["spec"]
+            container, = pod["containers"]
+            with self.subTest(deployment=name):
+                self.assertEqual(pod["securityContext"]["seccompProfile"], {"type": "RuntimeDefault"})
+                self.assertIs(pod["securityContext"]["runAsNonRoot"], True)
+                self.assertEqual(pod["securityContext"]["runAsUser"], 65532)
+                self.assertIs(pod["automountServiceAccountToken"], False)
+                security = container["securityContext"]
+                self.assertIs(security["allowPrivilegeEscalation"], False)
+                self.assertIs(security["readOnlyRootFilesystem"], True)
+                self.assertIs(security["runAsNonRoot"], True)
+                self.assertEqual(security["capabilities"], {"drop": ["ALL"]})
+                for kind in ("requests", "limits"):
+                    self.assertEqual(set(container["resources"][kind]), {"cpu", "memory"})
+                if name == "loadgen-v1":
+                    self.assertEqual(container["args"], ["load", "http://a/b", "--rate", "5", "--duration", "0"])
+                    continue
+                self.assertEqual(container["readinessProbe"]["httpGet"], {"path": "/readyz", "port": "http"})
+                self.assertEqual(container["livenessProbe"]["httpGet"], {"path": "/healthz", "port": "http"})
+                annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+                self.assertEqual(annotations["prometheus.io/scrape"], "true")
+                self.assertEqual(annotations["prometheus.io/port"], "9090")
+                self.assertEqual(annotations["prometheus.io/path"], "/metrics")
+
+    def test_termination_outlasts_the_servers_shutdown(self):
+        deployment, = [o for o in self.build("a") if o["kind"] == "Deployment"]
+        config = sm.Config.from_env(container_env(deployment))
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        self.assertGreater(config.shutdown_delay, 0)
+        self.assertGreater(grace, config.shutdown_delay + config.shutdown_grace)
+
+    def test_environment_configures_the_node(self):
+        objects = by_kind_and_name(self.build("c;delay=100ms..200ms;error=0.2;status=503;parallel;headers;"
+                                              "timeout=2s;size=1k;cpu=10ms;reset=0.01;version=v3",
+                                              otlp="http://collector:4318"))
+        deployment = objects["Deployment", "c-v3"]
+        raw = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        self.assertIn({"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}}, raw)
+        env = container_env(deployment)
+        self.assertEqual(env["DELAY"], "100ms..200ms")
+        self.assertEqual(env["FANOUT"], "parallel")
+        self.assertEqual(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://collector:4318")
+        names = [item["name"] for item in raw]  # $(VAR) only expands variables defined before it
+        self.assertGreater(names.index("OTEL_RESOURCE_ATTRIBUTES"), names.index("NODE_NAME"))
+        config = sm.Config.from_env(env)
+        self.assertEqual((config.host, config.version, config.port), ("c", "v3", 9090))
+        self.assertEqual(config.identity, {"pod": "pod-0", "namespace": "default", "ip": "10.0.0.7",
+                                           "node": "node-1"})
+        self.assertEqual(config.defaults, {"delay": "100ms..200ms", "error": "0.2", "status": "503",
+                                           "reset": "0.01", "size": "1k", "cpu": "10ms", "timeout": "2s",
+                                           "parallel": "true", "headers": "true"})
+
+    def test_istio_resources(self):
+        objects = by_kind_and_name(self.build("a", "b", "b;version=v2", "b;version=v3", istio=True))
+        namespace = objects["Namespace", "simplemesh"]
+        self.assertEqual(namespace["metadata"]["labels"]["istio-injection"], "enabled")
+        self.assertTrue(all(o["metadata"].get("namespace") == "simplemesh"
+                            for key, o in objects.items() if key[0] != "Namespace"))
+        ingress = objects["VirtualService", "simplemesh-ingress"]
+        self.assertEqual(ingress["spec"]["gateways"], ["simplemesh"])
+        self.assertEqual(ingress["spec"]["http"][0]["route"][0]["destination"]["host"], "a")
+        self.assertEqual([s["name"] for s in objects["DestinationRule", "b"]["spec"]["subsets"]], ["v1", "v2", "v3"])
+        route = objects["VirtualService", "b"]["spec"]["http"][0]["route"]
+        self.assertEqual(sum(r["weight"] for r in route), 100)
+        self.assertNotIn(("VirtualService", "a"), objects)  # one version: nothing to split
+
+    def test_bad_input_is_refused(self):
+        cases = {("1a",): "DNS label", ("a.b",): "DNS label", ("a", "a"): "twice", ("a;delay=10m",): "MAX_DELAY",
+                 ("a;bogus=1",): "unknown directive", ("a;version=V_2",): "bad version", (): "at least one"}
+        for specs, message in cases.items():
+            with self.subTest(specs=specs), self.assertRaisesRegex(ValueError, message):
+                self.build(*specs)
+        for options, message in (({"namespace": "Bad_NS"}, "namespace"), ({"otlp": "collector:4318"}, "OTLP"),
+                                 ({"load": "a/b"}, "load URL"), ({"load": "http://a", "rate": "0"}, "rate"),
+                                 ({"image": "a b"}, "image")):
+            with self.subTest(options=options), self.assertRaisesRegex(ValueError, message):
+                self.build("a", **options)
+        with self.assertRaisesRegex(ValueError, "load generator"):
+            self.build("loadgen", load="http://a/")
+
+    def test_command_line_errors_are_one_clear_line(self):
+        result = run_cli("manifests", "a;delay=forever")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("bad duration", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(run_cli("manifests").returncode, 2)  # argparse: at least one NODE
+        self.assertIn("--istio", run_cli("manifests", "--help").stdout)
+
+
+class TestManifestsRunLocally(unittest.TestCase):
+    """The generated environment, given to real nodes on loopback, makes the mesh the specs describe."""
+
+    def test_generated_pods_answer_as_specified(self):
+        objects = sm.build_manifests([sm.parse_node_spec(s) for s in ("a", "b;delay=50ms;version=v2")])
+        servers, peers = [], {}
+        try:
+            for deployment in node_deployments(objects):
+                env = container_env(deployment, pod=deployment["metadata"]["name"] + "-xyz")
+                env.update(PORT="0", ADDRESS="127.0.0.1", LOG_LEVEL="warning")
+                config = replace(sm.Config.from_env(env), peers=peers)
+                server = sm.start_node(config)
+                servers.append(server)
+                peers[config.host] = [("127.0.0.1", server.server_address[1])]
+            status, _headers, answer = http_request(peers["a"][0], "/b")
+        finally:
+            for server in servers:
+                server.shutdown()
+                server.server_close()
+                server.node.pool.close()
+        self.assertEqual(status, 200)
+        self.assertEqual((answer["host"], answer["version"], answer["pod"]), ("a", "v1", "a-v1-xyz"))
+        child, = answer["next_node"]
+        self.assertEqual((child["host"], child["version"], child["pod"]), ("b", "v2", "b-v2-xyz"))
+        self.assertGreaterEqual(child["elapsed_time"], 0.05)
+
+
+class TestManifestsValidate(unittest.TestCase):
+    """Generated and static manifests against the Kubernetes schemas, and through kubectl kustomize."""
+
+    def setUp(self):
+        self.yaml = require_module(self, "yaml")
+        self.validator = require_module(self, "kubernetes_validate")
+
+    def check_objects(self, objects, source):
+        """Kubernetes kinds against the strict schemas; Istio CRDs (not in those schemas) by their structure."""
+        self.assertTrue(objects, f"{source}: no objects")
+        for obj in objects:
+            kind, name = obj.get("kind"), obj.get("metadata", {}).get("name")
+            with self.subTest(source=source, kind=kind, name=name):
+                if obj["apiVersion"].startswith("networking.istio.io/"):
+                    self.assertEqual(obj["apiVersion"], "networking.istio.io/v1")
+                    self.assertRegex(name, r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+                    for required in ISTIO_REQUIRED[kind]:
+                        self.assertIn(required, obj["spec"])
+                    for route in obj["spec"].get("http", []):
+                        weights = [d.get("weight") for d in route["route"] if "weight" in d]
+                        self.assertIn(sum(weights), (0, 100))
+                    continue
+                try:
+                    self.validator.validate(obj, K8S_SCHEMA_VERSION, strict=True)
+                except self.validator.ValidationError as error:
+                    self.fail(f"{source}: {kind}/{name}: {error.message} at {list(error.path)}")
+
+    def kustomize(self, directory):
+        kubectl = require_tool(self, "kubectl")
+        result = subprocess.run([kubectl, "kustomize", os.path.join(HERE, "manifests", directory)],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return list(self.yaml.safe_load_all(result.stdout))
+
+    def test_generated_manifests_validate(self):
+        for args in ((*DEMO_NODES, *DEMO_OPTIONS), ("a", "b;version=v2", "--istio", "--otlp", "http://c:4318"),
+                     ("x;parallel;headers", "--namespace", "lab", "--image", "registry.example/simplemesh:1")):
+            self.check_objects(list(self.yaml.safe_load_all(generate(*args))), " ".join(args))
+
+    def test_static_manifests_validate(self):
+        paths = []
+        for root, _dirs, files in os.walk(os.path.join(HERE, "manifests")):
+            paths += [os.path.join(root, f) for f in files if f.endswith(".yaml") and f != "kustomization.yaml"]
+        self.assertGreaterEqual(len(paths), 7)
+        for path in paths:
+            with open(path, encoding="utf-8") as file:
+                self.check_objects([o for o in self.yaml.safe_load_all(file) if o], os.path.relpath(path, HERE))
+
+    def test_kustomize_base_is_the_generators_output(self):
+        with open(os.path.join(HERE, "manifests", "base", "mesh.yaml"), encoding="utf-8") as file:
+            self.assertEqual(file.read(), generate(*DEMO_NODES, *DEMO_OPTIONS),
+                             "manifests/base/mesh.yaml is stale: regenerate it with the command in "
+                             "manifests/base/kustomization.yaml")
+        built = self.kustomize("base")
+        self.check_objects(built, "kustomize base")
+        self.assertEqual(by_kind_and_name(built), by_kind_and_name(self.yaml.safe_load_all(
+            generate(*DEMO_NODES, *DEMO_OPTIONS))))
+
+    def test_istio_overlay_is_the_generators_istio_output(self):
+        built = self.kustomize("istio")
+        self.check_objects(built, "kustomize istio")
+        expected = self.yaml.safe_load_all(generate(*DEMO_NODES, *DEMO_OPTIONS, "--istio", "--namespace",
+                                                    "simplemesh"))
+        self.assertEqual(by_kind_and_name(built), by_kind_and_name(expected))
+
+    def test_otel_overlay_is_the_generators_otlp_output(self):
+        built = self.kustomize("otel")
+        self.check_objects(built, "kustomize otel")
+        expected = by_kind_and_name(self.yaml.safe_load_all(
+            generate(*DEMO_NODES, *DEMO_OPTIONS, "--otlp", "http://otel-collector:4318")))
+        built = by_kind_and_name(built)
+        for key in ("Deployment", "otel-collector"), ("Service", "otel-collector"), ("ConfigMap", "otel-collector"):
+            self.assertIn(key, built)
+        self.assertEqual({key: built[key] for key in expected}, expected)
+
+
+class TestDockerfile(unittest.TestCase):
+    """No container engine runs here, so the Dockerfile is checked by reading it (and the image is not built)."""
+
+    def instructions(self):
+        with open(os.path.join(HERE, "Dockerfile"), encoding="utf-8") as file:
+            lines = [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
+        return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+    def test_distroless_nonroot_one_file(self):
+        instructions = self.instructions()
+        keywords = [keyword for keyword, _ in instructions]
+        self.assertEqual(dict(instructions)["FROM"].split(":")[0], "gcr.io/distroless/python3-debian12")
+        self.assertEqual(keywords.count("FROM"), 1)
+        self.assertNotIn("RUN", keywords)  # no package install: distroless has no shell anyway
+        self.assertEqual(dict(instructions)["USER"].split(":")[0], "65532")
+        self.assertEqual([arg for keyword, arg in instructions if keyword in ("COPY", "ADD")],
+                         ["simplemesh.py /app/simplemesh.py"])
+        self.assertEqual(dict(instructions)["EXPOSE"], "9090")
+        entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
+        self.assertEqual(entrypoint[0], "/usr/bin/python3")
+        self.assertEqual(entrypoint[-1], "/app/simplemesh.py")
+        self.assertEqual(json.loads(dict(instructions)["CMD"]), ["serve"])
+        self.assertIn("PYTHONDONTWRITEBYTECODE=1", dict(instructions)["ENV"])  # read-only root filesystem
+        # The generated Deployments run this image as it is: same user, and the load generator's args fit CMD.
+        deployment = next(o for o in sm.build_manifests([("a", "", {})]) if o["kind"] == "Deployment")
+        self.assertEqual(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 65532)
+
+    def test_entrypoint_runs_the_module_as_the_image_would(self):
+        result = run_cli("serve", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_build_context_is_only_the_module(self):
+        with open(os.path.join(HERE, ".dockerignore"), encoding="utf-8") as file:
+            patterns = [line.strip() for line in file if line.strip() and not line.startswith("#")]
+        self.assertEqual(patterns, ["*", "!simplemesh.py"])
+
+
+class TestWheel(unittest.TestCase):
+    """``pip install .`` into a fresh venv gives a working ``simplemesh`` command (setuptools comes from PyPI)."""
+
+    def test_pip_install_gives_a_working_command(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "src")
+            os.mkdir(source)
+            for name in ("pyproject.toml", "simplemesh.py", "README.md"):  # not the worktree: pip writes build/
+                if os.path.exists(os.path.join(HERE, name)):
+                    shutil.copy(os.path.join(HERE, name), source)
+            venv = os.path.join(tmp, "venv")
+            # A venv without its own pip, filled by this interpreter's pip: the same install, seconds faster.
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=60)
+            python = os.path.join(venv, "bin", "python")
+            install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
+                                      "--disable-pip-version-check", source],
+                                     capture_output=True, text=True, timeout=300)
+            self.assertEqual(install.returncode, 0, install.stderr)
+            metadata = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.requires('simplemesh'))"],
+                                      capture_output=True, text=True, timeout=30)
+            self.assertEqual(metadata.stdout.strip(), "None")  # no dependencies
+            command = os.path.join(venv, "bin", "simplemesh")
+            helped = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=30)
+            self.assertEqual(helped.returncode, 0, helped.stderr)
+            self.assertIn("manifests", helped.stdout)
+            port = free_port()
+            env = {"PATH": os.environ.get("PATH", ""), "HOST": "wheel", "PORT": str(port), "ADDRESS": "127.0.0.1",
+                   "SHUTDOWN_GRACE": "1"}
+            server = subprocess.Popen([command, "serve"], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, cwd=tmp)
+            try:
+                wait_for_port(port)
+                status, _headers, answer = http_request(("127.0.0.1", port), "/")
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=15)
+                server.stderr.close()
+            self.assertEqual((status, answer["host"]), (200, "wheel"))
+            self.assertEqual(server.returncode, 0)
 
 
 if __name__ == "__main__":

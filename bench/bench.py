@@ -238,11 +238,13 @@ class Deployment:
         master = int((self.nginx_prefix / "nginx.pid").read_text())
         self.nodes.append(Node("nginx", [master] + children_of(master), err_path))
 
-    def check_alive(self):
+    def dead_node(self):
+        """Why a node is no longer running, or None."""
         for node in self.nodes:
             status = node.exit_status()
             if status is not None:
-                raise RuntimeError(f"node {node.name} exited ({status}) during the run:\n{tail(node.err_path)}")
+                return f"node {node.name} exited ({status}) during the run:\n{tail(node.err_path)}"
+        return None
 
     def rss_mb(self):
         """Mean resident memory per node, in MB."""
@@ -372,12 +374,15 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
             run = {"implementation": impl, "scenario": scenario, "concurrency": c, "round": rnd,
                    "rps": r["requests"] / r["seconds"] if r["seconds"] else 0.0,
                    "errors": r["non2xx"] + r["socket_errors"], "time_wait": tw_after,
-                   "time_wait_new": max(0, tw_after - tw_before), "ports": len(dep.ports), **r}
+                   "time_wait_new": max(0, tw_after - tw_before), "ports": len(dep.ports),
+                   # a node that died mid-run would otherwise look like a slow one
+                   "node_died": dep.dead_node(), **r}
             runs.append(run)
             print(f"  round {rnd} {impl:16} {scenario:8} c={c:<3} {run['rps']:9.0f} req/s  "
                   f"p50 {run['p50_ms']:7.2f} ms  p99 {run['p99_ms']:7.2f} ms  errors {run['errors']}  "
                   f"TIME_WAIT +{run['time_wait_new']}", flush=True)
-            dep.check_alive()  # a node that died mid-run would otherwise look like a slow one
+            if run["node_died"]:
+                raise RuntimeError(run["node_died"])
         record["rss_after_mb"] = dep.rss_mb()
         if impl == "simplemesh-otlp":
             record["otlp_posts"] = ctx.sink_posts() - posts_before
@@ -399,13 +404,13 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
 
 def summarize(runs, deployments):
     rows, groups = [], {}
-    for run in runs:
+    for run in (r for r in runs if not r["node_died"]):  # a dead node's figures are not the implementation's
         groups.setdefault((run["implementation"], run["scenario"], run["concurrency"]), []).append(run)
     for (impl, scenario, c), rs in groups.items():
         rps = [r["rps"] for r in rs]
-        rows.append({"implementation": impl, "scenario": scenario, "concurrency": c,
-                     "rps": statistics.median(rps),
-                     "spread_pct": 100 * (max(rps) - min(rps)) / statistics.median(rps) if max(rps) else 0.0,
+        median = statistics.median(rps)
+        rows.append({"implementation": impl, "scenario": scenario, "concurrency": c, "rps": median,
+                     "spread_pct": 100 * (max(rps) - min(rps)) / median if median else 0.0,
                      "p50_ms": statistics.median(r["p50_ms"] for r in rs),
                      "p99_ms": statistics.median(r["p99_ms"] for r in rs),
                      "errors": sum(r["errors"] for r in rs),
@@ -446,7 +451,7 @@ def targets(rows, dep_rows, runs):
                 "verdict": "SKIP" if value is None else
                 "PASS" if (value >= limit if op == ">=" else value <= limit) else "FAIL"}
                for name, op, limit, value in checks]
-    mine = [r for r in runs if r["implementation"].startswith("simplemesh")]
+    mine = [r for r in runs if r["implementation"].startswith("simplemesh") and not r["node_died"]]
     errors = sum(r["errors"] for r in mine)
     # Allowance: the load driver's own connections closing at the end of a run, plus 1% of requests.
     piled = [r for r in mine if r["time_wait_new"] > r["concurrency"] * r["ports"] + r["requests"] / 100]
@@ -560,10 +565,8 @@ def main():
         for rnd in range(1, args.rounds + 1):
             for scenario, (_, _, impls) in SCENARIOS.items():
                 for impl in impls:
-                    # an implementation that failed (start-up or crash) is not retried in later rounds
-                    if impl in chosen and (impl, scenario) not in failed:
-                        if not measure(ctx, impl, scenario, rnd, runs, deployments):
-                            failed.append((impl, scenario))
+                    if impl in chosen and not measure(ctx, impl, scenario, rnd, runs, deployments):
+                        failed.append((impl, scenario, rnd))
     finally:
         cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -571,7 +574,7 @@ def main():
     checks = targets(rows, dep_rows, runs)
     print_report(rows, dep_rows, checks)
     if failed:
-        print("FAILED to run:", ", ".join(f"{impl} ({scenario})" for impl, scenario in failed))
+        print("FAILED:", ", ".join(f"{impl} {scenario} round {rnd}" for impl, scenario, rnd in failed))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "config": vars(args), "implementations": chosen, "machine": machine(),
