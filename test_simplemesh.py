@@ -574,6 +574,34 @@ class TestPropagationThroughANode(unittest.TestCase):
         self.assertEqual(len(got["b3"].split("-")), 4)
 
 
+class TestTraceHeadersNeverBreakANode(unittest.TestCase):
+    """Any header text (hypothesis): no exception, and whatever traceparent goes onward is valid or what arrived."""
+
+    def test_arbitrary_trace_headers(self):
+        hypothesis = require_module(self, "hypothesis")
+        strategies = hypothesis.strategies
+        pieces = strategies.sampled_from(["00", "ff", "cc", "-", "4bf92f3577b34da6a3ce929d0e0e4736", "0" * 16,
+                                          "00f067aa0ba902b7", "01", "x", ",", "=", "@", " ", "k=v", "\u00e9"])
+        header = strategies.one_of(strategies.text(max_size=80), strategies.lists(pieces, max_size=12).map("".join))
+        names = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "baggage")
+        tracing = sm.TracingConfig(endpoint="http://x/v1/traces", propagators=("tracecontext", "b3", "b3multi"))
+
+        @hypothesis.settings(max_examples=150, deadline=None)
+        @hypothesis.given(strategies.dictionaries(strategies.sampled_from(names), header))
+        def check(headers):
+            for mode in (None, tracing):
+                trace = sm.TraceContext.from_headers(headers, (), mode)
+                outbound = trace.headers_for(sm.new_span_id() if mode else "")
+                self.assertEqual(len(trace.trace_id), 32)
+                sent = outbound.get("traceparent")
+                if sent is not None and sent != headers.get("traceparent"):
+                    self.assertEqual(sm.parse_traceparent(sent)[0], "00")
+                if mode and "tracestate" in outbound:
+                    self.assertLessEqual(len(outbound["tracestate"]), 512)
+
+        check()
+
+
 class TestSamplers(unittest.TestCase):
     def test_parent_based_follows_the_parent(self):
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces", sampler="parentbased_always_off")
