@@ -3099,7 +3099,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run one node, configured by environment variables (the default)",
                         description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
-                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment.")
+                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
+                                    "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
     mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
                                description="Run a whole mesh in one process: a gateway on --port and each NODE on "
                                            "the next ports, resolving each other's names.")
