@@ -36,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import http.client
 from http import HTTPStatus
 from dataclasses import dataclass, field, replace
@@ -249,7 +250,10 @@ class Group:
 
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+DIGITS = frozenset("0123456789")  # str.isdigit() also takes other scripts' digits
 VALUE_END = frozenset("/~();")
+# Directive text travels on in the next hop's URL, so only printable ASCII may pass: no space, CR/LF or NUL.
+NOT_URL_TEXT_RE = re.compile(r"[^!-~]")
 MAX_NESTING = 32
 
 
@@ -329,10 +333,10 @@ class _RouteParser:
         if self.peek() == ":":
             self.pos += 1
             port_start = self.pos
-            while self.pos < len(text) and text[self.pos].isdigit():
+            while self.pos < len(text) and text[self.pos] in DIGITS:
                 self.pos += 1
             digits = text[port_start:self.pos]
-            if not digits or not 0 < int(digits) < 65536 or len(digits) > 5:
+            if not digits or len(digits) > 5 or not 0 < int(digits) < 65536:
                 raise RouteError("bad port: expected a number from 1 to 65535", port_start)
             port = int(digits)
         directives = []
@@ -349,6 +353,9 @@ class _RouteParser:
                 while self.pos < len(text) and text[self.pos] not in VALUE_END:
                     self.pos += 1
                 value = text[value_start:self.pos]
+            bad = NOT_URL_TEXT_RE.search(text, key_start, self.pos)
+            if bad:
+                raise RouteError(f"unexpected character {bad.group()!r} in a directive", bad.start())
             try:
                 check_directive(key, value)
             except DirectiveError as error:
@@ -411,11 +418,18 @@ def route_size(steps, max_calls, max_depth):
 
     Counting stops as soon as the total passes ``max_calls``, so even a route that would expand exponentially
     costs at most ``max_calls`` steps to refuse.
+    Likewise it never looks deeper than ``max_depth``: below that a lower bound (one more hop) is enough to refuse,
+    and a route of thousands of steps costs no deep recursion.
     """
     total = 0
     depth = 0
     for _target, rest in plan_calls(steps):
-        calls, below = route_size(rest, max_calls - total - 1, max_depth - 1) if rest else (0, 0)
+        if not rest:
+            calls, below = 0, 0
+        elif max_depth <= 1:
+            calls, below = 1, 1
+        else:
+            calls, below = route_size(rest, max_calls - total - 1, max_depth - 1)
         total += 1 + calls
         depth = max(depth, 1 + below)
         if total > max_calls or depth > max_depth:
@@ -902,7 +916,10 @@ class Response(http.client.HTTPResponse):
             return
         while True:
             version, status, reason = self._read_status()
-            headers = read_header_lines(self.fp, http.client.HTTPException)
+            try:
+                headers = read_header_lines(self.fp)
+            except HeaderError as error:
+                raise http.client.HTTPException(str(error)) from None
             if status != http.client.CONTINUE:
                 break
         self.code = self.status = status
@@ -944,28 +961,46 @@ MAX_HEADER_LINE = 16 * 1024
 MAX_HEADERS = 100
 
 
-def read_header_lines(stream, error):
-    """Read header lines up to the blank line into Headers; raise ``error(message)`` on malformed or oversized ones."""
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
+# A CR or LF inside a value a node forwards would inject a header line: control characters are refused on arrival.
+HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class HeaderError(ValueError):
+    """A malformed or oversized header block; ``status`` is what a server answers it with."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def read_header_lines(stream):
+    """Read header lines up to the blank line into Headers; HeaderError on malformed or oversized ones.
+
+    Used for requests (by the handler) and for answers (by Response), so both sides apply the same rules.
+    """
     headers = Headers()
     for _ in range(MAX_HEADERS + 1):
         line = stream.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
-            raise error(f"a header line is longer than {MAX_HEADER_LINE} bytes")
+            raise HeaderError(f"a header line is longer than {MAX_HEADER_LINE} bytes", 431)
         if line in (b"\r\n", b"\n", b""):
             return headers
         name, sep, value = line.decode("latin-1").partition(":")
-        name = name.strip().lower()
-        if not sep or not name or " " in name or "\t" in name:
-            raise error("malformed header line")
-        value = value.strip()
+        if not sep or not TOKEN_RE.fullmatch(name):  # also refuses obs-fold continuation lines
+            raise HeaderError("malformed header line")
+        name = name.lower()
+        value = value.strip(" \t\r\n")
+        if HEADER_VALUE_BAD_RE.search(value):
+            raise HeaderError(f"control character in the value of header {name!r}")
         headers[name] = headers[name] + ", " + value if name in headers else value
-    raise error(f"more than {MAX_HEADERS} headers")
+    raise HeaderError(f"more than {MAX_HEADERS} headers", 431)
 
 
 class ConnectionPool:
     """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back."""
 
-    def __init__(self, max_idle_per_peer=64):
+    def __init__(self, max_idle_per_peer=256):
         self.idle = {}
         self.lock = threading.Lock()
         self.max_idle_per_peer = max_idle_per_peer
@@ -1049,44 +1084,118 @@ class CallFailed(Exception):
         self.code = code  # the HTTP status received, if any
 
 
+class Deadlines:
+    """Enforces a call's total timeout: a socket timeout bounds each read, not the call, so a peer trickling a
+    byte now and then could hold a caller forever. One thread for the process shuts down the socket of any call
+    (or inbound request) that outlives its deadline. It looks at least once a second, so that watching a
+    deadline further away than its next look costs no wake-up (most requests are done long before theirs).
+    """
+
+    def __init__(self):
+        self.watched = {}  # id(entry) -> entry: [deadline, socket or http.client connection, expired]
+        self.wake = threading.Condition()
+        self.next_check = 0.0
+        self.thread = None
+
+    def watch(self, connection, timeout):
+        entry = [time.monotonic() + timeout, connection, False]
+        with self.wake:
+            self.watched[id(entry)] = entry
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="deadlines", daemon=True)
+                self.thread.start()
+            if entry[0] < self.next_check:
+                self.wake.notify()
+        return entry
+
+    def release(self, entry):
+        """Stop watching; True if the deadline had passed (the call was cut short)."""
+        with self.wake:
+            self.watched.pop(id(entry), None)
+        return entry[2]
+
+    def run(self):
+        with self.wake:
+            while True:
+                now = time.monotonic()
+                self.next_check = now + 1.0
+                for key, entry in list(self.watched.items()):
+                    if entry[0] > now:
+                        self.next_check = min(self.next_check, entry[0])
+                        continue
+                    del self.watched[key]
+                    entry[2] = True
+                    sock = getattr(entry[1], "sock", entry[1])
+                    if sock is not None:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                self.wake.wait(self.next_check - now)
+
+
+DEADLINES = Deadlines()
+
+
 def call_peer(pool, peer, path, method, body, headers, timeout, max_answer):
-    """One HTTP call on a pooled connection -> (status, answer bytes). Raises CallFailed."""
+    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all.
+
+    Raises CallFailed, never anything else: whatever the peer does becomes a record in the caller's tree.
+    """
     connection = pool.take(peer.address, timeout)
+    watch = DEADLINES.watch(connection, timeout)
     try:
-        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        connection.putheader("Host", peer.host_header)
-        for name, value in headers.items():
-            connection.putheader(name, value)
-        if body or method in ("POST", "PUT", "PATCH"):
-            connection.putheader("Content-Length", str(len(body)))
-        connection.endheaders(body or None)
-        response = connection.getresponse()
-        length = response.getheader("content-length")
-        if length and length.isdigit() and int(length) > max_answer:
-            raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}",
-                             code=response.status)
-        data = response.read(max_answer + 1) if method != "HEAD" else b""
-        if len(data) > max_answer:
-            raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
-        if not response.will_close and not response.fp:
-            pool.give_back(peer.address, connection)
-            connection = None
-        return response.status, response.getheader("content-type", ""), data
-    except CallFailed:
-        raise
-    except (TimeoutError, socket.timeout):
-        raise CallFailed(f"timeout after {timeout:g}s", 504) from None
-    except ConnectionRefusedError:
-        raise CallFailed("connection refused") from None
-    except socket.gaierror as error:
-        raise CallFailed(f"cannot resolve {peer.address[0]!r}: {error.strerror}") from None
-    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-        raise CallFailed("connection reset before an answer") from None
-    except (http.client.HTTPException, OSError, ValueError) as error:
-        raise CallFailed(f"{type(error).__name__}: {error}") from None
-    finally:
-        if connection is not None:
-            connection.close()
+        status, content_type, data, reusable = _exchange(connection, peer, path, method, body, headers, max_answer)
+    except Exception as error:
+        expired = DEADLINES.release(watch)
+        connection.close()
+        if expired or isinstance(error, TimeoutError):
+            raise CallFailed(f"timeout after {timeout:g}s", 504) from None
+        if isinstance(error, CallFailed):
+            raise
+        raise _call_failure(error, peer) from None
+    if DEADLINES.release(watch):
+        connection.close()
+        raise CallFailed(f"timeout after {timeout:g}s", 504)
+    if reusable:
+        pool.give_back(peer.address, connection)
+    else:
+        connection.close()
+    return status, content_type, data
+
+
+def _exchange(connection, peer, path, method, body, headers, max_answer):
+    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    connection.putheader("Host", peer.host_header)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    if body or method in ("POST", "PUT", "PATCH"):
+        connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body or None)
+    response = connection.getresponse()
+    length = response.getheader("content-length")
+    if length and length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > max_answer):
+        raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}", code=response.status)
+    data = response.read(max_answer + 1) if method != "HEAD" else b""
+    if len(data) > max_answer:
+        raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
+    reusable = not response.will_close and not response.fp
+    return response.status, response.getheader("content-type", ""), data, reusable
+
+
+def _call_failure(error, peer):
+    """The CallFailed for an exception raised by a call (the peer refused, reset, or answered garbage)."""
+    if isinstance(error, ConnectionRefusedError):
+        return CallFailed("connection refused")
+    if isinstance(error, socket.gaierror):
+        return CallFailed(f"cannot resolve {peer.address[0]!r}: {error.strerror}")
+    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+        return CallFailed("connection reset before an answer")
+    if isinstance(error, http.client.IncompleteRead):
+        return CallFailed(f"connection closed mid-answer, after {len(error.partial)} bytes")
+    if isinstance(error, (http.client.BadStatusLine, http.client.LineTooLong)):
+        return CallFailed(f"the answer is not HTTP: {type(error).__name__}: {str(error)[:100]}")
+    return CallFailed(f"{type(error).__name__}: {str(error)[:200]}")
 
 
 def child_record(target, url, status, content_type, data, method, elapsed):
@@ -1099,7 +1208,7 @@ def child_record(target, url, status, content_type, data, method, elapsed):
     if "json" in content_type:
         try:
             answer = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             answer = None
         if isinstance(answer, dict) and "host" in answer:
             return answer
@@ -1996,6 +2105,7 @@ class Node:
         self.rng = random.Random()
         self.started = time.time()
         self.lock = threading.Lock()
+        self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
 
     # Runtime controls (SPEC 4): a "sick replica" whose probes stay healthy.
     def set_defaults(self, requested):
@@ -2159,6 +2269,8 @@ class Node:
 
 MAX_REQUEST_LINE = 16 * 1024
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
+REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -2168,11 +2280,6 @@ class BadRequest(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
-
-
-class HeaderError(BadRequest):
-    def __init__(self, message):
-        super().__init__(431 if "longer" in message or "more than" in message else 400, message)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -2209,7 +2316,10 @@ class Handler(BaseHTTPRequestHandler):
                                                     f"(MAX_CONCURRENCY={node.config.max_concurrency})"),
                                   extra_headers=(("Retry-After", "1"),))
             else:
-                outcome = self.dispatch(node, request)
+                try:
+                    outcome = self.dispatch(node, request)
+                except Exception as error:  # a bug: answer and log one line rather than drop the connection
+                    outcome = internal_error(node.config, error)
                 if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
                     node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
             if outcome.reset:
@@ -2229,18 +2339,39 @@ class Handler(BaseHTTPRequestHandler):
     def read_request(self):
         """Read the request line, headers and body; None when the client closed the connection."""
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: an empty line before a request line is ignored
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
             return None
         received, received_wall = time.perf_counter(), time.time()
         if len(line) > MAX_REQUEST_LINE:
             raise BadRequest(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+        text = line.decode("latin-1").rstrip("\r\n")
+        if REQUEST_LINE_BAD_RE.search(text):
+            raise BadRequest(400, "control character in the request line")
         try:
-            method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ")
+            method, target, version = text.split(" ")
         except ValueError:
             raise BadRequest(400, "malformed request line") from None
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version!r}")
-        headers = read_header_lines(self.rfile, HeaderError)
+        # The socket timeout bounds each read; this bounds the whole request, so a client trickling its headers
+        # or body a byte at a time cannot hold a thread for ever (slowloris).
+        watch = DEADLINES.watch(self.connection, self.server.node.config.keepalive_timeout)
+        try:
+            request = self.read_message(method, target, version, received, received_wall)
+        finally:
+            cut = DEADLINES.release(watch)
+        if cut:
+            raise TimeoutError("the request took longer than KEEPALIVE_TIMEOUT to arrive")
+        return request
+
+    def read_message(self, method, target, version, received, received_wall):
+        """The headers and body after a request line -> Request (None when the client went away)."""
+        try:
+            headers = read_header_lines(self.rfile)
+        except HeaderError as error:
+            raise BadRequest(error.status, str(error)) from None
         self.request_version = version
         self.command = method
         connection = headers.get("connection", "").lower()
@@ -2251,12 +2382,12 @@ class Handler(BaseHTTPRequestHandler):
         if headers.get("transfer-encoding"):
             raise BadRequest(411, "chunked request bodies are not supported; send Content-Length")
         length = headers.get("content-length", "0")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise BadRequest(400, "bad Content-Length")
-        length = int(length)
         max_body = self.server.node.config.max_body
-        if length > max_body:
-            raise BadRequest(413, f"request body of {length} bytes is above MAX_BODY={max_body}")
+        if len(length) > 18 or int(length) > max_body:
+            raise BadRequest(413, f"Content-Length {length[:20]} is above MAX_BODY={max_body}")
+        length = int(length)
         if length and headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
         body = self.rfile.read(length) if length else b""
@@ -2265,7 +2396,12 @@ class Handler(BaseHTTPRequestHandler):
         if target.startswith(("http://", "https://")):  # absolute form, as proxies send it
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         path, _, query = target.partition("?")
-        path = unquote(path.partition("#")[0], errors="strict") if "%" in path else path.partition("#")[0]
+        path = path.partition("#")[0]
+        if "%" in path:
+            try:
+                path = unquote(path, errors="strict")
+            except UnicodeDecodeError:
+                raise BadRequest(400, "the path is not UTF-8 once percent-decoded") from None
         return Request(method, path, query, headers, body, received, received_wall)
 
     def dispatch(self, node, request):
@@ -2356,12 +2492,22 @@ class Handler(BaseHTTPRequestHandler):
             return
         log_line(node.config, {
             "time": iso_time(time.time()), "host": node.config.host, "method": request.method,
-            "path": request.path, "status": outcome.status or "reset", "elapsed": round(elapsed, 6),
+            "path": request.path if request.path.isprintable() else ascii(request.path),  # no forged log lines
+            "status": outcome.status or "reset", "elapsed": round(elapsed, 6),
             "trace_id": outcome.trace_id, "span_id": outcome.trace.span_id if outcome.trace else "",
             "targets": list(outcome.targets)})
 
     def log_message(self, format, *args):  # http.server's own messages: kept quiet but for real errors
         pass
+
+
+def internal_error(config, error):
+    """A 500 for an exception no input should cause: one log line that says where, no traceback, no hang."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    message = f"{type(error).__name__}: {error}"
+    log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
+                      "error": ascii(message), "at": f"{os.path.basename(frame.filename)}:{frame.lineno}"})
+    return Outcome(500, error_answer(config.host, 500, f"internal error: {message[:200]}"))
 
 
 def http_date():
@@ -2705,7 +2851,8 @@ def parse_node_spec(text):
 def start_node(config):
     """Bind a node's server and serve it on a daemon thread; returns the Server."""
     server = Server(Node(config))
-    threading.Thread(target=server.serve_forever, name=f"serve-{config.host}", daemon=True).start()
+    # A short poll interval: on SIGTERM the listener closes within 0.1 s of SHUTDOWN_DELAY, not 0.5 s.
+    threading.Thread(target=server.serve_forever, args=(0.1,), name=f"serve-{config.host}", daemon=True).start()
     return server
 
 
@@ -2720,34 +2867,61 @@ def startup_line(config):
                                  else "mesh-only"), "simplemesh": __version__})
 
 
-def wait_for_stop(servers):
-    """Block until SIGTERM or SIGINT, then drain the servers (SPEC 8) and return."""
+def stop_signals():
+    """An Event that SIGTERM or SIGINT sets; a second signal exits at once (an impatient Ctrl-C).
+
+    Installed before the servers start, so a signal during start-up still drains rather than kills.
+    """
     stop = threading.Event()
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, handler)
+    return stop
+
+
+def wait_for_stop(servers, stop=None, internal=()):
+    """Block until ``stop`` is set (SIGTERM or SIGINT), then drain (SPEC 8) and return.
+
+    At once every node turns not ready and answers with ``Connection: close``; after SHUTDOWN_DELAY the listeners
+    of ``servers`` close; in-flight requests (a delay included) finish, up to SHUTDOWN_GRACE; then the ``internal``
+    servers close (a mesh's nodes, which the in-flight requests were still calling), each node's ``on_stop``
+    callables run (span export flushes there) and the connection pools close.
+    """
+    stop = stop or stop_signals()
     while not stop.wait(3600):
         pass
-    for server in servers:
+    everything = list(servers) + list(internal)
+    for server in everything:
         server.node.ready = False
-    delay = max(server.node.config.shutdown_delay for server in servers)
-    time.sleep(delay)
-    for server in servers:
         server.draining = True
+    time.sleep(max(server.node.config.shutdown_delay for server in everything))
+    for server in servers:
         server.shutdown()
         server.server_close()
-    deadline = time.monotonic() + max(server.node.config.shutdown_grace for server in servers)
-    while time.monotonic() < deadline and any(server.node.metrics.in_flight for server in servers):
-        time.sleep(0.05)
-    for server in servers:
+    deadline = time.monotonic() + max(server.node.config.shutdown_grace for server in everything)
+    time.sleep(0.05)  # a connection accepted just before the close has its request read by now
+    while time.monotonic() < deadline and any(server.node.metrics.in_flight for server in everything):
+        time.sleep(0.02)
+    for server in internal:
+        server.shutdown()
+        server.server_close()
+    for server in everything:
+        for hook in server.node.on_stop:
+            hook()
         server.node.pool.close()
-        server.node.flush_spans()
 
 
 def command_serve(args, environ):
     config = Config.from_env(environ)
+    stop = stop_signals()
     server = start_node(config)
     startup_line(config)
-    wait_for_stop([server])
+    wait_for_stop([server], stop)
     return 0
 
 
@@ -2774,6 +2948,7 @@ def command_mesh(args, environ):
         defaults.update(directives)
         configs.append(replace(base, host=name, port=args.port + index, peers=peers, version=version,
                                defaults=defaults))
+    stop = stop_signals()
     servers = []
     try:
         for config in configs:
@@ -2793,7 +2968,7 @@ def command_mesh(args, environ):
     print(f"  try: curl http://{host}:{args.port}/{example}\n"
           f"       curl 'http://{host}:{args.port}/{names[0]}~{names[-1]}?parallel'\n"
           f"       curl http://{host}:{args.port}/metrics\n  Ctrl-C stops the mesh.", flush=True)
-    wait_for_stop(servers)
+    wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
     return 0
 
 

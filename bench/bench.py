@@ -6,6 +6,7 @@ a small shared machine is noisy. Load comes from wrk when installed, else from a
 See README.md for what is measured and what the targets mean. Standard library only.
 """
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -114,6 +115,14 @@ def children_of(pid):
         return []
 
 
+def process_gone(pid):
+    """True when pid has exited (a daemon's zombie counts as exited)."""
+    try:
+        return "\tZ" in Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return True
+
+
 def stop_nginx(prefix):
     pid_file = prefix / "nginx.pid"
     master = int(pid_file.read_text()) if pid_file.exists() else None
@@ -121,11 +130,12 @@ def stop_nginx(prefix):
     subprocess.run(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-s", "stop"],
                    capture_output=True, timeout=10, check=False)
     deadline = time.monotonic() + STOP_GRACE
-    while master and Path(f"/proc/{master}").exists() and time.monotonic() < deadline:
+    while master and not process_gone(master) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if master and Path(f"/proc/{master}").exists():
+    if master and not process_gone(master):
         for pid in children_of(master) + [master]:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     if prefix in NGINX_DIRS:
         NGINX_DIRS.remove(prefix)
 
@@ -147,8 +157,8 @@ def rss_kb(pid):
 
 
 def time_wait(ports):
-    """TIME_WAIT sockets on either side of a connection to one of `ports` (loopback: both ends are ours)."""
-    count = 0
+    """(TIME_WAIT sockets on loopback, those on either side of a connection to one of `ports`)."""
+    loopback = ours = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -158,18 +168,11 @@ def time_wait(ports):
             fields = row.split()
             if fields[3] != "06":  # 06 = TCP_TIME_WAIT
                 continue
-            local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-            if local in ports or remote in ports:
-                count += 1
-    return count
-
-
-def process_gone(pid):
-    """True when pid has exited (a daemon's zombie counts as exited)."""
-    try:
-        return "\tZ" in Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
-        return True
+            (local_ip, local), (_, remote) = (f.split(":") for f in fields[1:3])
+            # 127.x.x.x is stored little-endian ("0100007F"), also at the end of ::ffff:127.0.0.1; ::1 ends "01000000"
+            loopback += local_ip.endswith("7F") or local_ip == "0" * 24 + "01000000"
+            ours += int(local, 16) in ports or int(remote, 16) in ports
+    return loopback, ours
 
 
 class Node:
@@ -180,7 +183,7 @@ class Node:
 
     def exit_status(self):
         """None while it runs, else its exit code (negative: killed by that signal)."""
-        if self.proc:
+        if self.proc is not None:
             return self.proc.poll()
         return "gone" if process_gone(self.pids[0]) else None
 
@@ -368,12 +371,12 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
         posts_before = ctx.sink_posts() if impl == "simplemesh-otlp" else 0
         ctx.load(dep.url, max(args.concurrency), 1)  # warm-up: fill the keep-alive pools, not measured
         for c in args.concurrency:
-            tw_before = time_wait(dep.ports)
+            _, tw_before = time_wait(dep.ports)
             r = ctx.load(dep.url, c, args.duration)
-            tw_after = time_wait(dep.ports)
+            tw_loopback, tw_after = time_wait(dep.ports)
             run = {"implementation": impl, "scenario": scenario, "concurrency": c, "round": rnd,
                    "rps": r["requests"] / r["seconds"] if r["seconds"] else 0.0,
-                   "errors": r["non2xx"] + r["socket_errors"], "time_wait": tw_after,
+                   "errors": r["non2xx"] + r["socket_errors"], "time_wait_loopback": tw_loopback,
                    "time_wait_new": max(0, tw_after - tw_before), "ports": len(dep.ports),
                    # a node that died mid-run would otherwise look like a slow one
                    "node_died": dep.dead_node(), **r}
@@ -392,7 +395,7 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
         print(f"  round {rnd} {impl:16} {scenario:8} start-up {record['startup_ms']:.0f} ms, RSS idle "
               f"{record['rss_idle_mb']:.1f} MB, after load {record['rss_after_mb']:.1f} MB (per node)", flush=True)
         return True
-    except (StartError, RuntimeError, subprocess.TimeoutExpired) as e:
+    except (StartError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         print(f"  round {rnd} {impl} {scenario}: FAILED: {e}", flush=True)
         return False
     finally:
@@ -402,11 +405,16 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
 # ---------------------------------------------------------------- report
 
 
+def order(impl, scenario):
+    """Sort key: the scenarios and implementations in the order they run."""
+    return list(SCENARIOS).index(scenario), SCENARIOS[scenario][2].index(impl)
+
+
 def summarize(runs, deployments):
     rows, groups = [], {}
     for run in (r for r in runs if not r["node_died"]):  # a dead node's figures are not the implementation's
         groups.setdefault((run["implementation"], run["scenario"], run["concurrency"]), []).append(run)
-    for (impl, scenario, c), rs in groups.items():
+    for (impl, scenario, c), rs in sorted(groups.items(), key=lambda g: (*order(*g[0][:2]), g[0][2])):
         rps = [r["rps"] for r in rs]
         median = statistics.median(rps)
         rows.append({"implementation": impl, "scenario": scenario, "concurrency": c, "rps": median,
@@ -420,11 +428,11 @@ def summarize(runs, deployments):
         deps.setdefault((d["implementation"], d["scenario"]), []).append(d)
     dep_rows = [{"implementation": impl, "scenario": scenario,
                  **{k: statistics.median(d[k] for d in ds) for k in ("startup_ms", "rss_idle_mb", "rss_after_mb")}}
-                for (impl, scenario), ds in deps.items()]
+                for (impl, scenario), ds in sorted(deps.items(), key=lambda d: order(*d[0]))]
     return rows, dep_rows
 
 
-def targets(rows, dep_rows, runs):
+def targets(rows, dep_rows, runs, deployments):
     def get(table, key, impl, scenario, c=None):
         for row in table:
             if (row["implementation"], row["scenario"]) == (impl, scenario) and row.get("concurrency") == c:
@@ -451,6 +459,9 @@ def targets(rows, dep_rows, runs):
                 "verdict": "SKIP" if value is None else
                 "PASS" if (value >= limit if op == ">=" else value <= limit) else "FAIL"}
                for name, op, limit, value in checks]
+    if any(d.get("otlp_posts") == 0 for d in deployments):
+        # without spans reaching the sink, "export on" measured nothing
+        results[2].update(verdict="FAIL", note="no span reached the OTLP sink")
     mine = [r for r in runs if r["implementation"].startswith("simplemesh") and not r["node_died"]]
     errors = sum(r["errors"] for r in mine)
     # Allowance: the load driver's own connections closing at the end of a run, plus 1% of requests.
@@ -474,7 +485,8 @@ def print_report(rows, dep_rows, checks):
     print()
     for t in checks:
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}" if isinstance(t["value"], float) else t["value"]
-        print(f"{t['verdict']:4}  {t['target']:44} {value:>8}  (target {t['op']} {t['limit']})")
+        note = f"  {t['note']}" if "note" in t else ""
+        print(f"{t['verdict']:4}  {t['target']:44} {value:>8}  (target {t['op']} {t['limit']}){note}")
 
 
 # ---------------------------------------------------------------- main
@@ -484,7 +496,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--simplemesh", default=str(HERE.parent / "simplemesh.py"), help="path of simplemesh.py")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL", help="extra env for simplemesh nodes")
-    p.add_argument("--peers", default=str(HERE / "peers"), help="directory of the reference peers")
+    p.add_argument("--peers", default=str(HERE.parent.parent / "shared" / "peers"),
+                   help="directory of the reference peers (default: ../shared/peers beside the checkout)")
     p.add_argument("--fastapi-python", help="Python of a venv with requirements-fastapi.txt "
                    "(default: bench/.venv, created when missing)")
     p.add_argument("--only", default=",".join(IMPLEMENTATIONS), help="implementations to run (comma list)")
@@ -495,7 +508,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true",
                    help="1 round of 2 s at concurrency 16; skip fastapi if its venv is missing")
     p.add_argument("--driver", choices=("auto", "wrk", "python"), default="auto")
-    p.add_argument("--base-port", type=int, default=20000)
+    # benches running at the same time on one machine rarely share ports with a pid-derived default
+    p.add_argument("--base-port", type=int, default=20000 + 100 * (os.getpid() % 120),
+                   help="first port to use (default: 20000 + 100 x (pid mod 120))")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = p.parse_args()
@@ -523,6 +538,8 @@ def select(args):
     if "nginx" in chosen and not shutil.which("nginx"):
         print("note: nginx is not installed, skipping it")
         chosen.remove("nginx")
+    if "fastapi" in chosen and args.fastapi_python and not Path(args.fastapi_python).exists():
+        sys.exit(f"{args.fastapi_python} not found")
     if "fastapi" in chosen and not args.fastapi_python:
         venv_python = HERE / ".venv" / "bin" / "python"
         if not venv_python.exists():
@@ -559,9 +576,8 @@ def main():
     try:
         if "simplemesh-otlp" in chosen:
             ctx.sink_port = ctx.ports.take()
-            sink = Deployment("otlp-sink", "sink", ctx)
-            sink.spawn("sink", [sys.executable, str(HERE / "otlp_sink.py"), str(ctx.sink_port)],
-                       clean_env(), ctx.sink_port)
+            Deployment("otlp-sink", "sink", ctx).spawn(
+                "sink", [sys.executable, str(HERE / "otlp_sink.py"), str(ctx.sink_port)], clean_env(), ctx.sink_port)
         for rnd in range(1, args.rounds + 1):
             for scenario, (_, _, impls) in SCENARIOS.items():
                 for impl in impls:
@@ -571,7 +587,7 @@ def main():
         cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     rows, dep_rows = summarize(runs, deployments)
-    checks = targets(rows, dep_rows, runs)
+    checks = targets(rows, dep_rows, runs, deployments)
     print_report(rows, dep_rows, checks)
     if failed:
         print("FAILED:", ", ".join(f"{impl} {scenario} round {rnd}" for impl, scenario, rnd in failed))
