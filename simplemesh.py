@@ -17,7 +17,10 @@ trace context, outbound calls, the answer, metrics, the HTTP handler and server,
 
 import argparse
 import bisect
+import email.utils
 import fnmatch
+import functools
+import gzip
 import html
 import json
 import math
@@ -110,6 +113,7 @@ class Config:
     log_level: str = "info"
     trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
     identity: dict = field(default_factory=dict)  # pod, namespace, ip, node from the downward API
+    tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
 
     @classmethod
     def from_env(cls, environ, **overrides):
@@ -164,6 +168,7 @@ class Config:
                 defaults[directive.name] = raw
         settings["defaults"] = defaults
         settings["identity"] = {key: environ[var] for key, var in IDENTITY_ENV.items() if environ.get(var)}
+        settings["tracing"] = TracingConfig.from_env(environ)
         settings.update(overrides)
         config = cls(**settings)
         try:
@@ -656,16 +661,42 @@ def burn_cpu(seconds):
 
 
 # --- Trace context -----------------------------------------------------------------------------------------
-# SPEC 5. In mesh-only mode a node passes the trace headers it got straight on, so the sidecar's inbound span is
-# the parent of its outbound span; it only starts a trace (and so invents a span id) when none arrived.
+# SPEC 5, W3C Trace Context (level 1 and 2), B3. Two modes:
+# - mesh only (no exporter): the trace headers a node got go on unchanged, so the sidecar's inbound span is the
+#   parent of its outbound span. A node starts a trace itself only when no valid context arrived at all.
+# - native spans (config.tracing set): the node is a tracing participant; every call carries a fresh CLIENT span
+#   as its parent, in each format the node speaks (OTEL_PROPAGATORS, plus any B3 form that arrived).
+# Parsing is pure and strict: anything the W3C text says to ignore is ignored, and the trace restarts.
 
-TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+HEX = frozenset("0123456789abcdef")  # W3C: lowercase hex only
+ZERO_TRACE_ID = "0" * 32
+ZERO_SPAN_ID = "0" * 16
+FLAG_SAMPLED = 0x01
+FLAG_RANDOM = 0x02  # level 2: the right-most 7 bytes of the trace id are random
+KNOWN_FLAGS = FLAG_SAMPLED | FLAG_RANDOM
+TRACESTATE_MAX_MEMBERS = 32
+TRACESTATE_MAX_LENGTH = 512
+TRACESTATE_LONG_MEMBER = 128
+TRACESTATE_KEY_RE = re.compile(r"[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}")
+TRACESTATE_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+B3_HEADERS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
+TRACE_HEADERS = ("traceparent", "tracestate") + B3_HEADERS  # what a native node writes itself
 PROPAGATED_HEADERS = (
     "traceparent", "tracestate", "baggage",
     "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
     "x-request-id", "x-ot-span-context", "x-cloud-trace-context", "grpc-trace-bin", "sw8",
     "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-sampling-priority", "x-datadog-origin",
 )
+
+
+@functools.lru_cache(maxsize=None)
+def copied_headers(forward_headers, native):
+    """The (lower-case) request headers a node copies onward; a native node writes the trace headers itself.
+
+    Intersecting this set with the request's few headers beats looking up every name on each request.
+    """
+    names = frozenset(PROPAGATED_HEADERS).union(forward_headers)
+    return names.difference(TRACE_HEADERS) if native else names
 
 
 def new_trace_id():
@@ -676,42 +707,198 @@ def new_span_id():
     return f"{random.getrandbits(64) or 1:016x}"
 
 
+def _is_hex(text):
+    return HEX.issuperset(text)
+
+
 def parse_traceparent(value):
-    """(version, trace_id, parent_id, flags) of a valid W3C traceparent, or None."""
+    """(version, trace_id, parent_id, flags as int) of a usable W3C traceparent, or None (restart the trace).
+
+    Version 00 is exactly 55 characters. A higher version is read as 00 would be, provided it is at least 55
+    characters and a "-" follows the flags; ``ff`` is never valid. Repeated headers (joined with ", ") fail.
+    """
     if not value:
         return None
-    match = TRACEPARENT_RE.fullmatch(value.strip())
-    if not match:
+    value = value.strip(" \t")
+    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
         return None
-    version, trace_id, parent_id, flags, rest = match.groups()
-    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+    version, trace_id, parent_id, flags = value[:2], value[3:35], value[36:52], value[53:55]
+    if not _is_hex(version) or version == "ff":
         return None
-    if version == "00" and rest:
+    if len(value) > 55 and (version == "00" or value[55] != "-"):
         return None
-    return version, trace_id, parent_id, flags
+    if not (_is_hex(trace_id) and _is_hex(parent_id) and _is_hex(flags)):
+        return None
+    if trace_id == ZERO_TRACE_ID or parent_id == ZERO_SPAN_ID:
+        return None
+    return version, trace_id, parent_id, int(flags, 16)
+
+
+def parse_tracestate(value):
+    """The list-members of a W3C tracestate, in order, or () when it is invalid and must be discarded.
+
+    Empty members (",,") are allowed and dropped; a bad key or value, a repeated key or more than 32 members
+    invalidates the whole header.
+    """
+    members = []
+    keys = set()
+    for item in (value or "").split(","):
+        item = item.strip(" \t")
+        if not item:
+            continue
+        key, sep, text = item.partition("=")
+        if not sep or key in keys or not TRACESTATE_KEY_RE.fullmatch(key) or not TRACESTATE_VALUE_RE.fullmatch(text):
+            return ()
+        keys.add(key)
+        members.append(item)
+    if len(members) > TRACESTATE_MAX_MEMBERS:
+        return ()
+    return tuple(members)
+
+
+def format_tracestate(members, limit=TRACESTATE_MAX_LENGTH):
+    """Join list-members, truncated to ``limit`` characters as W3C says: members over 128 characters go first,
+    then members from the end (the right-most entries are the oldest)."""
+    members = list(members)
+    if len(",".join(members)) > limit:
+        members = [member for member in members if len(member) <= TRACESTATE_LONG_MEMBER]
+        while members and len(",".join(members)) > limit:
+            members.pop()
+    return ",".join(members)
+
+
+def parse_b3(headers):
+    """(trace_id as 32 hex, span_id, sampled: True/False/None, form "single"|"multi") from B3 headers, or None.
+
+    Single: ``b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]``; multi: ``x-b3-traceid`` and friends. A
+    64-bit trace id is left-padded to 128 bits, as Zipkin does.
+    """
+    single = headers.get("b3")
+    if single:
+        parts = single.strip().split("-")
+        if len(parts) < 2 or len(parts) > 4:
+            return None
+        trace_id, span_id = parts[0], parts[1]
+        sampled = _b3_sampled(parts[2]) if len(parts) > 2 else None
+        if len(parts) > 2 and sampled is False and parts[2] != "0":
+            return None
+        if len(parts) == 4 and not (len(parts[3]) == 16 and _is_hex(parts[3])):
+            return None
+        form = "single"
+    else:
+        trace_id, span_id = headers.get("x-b3-traceid"), headers.get("x-b3-spanid")
+        if not trace_id or not span_id:
+            return None
+        trace_id, span_id = trace_id.strip().lower(), span_id.strip().lower()
+        sampled = True if headers.get("x-b3-flags", "").strip() == "1" else _b3_sampled(headers.get("x-b3-sampled"))
+        form = "multi"
+    if len(trace_id) not in (16, 32) or not _is_hex(trace_id) or len(span_id) != 16 or not _is_hex(span_id):
+        return None
+    trace_id = trace_id.rjust(32, "0")
+    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:
+        return None
+    return trace_id, span_id, sampled, form
+
+
+def _b3_sampled(text):
+    """B3 sampling state: "1"/"d"/"true" -> True, "0"/"false" -> False, absent or unknown -> None (defer)."""
+    text = (text or "").strip().lower()
+    if text in ("1", "d", "true"):
+        return True
+    if text in ("0", "false"):
+        return False
+    return None
 
 
 @dataclass
 class TraceContext:
-    """What a node knows of the trace a request belongs to, and the headers it sends onward."""
+    """What a node knows of the trace a request belongs to, and the headers it sends onward.
+
+    ``span_id`` is this node's SERVER span with native spans; in mesh-only mode it is the span id the node
+    received (the sidecar's), so logs and answers point at a span a backend has.
+    """
     trace_id: str
     span_id: str
     outbound: dict
+    parent_id: str = ""
+    flags: int = FLAG_SAMPLED
+    native: bool = False  # native spans: every call gets its own CLIENT span
+    sampled: bool = False  # native spans recorded and exported for this request
+    tracestate: str = ""
+    b3_forms: tuple = ()
+    events: list = None  # (name, time ns, attributes) of injected faults, when sampled
+    w3c: bool = True  # native spans: send traceparent (OTEL_PROPAGATORS has tracecontext)
 
     @classmethod
-    def from_headers(cls, headers, forward_headers=()):
-        outbound = {}
-        for name in PROPAGATED_HEADERS + tuple(forward_headers):
-            value = headers.get(name)
-            if value is not None:
-                outbound[name] = value
+    def from_headers(cls, headers, forward_headers=(), tracing=None):
+        if tracing is not None:
+            return cls._native(headers, forward_headers, tracing)
+        outbound = {name: headers[name] for name in copied_headers(forward_headers, False).intersection(headers)}
         parsed = parse_traceparent(headers.get("traceparent"))
         if parsed:
-            return cls(parsed[1], parsed[2], outbound)
+            version, trace_id, parent_id, flags = parsed
+            if version != "00":  # W3C: rebuild a higher version as the highest version known, 00
+                outbound["traceparent"] = f"00-{trace_id}-{parent_id}-{flags & KNOWN_FLAGS:02x}"
+            return cls(trace_id, parent_id, outbound, parent_id, flags)
+        # W3C: a vendor that failed to parse traceparent must not use tracestate.
+        outbound.pop("traceparent", None)
+        outbound.pop("tracestate", None)
+        b3 = parse_b3(headers)
+        if b3:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
+            return cls(b3[0], b3[1], outbound, b3[1], FLAG_SAMPLED if b3[2] is not False else 0)
         trace_id, span_id = new_trace_id(), new_span_id()
-        outbound.pop("tracestate", None)  # a tracestate without its traceparent belongs to no trace
-        outbound["traceparent"] = f"00-{trace_id}-{span_id}-01"
-        return cls(trace_id, span_id, outbound)
+        outbound["traceparent"] = f"00-{trace_id}-{span_id}-{FLAG_SAMPLED | FLAG_RANDOM:02x}"
+        return cls(trace_id, span_id, outbound, "", FLAG_SAMPLED | FLAG_RANDOM)
+
+    @classmethod
+    def _native(cls, headers, forward_headers, tracing):
+        outbound = {name: headers[name] for name in copied_headers(forward_headers, True).intersection(headers)}
+        propagators = tracing.propagators
+        parent = parse_traceparent(headers.get("traceparent")) if "tracecontext" in propagators else None
+        b3 = parse_b3(headers) if "b3" in headers or "x-b3-traceid" in headers else None
+        b3_forms = tracing.b3_forms
+        tracestate = headers.get("tracestate")
+        if parent:
+            _version, trace_id, parent_id, flags = parent
+            parent_sampled = bool(flags & FLAG_SAMPLED)
+            tracestate = format_tracestate(parse_tracestate(tracestate)) if tracestate else ""
+            flags &= FLAG_RANDOM  # W3C: unknown flags are set to zero; the random flag stays with its trace id
+        elif b3:
+            trace_id, parent_id, parent_sampled, _form = b3
+            flags, tracestate = 0, ""
+        else:
+            trace_id, parent_id, parent_sampled, flags, tracestate = new_trace_id(), "", None, FLAG_RANDOM, ""
+        if b3 and b3[3] not in b3_forms:
+            b3_forms += (b3[3],)  # answer B3 in the form it came in (Envoy's Zipkin tracer)
+        sampled = tracing.sample(trace_id, parent_sampled)
+        if sampled:
+            flags |= FLAG_SAMPLED
+        return cls(trace_id, new_span_id(), outbound, parent_id, flags, native=True, sampled=sampled,
+                   tracestate=tracestate, b3_forms=b3_forms, events=[] if sampled else None,
+                   w3c="tracecontext" in propagators)
+
+    def headers_for(self, client_span_id):
+        """The headers of one call; with native spans its parent is that call's CLIENT span."""
+        if not self.native:
+            return self.outbound
+        headers = dict(self.outbound)
+        sampled = "1" if self.sampled else "0"
+        if self.w3c:
+            headers["traceparent"] = f"00-{self.trace_id}-{client_span_id}-{self.flags:02x}"
+            if self.tracestate:
+                headers["tracestate"] = self.tracestate
+        for form in self.b3_forms:
+            if form == "single":
+                headers["b3"] = f"{self.trace_id}-{client_span_id}-{sampled}-{self.span_id}"
+            else:
+                headers.update({"x-b3-traceid": self.trace_id, "x-b3-spanid": client_span_id,
+                                "x-b3-parentspanid": self.span_id, "x-b3-sampled": sampled})
+        return headers
+
+    def event(self, name, **attributes):
+        """Note an injected fault as an event of this node's SERVER span (when it is recorded)."""
+        if self.events is not None:
+            self.events.append((name, time.time_ns(), attributes))
 
 
 # --- Outbound calls ----------------------------------------------------------------------------------------
@@ -1341,11 +1528,15 @@ document.getElementById("waterfall").addEventListener("click", function (event) 
 
 
 # --- Metrics -----------------------------------------------------------------------------------------------
-# SPEC 4. Hand-written Prometheus text exposition. Labels stay bounded: codes, methods, kinds and at most
-# MAX_TARGET_LABELS target names; any further target is counted as "other".
+# SPEC 4. Hand-written Prometheus text exposition (0.0.4), or OpenMetrics 1.0 with trace-id exemplars on the
+# histogram buckets when the scraper asks for it. Labels stay bounded: codes, methods, kinds, span-export
+# results and at most MAX_TARGET_LABELS target names; any further target is counted as "other".
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_TARGET_LABELS = 50
+SPAN_RESULTS = ("exported", "failed", "dropped")
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
@@ -1353,10 +1544,14 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests = {}  # (method, code) -> count
         self.request_buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.request_exemplars = [None] * (len(DURATION_BUCKETS) + 1)  # the latest (trace id, value, time)
         self.request_sum = 0.0
         self.calls = {}  # (target, code) -> count
         self.call_histograms = {}  # target -> [buckets..., sum]
+        self.call_exemplars = {}  # target -> [exemplar per bucket]
         self.faults = {}  # kind -> count
+        self.spans = dict.fromkeys(SPAN_RESULTS, 0)
+        self.span_retries = 0
         self.in_flight = 0
         self.start_time = time.time()
 
@@ -1365,14 +1560,19 @@ class Metrics:
             return name
         return "other"
 
-    def observe_request(self, method, code, seconds):
+    def observe_request(self, method, code, seconds, trace=None):
+        """Count one answered request; a sampled ``trace`` becomes the exemplar of its bucket."""
         key = (method, code)
+        index = bisect.bisect_left(DURATION_BUCKETS, seconds)
         with self.lock:
             self.requests[key] = self.requests.get(key, 0) + 1
-            self.request_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+            self.request_buckets[index] += 1
             self.request_sum += seconds
+            if trace is not None and trace.flags & FLAG_SAMPLED:
+                self.request_exemplars[index] = (trace.trace_id, seconds, time.time())
 
-    def observe_call(self, target, code, seconds):
+    def observe_call(self, target, code, seconds, trace=None):
+        index = bisect.bisect_left(DURATION_BUCKETS, seconds)
         with self.lock:
             label = self.target_label(target)
             key = (label, code)
@@ -1380,68 +1580,105 @@ class Metrics:
             histogram = self.call_histograms.get(label)
             if histogram is None:
                 histogram = self.call_histograms[label] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
-            histogram[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+                self.call_exemplars[label] = [None] * (len(DURATION_BUCKETS) + 1)
+            histogram[index] += 1
             histogram[-1] += seconds
+            if trace is not None and trace.flags & FLAG_SAMPLED:
+                self.call_exemplars[label][index] = (trace.trace_id, seconds, time.time())
 
     def count_fault(self, kind):
         with self.lock:
             self.faults[kind] = self.faults.get(kind, 0) + 1
 
-    def render(self):
-        """The Prometheus text format (version 0.0.4)."""
+    def count_spans(self, result, count=1):
+        with self.lock:
+            self.spans[result] += count
+
+    def count_span_retry(self):
+        with self.lock:
+            self.span_retries += 1
+
+    def render(self, openmetrics=False):
+        """The Prometheus text format (version 0.0.4), or OpenMetrics 1.0 with exemplars."""
         with self.lock:
             requests = dict(self.requests)
             request_buckets = list(self.request_buckets)
+            request_exemplars = list(self.request_exemplars) if openmetrics else None
             request_sum = self.request_sum
             calls = dict(self.calls)
             call_histograms = {k: list(v) for k, v in self.call_histograms.items()}
+            call_exemplars = {k: list(v) for k, v in self.call_exemplars.items()} if openmetrics else {}
             faults = dict(self.faults)
+            spans = dict(self.spans)
+            span_retries = self.span_retries
             in_flight = self.in_flight
+        om = openmetrics
         out = []
-        family(out, "simplemesh_http_requests", "counter", "Requests answered, by method and status code.")
+        family(out, "simplemesh_http_requests", "counter", "Requests answered, by method and status code.", om)
         for (method, code), count in sorted(requests.items()):
             out.append(f'simplemesh_http_requests_total{{method="{method}",code="{code}"}} {count}')
         family(out, "simplemesh_http_request_duration_seconds", "histogram",
-               "Time from receiving a request to answering it, downstream calls included.")
-        histogram_lines(out, "simplemesh_http_request_duration_seconds", "", request_buckets, request_sum)
+               "Time from receiving a request to answering it, downstream calls included.", om)
+        histogram_lines(out, "simplemesh_http_request_duration_seconds", "", request_buckets, request_sum,
+                        request_exemplars)
         family(out, "simplemesh_calls", "counter",
-               "Downstream calls, by target and status code (error: no HTTP answer; timeout).")
+               "Downstream calls, by target and status code (error: no HTTP answer; timeout).", om)
         for (target, code), count in sorted(calls.items()):
             out.append(f'simplemesh_calls_total{{target="{target}",code="{code}"}} {count}')
-        family(out, "simplemesh_call_duration_seconds", "histogram", "Duration of downstream calls, by target.")
+        family(out, "simplemesh_call_duration_seconds", "histogram", "Duration of downstream calls, by target.", om)
         for target, histogram in sorted(call_histograms.items()):
             histogram_lines(out, "simplemesh_call_duration_seconds", f'target="{target}",',
-                            histogram[:-1], histogram[-1])
-        family(out, "simplemesh_in_flight_requests", "gauge", "Requests being served now.")
+                            histogram[:-1], histogram[-1], call_exemplars.get(target))
+        family(out, "simplemesh_in_flight_requests", "gauge", "Requests being served now.", om)
         out.append(f"simplemesh_in_flight_requests {in_flight}")
-        family(out, "simplemesh_faults", "counter", "Injected faults, by kind.")
+        family(out, "simplemesh_faults", "counter", "Injected faults, by kind.", om)
         for kind in ("delay", "error", "reset", "cpu"):
             out.append(f'simplemesh_faults_total{{kind="{kind}"}} {faults.get(kind, 0)}')
-        process_metrics(out, self.start_time)
+        family(out, "simplemesh_spans", "counter",
+               "Spans by export result: exported, failed (the collector refused them or stayed unreachable) "
+               "or dropped (the export queue was full).", om)
+        for result in SPAN_RESULTS:
+            out.append(f'simplemesh_spans_total{{result="{result}"}} {spans[result]}')
+        family(out, "simplemesh_span_export_retries", "counter",
+               "Span export requests retried after 429, 502, 503, 504 or no answer.", om)
+        out.append(f"simplemesh_span_export_retries_total {span_retries}")
+        process_metrics(out, self.start_time, om)
+        if om:
+            out.append("# EOF")
         return "\n".join(out) + "\n"
 
 
-def family(out, name, kind, help_text):
+def family(out, name, kind, help_text, openmetrics=False):
+    """HELP and TYPE of a family; a counter's family is named with _total in 0.0.4 and without in OpenMetrics."""
+    if kind == "counter" and not openmetrics:
+        name += "_total"
     out.append(f"# HELP {name} {help_text}")
     out.append(f"# TYPE {name} {kind}")
 
 
-def histogram_lines(out, name, labels, buckets, total):
+def histogram_lines(out, name, labels, buckets, total, exemplars=None):
     running = 0
-    for bound, count in zip(DURATION_BUCKETS, buckets):
+    for index, (bound, count) in enumerate(zip(DURATION_BUCKETS, buckets)):
         running += count
-        out.append(f'{name}_bucket{{{labels}le="{bound}"}} {running}')
+        out.append(f'{name}_bucket{{{labels}le="{bound}"}} {running}' + _exemplar(exemplars, index))
     running += buckets[-1]
-    out.append(f'{name}_bucket{{{labels}le="+Inf"}} {running}')
+    out.append(f'{name}_bucket{{{labels}le="+Inf"}} {running}' + _exemplar(exemplars, len(DURATION_BUCKETS)))
     label_set = "{" + labels.rstrip(",") + "}" if labels else ""
     out.append(f"{name}_sum{label_set} {total}")
     out.append(f"{name}_count{label_set} {running}")
 
 
-def process_metrics(out, start_time):
+def _exemplar(exemplars, index):
+    if not exemplars or exemplars[index] is None:
+        return ""
+    trace_id, value, timestamp = exemplars[index]
+    return f' # {{trace_id="{trace_id}"}} {value} {timestamp:.3f}'
+
+
+def process_metrics(out, start_time, openmetrics=False):
     """The standard process_* family, read from /proc where there is one."""
     times = os.times()
-    family(out, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
+    family(out, "process_cpu_seconds", "counter", "Total user and system CPU time spent in seconds.", openmetrics)
     out.append(f"process_cpu_seconds_total {times.user + times.system}")
     family(out, "process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
     out.append(f"process_start_time_seconds {start_time}")
@@ -1459,6 +1696,369 @@ def process_metrics(out, start_time):
         pass
     family(out, "process_threads", "gauge", "Number of OS threads in the process.")
     out.append(f"process_threads {threading.active_count()}")
+
+
+# --- Span export -------------------------------------------------------------------------------------------
+# SPEC 5, native spans. TracingConfig reads the standard OTEL_* variables once. Request threads only append a
+# small tuple to a bounded queue; the SpanExporter thread turns batches into OTLP/HTTP JSON, posts them to
+# /v1/traces and retries 429/502/503/504 (and no answer) with backoff, honouring Retry-After.
+
+SPAN_KIND_SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
+SPAN_KIND_CLIENT = 3
+STATUS_ERROR = 2
+RETRYABLE_EXPORT = frozenset((429, 502, 503, 504))
+EXPORT_BACKOFF = 0.5  # seconds before the first retry without Retry-After; doubled each time, up to 8 s
+SAMPLERS = ("always_on", "always_off", "traceidratio",
+            "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
+PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi", "none")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Native-span settings from OTEL_* variables; None from from_env() means mesh-only mode."""
+    endpoint: str
+    headers: tuple = ()
+    timeout: float = 10.0  # one export request
+    export_timeout: float = 30.0  # one batch, retries included
+    compression: str = ""
+    service_name: str = ""  # "" = the node's HOST
+    resource: tuple = ()  # (key, value) pairs from OTEL_RESOURCE_ATTRIBUTES
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+    propagators: tuple = ("tracecontext", "baggage")
+    max_queue: int = 2048
+    max_batch: int = 512
+    schedule_delay: float = 5.0
+
+    @property
+    def b3_forms(self):
+        """The B3 forms OTEL_PROPAGATORS asks for: "b3" is the single header, "b3multi" the x-b3-* ones."""
+        return _b3_forms(self.propagators)
+
+    @classmethod
+    def from_env(cls, environ):
+        def get(name):
+            return (environ.get(name) or "").strip()
+
+        def signal(name):  # the traces-specific variable wins over the general one
+            return get(name.replace("OTLP_", "OTLP_TRACES_")) or get(name)
+
+        def number(name, convert, default, scale=1.0):
+            text = get(name)
+            if not text:
+                return default
+            try:
+                value = convert(text)
+            except ValueError:
+                raise ConfigError(f"{name}={text!r}: expected a number") from None
+            if value <= 0:
+                raise ConfigError(f"{name}={text!r}: must be above zero")
+            return value * scale
+
+        if get("OTEL_SDK_DISABLED").lower() == "true":
+            return None
+        exporter = get("OTEL_TRACES_EXPORTER").lower() or "otlp"
+        if exporter == "none":
+            return None
+        if exporter != "otlp":
+            raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: only otlp (or none) is supported")
+        endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if not endpoint and get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            endpoint = get("OTEL_EXPORTER_OTLP_ENDPOINT").rstrip("/") + "/v1/traces"
+        if not endpoint:
+            return None
+        try:
+            url = urlsplit(endpoint)
+            good = url.scheme in ("http", "https") and url.hostname and (url.port is None or url.port > 0)
+        except ValueError:
+            good = False
+        if not good:
+            raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
+        # OTLP/HTTP receivers (Collector, Jaeger, Tempo) take JSON and protobuf on the same path, so an
+        # http/protobuf setting still works with JSON; gRPC is another port and protocol altogether.
+        protocol = signal("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json"
+        if protocol not in ("http/json", "http/protobuf"):
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: simple-mesh exports OTLP/HTTP JSON "
+                              "(port 4318), not gRPC; use http/json")
+        compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
+        if compression not in ("", "none", "gzip"):
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
+        try:
+            headers = tuple(parse_key_values(get("OTEL_EXPORTER_OTLP_HEADERS")).items()) + tuple(
+                parse_key_values(get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")).items())
+            resource = parse_key_values(get("OTEL_RESOURCE_ATTRIBUTES"))
+        except ValueError as error:
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_HEADERS or OTEL_RESOURCE_ATTRIBUTES: {error}") from None
+        service_name = get("OTEL_SERVICE_NAME") or resource.pop("service.name", "")
+        sampler = get("OTEL_TRACES_SAMPLER").lower() or "parentbased_always_on"
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        ratio = 1.0
+        if sampler.endswith("traceidratio") and get("OTEL_TRACES_SAMPLER_ARG"):
+            try:
+                ratio = parse_probability(get("OTEL_TRACES_SAMPLER_ARG"))
+            except ValueError as error:
+                raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {error}") from None
+        propagators = tuple(word.lower() for word in _word_list(get("OTEL_PROPAGATORS"))) or cls.propagators
+        for name in propagators:
+            if name not in PROPAGATORS:
+                raise ConfigError(f"OTEL_PROPAGATORS: {name!r} is not one of {', '.join(PROPAGATORS)}")
+        max_queue = number("OTEL_BSP_MAX_QUEUE_SIZE", int, 2048)
+        timeout_name = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" if get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                        else "OTEL_EXPORTER_OTLP_TIMEOUT")
+        return cls(
+            endpoint=endpoint, headers=headers, compression="gzip" if compression == "gzip" else "",
+            timeout=number(timeout_name, float, 10.0, 0.001),
+            export_timeout=number("OTEL_BSP_EXPORT_TIMEOUT", float, 30.0, 0.001),
+            service_name=service_name, resource=tuple(resource.items()), sampler=sampler, ratio=ratio,
+            propagators=propagators, max_queue=max_queue,
+            max_batch=min(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", int, 512), max_queue),
+            schedule_delay=number("OTEL_BSP_SCHEDULE_DELAY", float, 5.0, 0.001))
+
+    def sample(self, trace_id, parent_sampled):
+        """The sampler's decision for a new SERVER span; ``parent_sampled`` is None at a trace's root.
+
+        The ratio samplers compare the trace id's right-most 7 bytes, the part W3C level 2 makes random, so every
+        node of a trace decides alike.
+        """
+        sampler = self.sampler
+        if sampler.startswith("parentbased_"):
+            if parent_sampled is not None:
+                return parent_sampled
+            sampler = sampler[12:]
+        if sampler == "always_on":
+            return True
+        if sampler == "always_off":
+            return False
+        return int(trace_id[18:], 16) < self.ratio * (1 << 56)
+
+
+@functools.lru_cache(maxsize=None)
+def _b3_forms(propagators):
+    return tuple(form for form, name in (("single", "b3"), ("multi", "b3multi")) if name in propagators)
+
+
+def parse_key_values(text):
+    """``k1=v1,k2=v2`` with percent-encoded values (OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS)."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def node_resource(config):
+    """The OTLP resource of one node: its service name (HOST unless OTEL_SERVICE_NAME says), pod identity."""
+    tracing = config.tracing
+    attributes = {"service.name": tracing.service_name or config.host}
+    if config.version:
+        attributes["service.version"] = config.version
+    for key, name in (("pod", "k8s.pod.name"), ("namespace", "k8s.namespace.name"), ("node", "k8s.node.name")):
+        if key in config.identity:
+            attributes[name] = config.identity[key]
+    attributes.update({"telemetry.sdk.name": "simplemesh", "telemetry.sdk.language": "python",
+                       "telemetry.sdk.version": __version__})
+    for key, value in tracing.resource:
+        attributes.setdefault(key, value)
+    return attributes
+
+
+# Spans are written straight to OTLP JSON text: building dicts for json.dumps costs about twice as much, and
+# the export thread shares the GIL with the request threads.
+_quote = json.encoder.encode_basestring_ascii
+
+
+def otlp_attributes(attributes):
+    """OTLP JSON KeyValues of a dict; ints travel as strings, as proto3 JSON writes int64."""
+    parts = []
+    for key, value in attributes.items():
+        if isinstance(value, bool):
+            kind, text = "boolValue", "true" if value else "false"
+        elif isinstance(value, int):
+            kind, text = "intValue", f'"{value}"'
+        elif isinstance(value, float):
+            kind, text = "doubleValue", repr(value)
+        else:
+            kind, text = "stringValue", _quote(str(value))
+        parts.append(f'{{"key":{_quote(key)},"value":{{"{kind}":{text}}}}}')
+    return "[" + ",".join(parts) + "]"
+
+
+def server_span_json(trace, request, status, end_ns):
+    """The SERVER span of one request as OTLP JSON: HTTP semantic-convention attributes and fault events."""
+    host, _, port = (request.headers.get("host") or "").rpartition(":")
+    if not port.isdigit():
+        host, port = (request.headers.get("host") or ""), ""
+    attributes = {"http.request.method": request.method, "url.scheme": "http", "url.path": request.path}
+    if request.query:
+        attributes["url.query"] = request.query
+    if host:
+        attributes["server.address"] = host
+    if port:
+        attributes["server.port"] = int(port)
+    attributes["network.protocol.version"] = "1.1"
+    if request.headers.get("user-agent"):
+        attributes["user_agent.original"] = request.headers.get("user-agent")
+    if status:
+        attributes["http.response.status_code"] = status
+    error = not status or status >= 500  # semconv: a server's 4xx is the client's fault, not a span error
+    if error:
+        attributes["error.type"] = str(status) if status else "reset"
+    extra = ""
+    if trace.tracestate:
+        extra += f',"traceState":{_quote(trace.tracestate)}'
+    if trace.events:
+        extra += ',"events":[' + ",".join(
+            f'{{"timeUnixNano":"{when}","name":{_quote(name)},"attributes":{otlp_attributes(values)}}}'
+            for name, when, values in trace.events) + "]"
+    if error:
+        extra += f',"status":{{"code":{STATUS_ERROR}}}'
+    return _span_json(trace.trace_id, trace.span_id, trace.parent_id, request.method, SPAN_KIND_SERVER,
+                      int(request.received_wall * 1e9), end_ns, attributes, extra)
+
+
+def client_span_json(trace, span_id, method, target, peer, status, error, start_ns, end_ns):
+    """The CLIENT span of one downstream call; ``error`` is why it got no answer ("" when it got one)."""
+    attributes = {"http.request.method": method, "server.address": target.name,
+                  "server.port": peer.address[1], "url.full": peer.url}
+    if status and not error:
+        attributes["http.response.status_code"] = status
+    extra = ""
+    if error or status >= 400:
+        attributes["error.type"] = ("timeout" if status == 504 else "connection") if error else str(status)
+        extra = f',"status":{{"code":{STATUS_ERROR}' + (f',"message":{_quote(error)}}}' if error else "}")
+    return _span_json(trace.trace_id, span_id, trace.span_id, method, SPAN_KIND_CLIENT, start_ns, end_ns,
+                      attributes, extra)
+
+
+def _span_json(trace_id, span_id, parent_id, name, kind, start_ns, end_ns, attributes, extra):
+    parent = f'"parentSpanId":"{parent_id}",' if parent_id else ""
+    return (f'{{"traceId":"{trace_id}","spanId":"{span_id}",{parent}"name":{_quote(name)},"kind":{kind},'
+            f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{max(end_ns, start_ns)}",'
+            f'"attributes":{otlp_attributes(attributes)}{extra}}}')
+
+
+def otlp_request(resource, spans):
+    """An ExportTraceServiceRequest in OTLP/HTTP JSON (ids as hex, as OTLP's JSON mapping says) from span texts."""
+    return (f'{{"resourceSpans":[{{"resource":{{"attributes":{otlp_attributes(resource)}}},'
+            f'"scopeSpans":[{{"scope":{{"name":"simplemesh","version":"{__version__}"}},"spans":['
+            + ",".join(spans) + "]}]}]}")
+
+
+def retry_after_seconds(text):
+    """Retry-After as seconds (delta-seconds or an HTTP date), or None."""
+    if not text:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class SpanExporter:
+    """A background batch exporter: a bounded queue of raw spans, one thread that encodes and posts them."""
+
+    def __init__(self, tracing, resource, metrics):
+        self.tracing = tracing
+        self.resource = resource
+        self.metrics = metrics
+        url = urlsplit(tracing.endpoint)
+        self.https = url.scheme == "https"
+        self.address = (url.hostname, url.port or (443 if self.https else 80))
+        self.path = (url.path or "/") + ("?" + url.query if url.query else "")
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"simplemesh/{__version__}"}
+        if tracing.compression:
+            self.headers["Content-Encoding"] = "gzip"
+        self.headers.update(tracing.headers)
+        self.queue = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.connection = None
+        self.thread = threading.Thread(target=self.run, name="span-export", daemon=True)
+        self.thread.start()
+
+    def add(self, span):
+        """Queue one raw span: a (kind, arguments) pair the export thread turns into JSON."""
+        with self.lock:
+            queued = len(self.queue)
+            if queued < self.tracing.max_queue:
+                self.queue.append(span)
+        if queued >= self.tracing.max_queue:
+            self.metrics.count_spans("dropped")
+        elif queued + 1 >= self.tracing.max_batch:
+            self.wake.set()
+
+    def run(self):
+        while True:
+            self.wake.wait(self.tracing.schedule_delay)
+            self.wake.clear()
+            stopping = self.stopping
+            while True:
+                with self.lock:
+                    batch = self.queue[:self.tracing.max_batch]
+                    del self.queue[:self.tracing.max_batch]
+                if not batch:
+                    break
+                self.export(batch)
+            if stopping:
+                if self.connection is not None:
+                    self.connection.close()
+                return
+
+    def export(self, batch):
+        spans = [encode(*arguments) for encode, arguments in batch]
+        payload = otlp_request(self.resource, spans).encode()
+        if self.tracing.compression:
+            payload = gzip.compress(payload)
+        deadline = time.monotonic() + self.tracing.export_timeout
+        backoff = EXPORT_BACKOFF
+        while True:
+            status, retry_after = self.post(payload)
+            if status is not None and 200 <= status < 300:
+                self.metrics.count_spans("exported", len(batch))
+                return
+            wait = retry_after if retry_after is not None else backoff * random.uniform(0.5, 1.0)
+            if (status is not None and status not in RETRYABLE_EXPORT) or time.monotonic() + wait > deadline:
+                self.metrics.count_spans("failed", len(batch))
+                return
+            self.metrics.count_span_retry()
+            time.sleep(wait)
+            backoff = min(backoff * 2, 8.0)
+
+    def post(self, payload):
+        """(status or None when nothing answered, Retry-After seconds or None) of one POST."""
+        for _ in range(2):  # a kept-alive connection the collector closed gets one fresh retry
+            reused = self.connection is not None
+            if not reused:
+                connection_class = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+                self.connection = connection_class(*self.address, timeout=self.tracing.timeout)
+            try:
+                self.connection.request("POST", self.path, body=payload, headers=self.headers)
+                response = self.connection.getresponse()
+                response.read()
+                if response.will_close:
+                    self.connection.close()
+                    self.connection = None
+                return response.status, retry_after_seconds(response.getheader("retry-after"))
+            except (OSError, http.client.HTTPException):
+                self.connection.close()
+                self.connection = None
+                if not reused:
+                    return None, None
+        return None, None
+
+    def shutdown(self, timeout=5.0):
+        """Export what is queued, then stop the thread (SPEC 8: spans are flushed on SIGTERM)."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
 
 
 # --- The node ----------------------------------------------------------------------------------------------
@@ -1487,6 +2087,7 @@ class Outcome:
     extra_headers: tuple = ()
     trace_id: str = ""
     targets: tuple = ()
+    trace: object = None  # the request's TraceContext: its SERVER span, exemplar and log fields
 
 
 class Node:
@@ -1499,11 +2100,12 @@ class Node:
         self.pool = ConnectionPool()
         self.resolver = Resolver(config.peers, config.upstream_port)
         self.metrics = Metrics()
+        self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
         self.ready = True
         self.rng = random.Random()
         self.started = time.time()
         self.lock = threading.Lock()
-        self.on_stop = []  # callables run once the node has drained (span export flushes here)
+        self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
 
     # Runtime controls (SPEC 4): a "sick replica" whose probes stay healthy.
     def set_defaults(self, requested):
@@ -1521,7 +2123,7 @@ class Node:
     def serve(self, request):
         """Answer one routed request: the heart of simple-mesh."""
         config = self.config
-        trace = TraceContext.from_headers(request.headers, config.forward_headers)
+        trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
         query = split_query(request.query)
         view = query.pop("view", None)
         try:
@@ -1563,15 +2165,18 @@ class Node:
         rng = self.rng
         if directives.reset and rng.random() < directives.reset:
             self.metrics.count_fault("reset")
-            return Outcome(0, reset=True, trace_id=trace.trace_id)
+            trace.event("simplemesh.reset")
+            return Outcome(0, reset=True, trace_id=trace.trace_id, trace=trace)
         if directives.delay:
             delay = directives.delay.sample(rng)
             if delay > 0:
                 self.metrics.count_fault("delay")
                 record["delay"] = round(delay, 6)
+                trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
                 time.sleep(delay)
         if directives.cpu:
             self.metrics.count_fault("cpu")
+            trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
             burn_cpu(directives.cpu)
             record["cpu"] = directives.cpu
         if directives.headers:
@@ -1584,6 +2189,7 @@ class Node:
         record["next_node"] = children
         if failure:
             self.metrics.count_fault("error")
+            trace.event("simplemesh.error", **{"http.response.status_code": failure})
             record["error"] = f"injected failure {failure}"
         status = node_status(failure, children)
         record["status"] = status
@@ -1593,11 +2199,16 @@ class Node:
         if directives.size:
             pad_record(record, directives.size)
         return Outcome(status, record, trace_id=trace.trace_id,
-                       targets=tuple(target.name for target, _rest in calls))
+                       targets=tuple(target.name for target, _rest in calls), trace=trace)
 
     def refuse(self, status, message, trace, **extra):
         return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
-                       trace_id=trace.trace_id)
+                       trace_id=trace.trace_id, trace=trace)
+
+    def flush_spans(self, timeout=5.0):
+        """Export the spans still queued and stop the exporter (at shutdown)."""
+        if self.exporter:
+            self.exporter.shutdown(timeout)
 
     def target_refusal(self, name):
         """(why, rule) when this node may not call ``name`` (SPEC 8), else None."""
@@ -1628,18 +2239,26 @@ class Node:
 
     def call(self, target, rest, request, trace, directives):
         peer, path = self.resolver.resolve(target, format_route(rest), target.query())
+        span_id = new_span_id() if trace.native else ""
+        started_ns = time.time_ns() if trace.sampled else 0
         started = time.perf_counter()
         try:
             status, content_type, data = call_peer(
-                self.pool, peer, path, request.method, request.body, trace.outbound,
+                self.pool, peer, path, request.method, request.body, trace.headers_for(span_id),
                 directives.timeout, self.config.max_upstream_body)
             elapsed = time.perf_counter() - started
-            self.metrics.observe_call(target.name, str(status), elapsed)
+            self.metrics.observe_call(target.name, str(status), elapsed, trace)
+            if trace.sampled:
+                self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, status, "",
+                                                      started_ns, time.time_ns())))
             return child_record(target, peer.url, status, content_type, data, request.method, elapsed)
         except CallFailed as failure:
             elapsed = time.perf_counter() - started
             code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
-            self.metrics.observe_call(target.name, code, elapsed)
+            self.metrics.observe_call(target.name, code, elapsed, trace)
+            if trace.sampled:
+                self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, failure.status,
+                                                      str(failure), started_ns, time.time_ns())))
             return {"host": target.name, "url": peer.url, "status": failure.status, "error": str(failure),
                     "elapsed_time": round(elapsed, 6)}
 
@@ -1701,6 +2320,8 @@ class Handler(BaseHTTPRequestHandler):
                     outcome = self.dispatch(node, request)
                 except Exception as error:  # a bug: answer and log one line rather than drop the connection
                     outcome = internal_error(node.config, error)
+                if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
+                    node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
             if outcome.reset:
                 self.reset_connection()
             else:
@@ -1712,7 +2333,7 @@ class Handler(BaseHTTPRequestHandler):
             with node.lock:
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
-        metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed)
+        metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
         self.log_access(request, outcome, elapsed)
 
     def read_request(self):
@@ -1791,7 +2412,9 @@ class Handler(BaseHTTPRequestHandler):
             ready = node.ready or path == "/healthz"
             return Outcome(200 if ready else 503, {"host": node.config.host, "status": "ok" if ready else "not ready"})
         if path == "/metrics":
-            return Outcome(200, text=node.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+            if "application/openmetrics-text" in request.headers.get("accept", ""):
+                return Outcome(200, text=node.metrics.render(openmetrics=True), content_type=OPENMETRICS_TYPE)
+            return Outcome(200, text=node.metrics.render(), content_type=PROMETHEUS_TYPE)
         first = path[1:].split("/", 1)[0]
         if first in ("metrics", "healthz", "readyz") or first.startswith("-"):
             return Outcome(404, error_answer(node.config.host, 404, f"/{first} is reserved; "
@@ -1871,7 +2494,8 @@ class Handler(BaseHTTPRequestHandler):
             "time": iso_time(time.time()), "host": node.config.host, "method": request.method,
             "path": request.path if request.path.isprintable() else ascii(request.path),  # no forged log lines
             "status": outcome.status or "reset", "elapsed": round(elapsed, 6),
-            "trace_id": outcome.trace_id, "targets": list(outcome.targets)})
+            "trace_id": outcome.trace_id, "span_id": outcome.trace.span_id if outcome.trace else "",
+            "targets": list(outcome.targets)})
 
     def log_message(self, format, *args):  # http.server's own messages: kept quiet but for real errors
         pass
@@ -2238,7 +2862,9 @@ def startup_line(config):
                       "peers": ",".join(sorted(config.peers)) or None,
                       "defaults": ",".join(f"{k}={v}" for k, v in config.defaults.items()) or None,
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
-                      "max_concurrency": config.max_concurrency, "simplemesh": __version__})
+                      "max_concurrency": config.max_concurrency,
+                      "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
+                                 else "mesh-only"), "simplemesh": __version__})
 
 
 def stop_signals():
@@ -2314,6 +2940,8 @@ def command_mesh(args, environ):
                                            args.port + index))
     peers = dict(base.peers)
     peers.update(ports)
+    if base.tracing:  # each node of a local mesh is its own service in the trace backend
+        base = replace(base, tracing=replace(base.tracing, service_name=""))
     configs = [replace(base, host="gateway", port=args.port, peers=peers, version="")]
     for index, (name, version, directives) in enumerate(specs, start=1):
         defaults = dict(base.defaults)
@@ -2646,7 +3274,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run one node, configured by environment variables (the default)",
                         description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
-                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment.")
+                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
+                                    "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
     mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
                                description="Run a whole mesh in one process: a gateway on --port and each NODE on "
                                            "the next ports, resolving each other's names.")
