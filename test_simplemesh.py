@@ -27,7 +27,6 @@ import threading
 import time
 import unittest
 import urllib.parse
-from dataclasses import replace
 
 import simplemesh as sm
 
@@ -537,8 +536,8 @@ class TestPropagationThroughANode(unittest.TestCase):
         self.assertEqual(answer["trace_id"], "463ac35c9f6413ad48485a3953bb6124")
 
     def native(self, **overrides):
-        return replace(sm.TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", schedule_delay=60,
-                                        export_timeout=0.1), **overrides)
+        return sm.TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", schedule_delay=60,
+                                export_timeout=0.1).replace(**overrides)
 
     def test_native_call_carries_its_client_span(self):
         long_state = ",".join([f"k{i:02d}=" + "v" * 40 for i in range(14)])
@@ -1070,7 +1069,7 @@ class OTLPReceiver:
 
     def tracing(self, **overrides):
         environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-        return replace(sm.TracingConfig.from_env(environ), **overrides)
+        return sm.TracingConfig.from_env(environ).replace(**overrides)
 
     def spans(self):
         """[(service name, span)] of everything received."""
@@ -2773,7 +2772,7 @@ class TestManifestsRunLocally(unittest.TestCase):
             for deployment in node_deployments(objects):
                 env = container_env(deployment, pod=deployment["metadata"]["name"] + "-xyz")
                 env.update(PORT="0", ADDRESS="127.0.0.1", LOG_LEVEL="warning")
-                config = replace(sm.Config.from_env(env), peers=peers)
+                config = sm.Config.from_env(env).replace(peers=peers)
                 server = sm.start_node(config)
                 servers.append(server)
                 peers[config.host] = [("127.0.0.1", server.server_address[1])]

@@ -366,6 +366,7 @@ def measure(ctx, impl, scenario, rnd, runs, deployments):
     dep = Deployment(impl, scenario, ctx)
     try:
         dep.start()
+        time.sleep(1.0)  # idle means settled: read RSS a second after the first answer, for every implementation
         record = {"implementation": impl, "scenario": scenario, "round": rnd,
                   "startup_ms": statistics.median(dep.startup_s) * 1000, "rss_idle_mb": dep.rss_mb()}
         posts_before = ctx.sink_posts() if impl == "simplemesh-otlp" else 0
