@@ -12,7 +12,8 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
     curl localhost:9090/a/b/c
 
 The module reads top to bottom in the order a request flows: configuration, route grammar, directives,
-trace context, outbound calls, the answer, metrics, the HTTP handler and server, the command line.
+trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP handler and
+server, manifests, the command line.
 """
 
 import argparse
@@ -104,6 +105,11 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable."""
 
 
+def is_number(text):
+    """True for a non-empty run of ASCII digits (str.isdigit() alone also takes '²' and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_bool(text):
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -126,7 +132,7 @@ def parse_peers(text):
         targets = []
         for address in addresses.split("|"):
             host, sep, port = address.strip().rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not sep or not host or not is_number(port) or not 0 < int(port) < 65536:
                 raise ValueError(f"expected host:port for {name.strip()!r}, got {address!r}")
             targets.append((host, int(port)))
         peers[name.strip().lower()] = targets
@@ -186,7 +192,7 @@ class Config(Record):
         read("PEERS", "peers", parse_peers)
         read("ALLOW_DIRECTIVES", "allow_directives", parse_bool)
         read("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool)
-        read("ALLOWED_HOSTS", "allowed_hosts", _word_list)
+        read("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text)))
         read("FORWARD_HEADERS", "forward_headers", lambda text: tuple(w.lower() for w in _word_list(text)))
         read("MAX_CALLS", "max_calls", positive_int)
         read("MAX_DEPTH", "max_depth", positive_int)
@@ -431,6 +437,25 @@ def is_ip_literal(name):
     return last.isdigit() or (last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:]))
 
 
+RESERVED_NAMES = frozenset(("metrics", "healthz", "readyz"))  # first segments a node answers itself (SPEC 1)
+
+
+def is_operations_path(path):
+    """Paths a node answers itself: probes, metrics and the /-/ admin paths."""
+    return path in ("/metrics", "/healthz", "/readyz") or path.startswith("/-/")
+
+
+def forward_route(steps):
+    """The rest of a route as the next hop's path (no leading "/").
+
+    A rest starting with a reserved name is sent as a group, ``(metrics)/x``, so ``/a/metrics`` calls a service
+    named metrics instead of reading a's own /metrics.
+    """
+    text = format_route(steps)
+    first = text.split("/", 1)[0]
+    return f"({first}){text[len(first):]}" if first in RESERVED_NAMES else text
+
+
 def format_route(steps):
     """The inverse of parse_route, without the leading "/": what a node sends on as the rest of the route."""
     return "/".join("~".join(_format_branch(branch) for branch in step) for step in steps)
@@ -585,7 +610,7 @@ class Directive(Record):
     name: str
     env: str
     parse: object  # text -> value; flags take None for "on"
-    cap: object = None  # value -> (limit, Config attribute name) to check, or None
+    cap: object = None  # (value, config) -> (amount, limit, limit's variable name), or None: no cap
     flag: bool = False
 
 
@@ -682,7 +707,7 @@ def _weighted_pick(choices, rng):
 
 
 def split_query(query):
-    """A query string into {key: raw text or None}; ``view`` is taken out, being no directive."""
+    """A query string into {key: raw text, or None for a bare key such as ``parallel``}."""
     directives = {}
     for item in query.split("&"):
         if not item:
@@ -700,7 +725,6 @@ def burn_cpu(seconds):
     while time.thread_time() < end:
         for _ in range(1000):
             n = (n * 1103515245 + 12345) & 0x7FFFFFFF
-    return n
 
 
 # --- Trace context -----------------------------------------------------------------------------------------
@@ -977,7 +1001,7 @@ class Response(http.client.HTTPResponse):
         self.chunk_left = None
         self.will_close = self._check_close()
         length = headers.get("content-length")
-        self.length = int(length) if length and length.isdigit() and not self.chunked else None
+        self.length = int(length) if length and is_number(length) and not self.chunked else None
         if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
@@ -1040,37 +1064,52 @@ def read_header_lines(stream):
 
 
 class ConnectionPool:
-    """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back."""
+    """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back.
 
-    def __init__(self, max_idle_per_peer=256):
-        self.idle = {}
+    Each peer's idle connections are a stack, most recently used on top. One idle for longer than ``max_idle``
+    is closed rather than reused: servers close idle connections on their own timers (simplemesh after
+    KEEPALIVE_TIMEOUT, 75 s), and reusing one just as its server closes it fails the call.
+    """
+
+    def __init__(self, max_idle_per_peer=256, max_idle=30.0):
+        self.idle = {}  # (host, port) -> [(connection, idle since), ...]
         self.lock = threading.Lock()
         self.max_idle_per_peer = max_idle_per_peer
+        self.max_idle = max_idle
 
     def take(self, address, timeout):
         while True:
             with self.lock:
                 stack = self.idle.get(address)
-                connection = stack.pop() if stack else None
+                connection, since = stack.pop() if stack else (None, 0.0)
             if connection is None:
                 return Connection(address[0], address[1], timeout=timeout)
-            if _still_open(connection.sock):  # checked outside the lock: it is a system call
+            if time.monotonic() - since < self.max_idle and _still_open(connection.sock):  # outside the lock
                 connection.sock.settimeout(timeout)
                 return connection
             connection.close()
 
     def give_back(self, address, connection):
+        now = time.monotonic()
         with self.lock:
             stack = self.idle.setdefault(address, [])
+            expired = 0
+            while expired < len(stack) and now - stack[expired][1] >= self.max_idle:
+                expired += 1  # the bottom of the stack: connections no burst has needed for a while
+            stale = [old for old, _since in stack[:expired]]
+            del stack[:expired]
             if len(stack) < self.max_idle_per_peer:
-                stack.append(connection)
-                return
-        connection.close()
+                stack.append((connection, now))
+                connection = None
+        for old in stale:
+            old.close()
+        if connection is not None:
+            connection.close()
 
     def close(self):
         with self.lock:
             for stack in self.idle.values():
-                for connection in stack:
+                for connection, _since in stack:
                     connection.close()
             self.idle.clear()
 
@@ -1215,9 +1254,9 @@ def _exchange(connection, peer, path, method, body, headers, max_answer):
     connection.endheaders(body or None)
     response = connection.getresponse()
     length = response.getheader("content-length")
-    if length and length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > max_answer):
+    if length and is_number(length) and (len(length) > 18 or int(length) > max_answer):
         raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}", code=response.status)
-    data = response.read(max_answer + 1) if method != "HEAD" else b""
+    data = response.read(max_answer + 1)  # nothing for HEAD, but reading it frees the connection for reuse
     if len(data) > max_answer:
         raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
     reusable = not response.will_close and not response.fp
@@ -1239,13 +1278,20 @@ def _call_failure(error, peer):
     return CallFailed(f"{type(error).__name__}: {str(error)[:200]}")
 
 
+def caller_record(target, url, status, error, elapsed, timeout=False):
+    """The record a caller writes for a call that got no simplemesh answer (SPEC 3): it never leaves the tree."""
+    record = {"host": target.name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
+    if error:
+        record["error"] = error
+    if timeout:
+        record["timeout"] = True  # this call timed out: the caller answers 504, not 502
+    return record
+
+
 def child_record(target, url, status, content_type, data, method, elapsed):
     """The record of one call: the callee's own answer when it gave one, else one written by the caller."""
     if method == "HEAD":
-        record = {"host": target.name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
-        if status >= 400:
-            record["error"] = f"answered {status}"
-        return record
+        return caller_record(target, url, status, f"answered {status}" if status >= 400 else "", elapsed)
     if "json" in content_type:
         try:
             answer = json.loads(data)
@@ -1254,8 +1300,8 @@ def child_record(target, url, status, content_type, data, method, elapsed):
         if isinstance(answer, dict) and "host" in answer:
             return answer
     snippet = data[:200].decode("utf-8", "replace").strip()
-    return {"host": target.name, "url": url, "status": status, "elapsed_time": round(elapsed, 6),
-            "error": f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else "")}
+    return caller_record(target, url, status,
+                         f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else ""), elapsed)
 
 
 # --- The answer and its views ------------------------------------------------------------------------------
@@ -1276,15 +1322,16 @@ _ISO_CACHE = [None, ""]
 
 
 def node_status(own_failure, children):
-    """SPEC 3: the injected failure if one fired; else 502 (504 for a timeout) if a call failed; else 200."""
+    """SPEC 3: the injected failure if one fired; else 504 if one of its calls timed out, 502 if one failed or
+    answered >= 400; else 200."""
     if own_failure:
         return own_failure
     worst = 200
     for child in children:
+        if child.get("timeout") is True:
+            return 504
         status = child.get("status")
         if not isinstance(status, int) or status >= 400:
-            if status == 504 or child.get("timeout"):
-                return 504
             worst = 502
     return worst
 
@@ -1295,6 +1342,11 @@ def pad_record(record, size):
     if missing > 0:
         record["padding"] = "x" * missing
     return record
+
+
+def error_outcome(host, status, message, **extra):
+    """An Outcome carrying an error answer."""
+    return Outcome(status, error_answer(host, status, message, **extra))
 
 
 def error_answer(host, status, message, **extra):
@@ -1928,7 +1980,7 @@ def otlp_attributes(attributes):
 def server_span_json(trace, request, status, end_ns):
     """The SERVER span of one request as OTLP JSON: HTTP semantic-convention attributes and fault events."""
     host, _, port = (request.headers.get("host") or "").rpartition(":")
-    if not port.isdigit():
+    if not is_number(port) or len(port) > 5:
         host, port = (request.headers.get("host") or ""), ""
     attributes = {"http.request.method": request.method, "url.scheme": "http", "url.path": request.path}
     if request.query:
@@ -1991,7 +2043,7 @@ def retry_after_seconds(text):
     if not text:
         return None
     text = text.strip()
-    if text.isdigit():
+    if is_number(text):
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
@@ -2045,7 +2097,10 @@ class SpanExporter:
                     del self.queue[:self.tracing.max_batch]
                 if not batch:
                     break
-                self.export(batch)
+                try:
+                    self.export(batch)
+                except Exception:  # a span this code cannot encode must not stop the exporter for good
+                    self.metrics.count_spans("failed", len(batch))
             if stopping:
                 if self.connection is not None:
                     self.connection.close()
@@ -2140,17 +2195,16 @@ class Node:
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
         self.ready = True
         self.rng = random.Random()
-        self.started = time.time()
         self.lock = threading.Lock()
         self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
 
     # Runtime controls (SPEC 4): a "sick replica" whose probes stay healthy.
     def set_defaults(self, requested):
-        merged = dict(self.defaults)
-        merged.update(requested)
-        directives = Directives.resolve(self.config, merged, {})
-        with self.lock:
-            self.defaults, self.base_directives = merged, directives
+        with self.lock:  # two POSTs at once must not lose one of them
+            merged = dict(self.defaults)
+            merged.update(requested)
+            self.base_directives = Directives.resolve(self.config, merged, {})
+            self.defaults = merged
 
     def reset_defaults(self):
         with self.lock:
@@ -2162,7 +2216,7 @@ class Node:
         config = self.config
         trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
         query = split_query(request.query)
-        view = query.pop("view", None)
+        query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
         try:
             steps = parse_route(request.path)
             if query and not config.allow_directives:
@@ -2264,7 +2318,10 @@ class Node:
 
         def run(index):
             target, rest = calls[index]
-            records[index] = self.call(target, rest, request, trace, directives)
+            try:
+                records[index] = self.call(target, rest, request, trace, directives)
+            except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
+                records[index] = caller_record(target, "", 502, f"internal error: {type(error).__name__}", 0.0)
 
         threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(1, len(calls))]
         for thread in threads:
@@ -2275,13 +2332,16 @@ class Node:
         return records
 
     def call(self, target, rest, request, trace, directives):
-        peer, path = self.resolver.resolve(target, format_route(rest), target.query())
+        peer, path = self.resolver.resolve(target, forward_route(rest), target.query())
         span_id = new_span_id() if trace.native else ""
         started_ns = time.time_ns() if trace.sampled else 0
         started = time.perf_counter()
         try:
+            headers = trace.headers_for(span_id)
+            if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
+                headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
-                self.pool, peer, path, request.method, request.body, trace.headers_for(span_id),
+                self.pool, peer, path, request.method, request.body, headers,
                 directives.timeout, self.config.max_upstream_body)
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
@@ -2296,8 +2356,7 @@ class Node:
             if trace.sampled:
                 self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, failure.status,
                                                       str(failure), started_ns, time.time_ns())))
-            return {"host": target.name, "url": peer.url, "status": failure.status, "error": str(failure),
-                    "elapsed_time": round(elapsed, 6)}
+            return caller_record(target, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
 
 
 # --- HTTP handler and server -------------------------------------------------------------------------------
@@ -2320,8 +2379,6 @@ class BadRequest(Exception):
 
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "simplemesh/" + __version__
     wbufsize = 0  # each answer is written with one sendall
 
     def setup(self):
@@ -2336,22 +2393,29 @@ class Handler(BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError, OSError):
             self.close_connection = True
             return
-        except BadRequest as error:
+        except BadRequest as error:  # answered, counted and logged like any request, then the connection closes
             self.close_connection = True
-            self.write_answer(Outcome(error.status, error_answer(node.config.host, error.status, str(error))), b"")
+            outcome = error_outcome(node.config.host, error.status, str(error))
+            try:
+                self.write_answer(outcome, "")
+            except OSError:
+                pass
+            node.metrics.observe_request("-", str(error.status), 0.0)  # "-": a malformed method is no label value
+            self.log_access(None, outcome, 0.0)
             return
         if request is None:
             self.close_connection = True
             return
         metrics = node.metrics
-        with node.lock:
+        with metrics.lock:
             metrics.in_flight += 1
-            busy = metrics.in_flight > node.config.max_concurrency
+            # Probes, scrapes and admin calls are always answered: a busy node must not look dead to the kubelet.
+            busy = metrics.in_flight > node.config.max_concurrency and not is_operations_path(request.path)
         try:
             if busy:
-                outcome = Outcome(503, error_answer(node.config.host, 503, "too many requests in flight "
-                                                    f"(MAX_CONCURRENCY={node.config.max_concurrency})"),
-                                  extra_headers=(("Retry-After", "1"),))
+                outcome = error_outcome(node.config.host, 503, "too many requests in flight "
+                                        f"(MAX_CONCURRENCY={node.config.max_concurrency})")
+                outcome.extra_headers = (("Retry-After", "1"),)
             else:
                 try:
                     outcome = self.dispatch(node, request)
@@ -2367,7 +2431,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             outcome = Outcome(499)
         finally:
-            with node.lock:
+            with metrics.lock:
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
         metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
@@ -2409,8 +2473,6 @@ class Handler(BaseHTTPRequestHandler):
             headers = read_header_lines(self.rfile)
         except HeaderError as error:
             raise BadRequest(error.status, str(error)) from None
-        self.request_version = version
-        self.command = method
         connection = headers.get("connection", "").lower()
         self.close_connection = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
         if method not in METHODS:
@@ -2419,7 +2481,7 @@ class Handler(BaseHTTPRequestHandler):
         if headers.get("transfer-encoding"):
             raise BadRequest(411, "chunked request bodies are not supported; send Content-Length")
         length = headers.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()):
+        if not is_number(length):
             raise BadRequest(400, "bad Content-Length")
         max_body = self.server.node.config.max_body
         if len(length) > 18 or int(length) > max_body:
@@ -2453,12 +2515,12 @@ class Handler(BaseHTTPRequestHandler):
                 return Outcome(200, text=node.metrics.render(openmetrics=True), content_type=OPENMETRICS_TYPE)
             return Outcome(200, text=node.metrics.render(), content_type=PROMETHEUS_TYPE)
         first = path[1:].split("/", 1)[0]
-        if first in ("metrics", "healthz", "readyz") or first.startswith("-"):
-            return Outcome(404, error_answer(node.config.host, 404, f"/{first} is reserved; "
-                                             f"to call a service named {first!r} write the step as ({first})"))
+        if first in RESERVED_NAMES or first.startswith("-"):
+            return error_outcome(node.config.host, 404, f"/{first} is reserved; "
+                                             f"to call a service named {first!r} write the step as ({first})")
         view = choose_view(request.query, request.headers.get("accept", ""))
         if view is None:
-            return Outcome(400, error_answer(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}"))
+            return error_outcome(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}")
         outcome = node.serve(request)
         if view == "json" or outcome.record is None:
             return outcome
@@ -2476,24 +2538,27 @@ class Handler(BaseHTTPRequestHandler):
         host = node.config.host
         query = split_query(request.query)
         if request.path == "/-/defaults":
+            if request.method in ("POST", "DELETE") and not node.config.allow_directives:
+                return error_outcome(host, 403, "changing defaults is not allowed here (ALLOW_DIRECTIVES=false)",
+                                     rule="ALLOW_DIRECTIVES")
             if request.method == "POST":
                 try:
                     node.set_defaults(query)
                 except DirectiveError as error:
-                    return Outcome(400, error_answer(host, 400, f"bad directive: {error}"))
+                    return error_outcome(host, 400, f"bad directive: {error}")
             elif request.method == "DELETE":
                 node.reset_defaults()
             elif request.method != "GET":
-                return Outcome(405, error_answer(host, 405, "use GET, POST or DELETE"))
+                return error_outcome(host, 405, "use GET, POST or DELETE")
             return Outcome(200, {"host": host, "defaults": node.defaults})
         if request.path == "/-/ready":
             if request.method == "POST":
                 try:
-                    node.ready = parse_bool(query.get("ready") or "")
+                    node.ready = parse_bool(query.get("ready") or "unset")
                 except ValueError:
-                    return Outcome(400, error_answer(host, 400, "use ?ready=true or ?ready=false"))
+                    return error_outcome(host, 400, "use ?ready=true or ?ready=false")
             return Outcome(200, {"host": host, "ready": node.ready})
-        return Outcome(404, error_answer(host, 404, f"no admin path {request.path}"))
+        return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
         if outcome.text is not None:
@@ -2520,6 +2585,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Closed here: socketserver's shutdown(SHUT_WR) would otherwise send a FIN first, a clean close.
+            self.connection.close()
         except OSError:
             pass
 
@@ -2527,9 +2594,10 @@ class Handler(BaseHTTPRequestHandler):
         node = self.server.node
         if node.config.log_level not in ("debug", "info"):
             return
+        path = request.path if request else "-"
         log_line(node.config, {
-            "time": iso_time(time.time()), "host": node.config.host, "method": request.method,
-            "path": request.path if request.path.isprintable() else ascii(request.path),  # no forged log lines
+            "time": iso_time(time.time()), "host": node.config.host, "method": request.method if request else "-",
+            "path": path if path.isprintable() else ascii(path),  # no forged log lines
             "status": outcome.status or "reset", "elapsed": round(elapsed, 6),
             "trace_id": outcome.trace_id, "span_id": outcome.trace.span_id if outcome.trace else "",
             "targets": list(outcome.targets)})
@@ -2547,7 +2615,7 @@ def internal_error(config, error):
     message = f"{type(error).__name__}: {error}"
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
                       "error": ascii(message), "at": place})
-    return Outcome(500, error_answer(config.host, 500, f"internal error: {message[:200]}"))
+    return error_outcome(config.host, 500, f"internal error: {message[:200]}")
 
 
 def http_date():

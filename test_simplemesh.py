@@ -1152,6 +1152,13 @@ class TestOtelEnvironment(unittest.TestCase):
 
 
 class TestOtlpJsonEncoding(unittest.TestCase):
+    def test_a_strange_host_header_cannot_break_a_span(self):
+        trace = sm.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", {}, native=True, sampled=True)
+        for host in ["a:\u00b9", "a:99999999999999999999", "a:", ":80", ""]:
+            request = sm.Request("GET", "/", "", sm.Headers({"host": host}))
+            span = json.loads(sm.server_span_json(trace, request, 200, time.time_ns()))
+            self.assertEqual(span["traceId"], trace.trace_id)
+
     """The span writers are pure: what they write must parse strictly, whatever a client put in the request."""
 
     def test_spans_with_hostile_text_parse_strictly(self):
@@ -1426,8 +1433,56 @@ class NodeOverHttpTest(unittest.TestCase):
             status, _h, answer = mesh.request("a", "/b;reset=1")
             self.assertEqual(status, 502)
             self.assertIn("reset", answer["next_node"][0]["error"])
-            with self.assertRaises((http.client.RemoteDisconnected, ConnectionResetError)):
+            with self.assertRaises(ConnectionResetError):  # an RST, not a clean close
                 mesh.request("b", "/?reset=1")
+
+    def test_reserved_name_after_the_first_step_is_a_call(self):
+        with Mesh({"a": {}, "metrics": {}, "healthz": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/(metrics)/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(hosts(answer), ["a", [["metrics", [["healthz", []]]]]])
+        self.assertEqual(sm.forward_route(sm.parse_route("/metrics/b")), "(metrics)/b")
+        self.assertEqual(sm.forward_route(sm.parse_route("/metrics;delay=1s/b")), "metrics;delay=1s/b")
+
+    def test_a_child_answering_504_is_a_failed_call_not_a_timeout(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            self.assertEqual(mesh.request("a", "/b;status=504")[0], 502)
+            status, _h, answer = mesh.request("a", "/b;timeout=200ms/c;delay=1s", timeout=10)
+            self.assertEqual(status, 502)  # b timed out calling c (504); a saw b answer 504
+            self.assertEqual(answer["next_node"][0]["status"], 504)
+            self.assertTrue(answer["next_node"][0]["next_node"][0]["timeout"])
+
+    def test_head_calls_reuse_their_connection(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            accepted = []
+            server_b = mesh.servers["b"]
+            original = server_b.process_request
+            server_b.process_request = lambda request, address: (accepted.append(address), original(request, address))
+            for _ in range(5):
+                self.assertEqual(mesh.request("a", "/b", method="HEAD")[0], 200)
+        self.assertEqual(len(accepted), 1)
+
+    def test_a_forwarded_body_keeps_its_content_type(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            _s, _h, answer = mesh.request("a", "/b;headers", method="POST", body=b'{"x": 1}',
+                                          headers={"Content-Type": "application/json"})
+        self.assertEqual(answer["next_node"][0]["headers"]["content-type"], "application/json")
+
+    def test_idle_pooled_connections_expire(self):
+        pool = sm.ConnectionPool(max_idle=0.05)
+        with Mesh({"b": {}}) as mesh:
+            address = mesh.peers["b"][0]
+            first = pool.take(address, 5)
+            first.request("GET", "/")
+            first.getresponse().read()
+            pool.give_back(address, first)
+            self.assertIs(pool.take(address, 5), first)  # fresh: reused
+            pool.give_back(address, first)
+            time.sleep(0.1)
+            second = pool.take(address, 5)
+            self.assertIsNot(second, first)  # idle too long: a new connection
+            self.assertIsNone(first.sock)
+            pool.close()
 
     def test_non_simplemesh_answer_is_recorded_by_the_caller(self):
         from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -1543,6 +1598,26 @@ class NodeOverHttpTest(unittest.TestCase):
             self.assertEqual(status, 404)
             self.assertIn("reserved", answer["error"])
             self.assertEqual(mesh.request("a", "/-/nothing")[0], 404)
+
+    def test_readiness_needs_an_explicit_value(self):
+        with Mesh({"a": {}}) as mesh:
+            self.assertEqual(mesh.request("a", "/-/ready", method="POST")[0], 400)
+            self.assertEqual(mesh.request("a", "/readyz")[0], 200)
+
+    def test_allow_directives_false_also_locks_the_defaults(self):
+        with Mesh({"a": {}}, allow_directives=False) as mesh:
+            status, _h, answer = mesh.request("a", "/-/defaults?error=1", method="POST")
+            self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            self.assertEqual(mesh.request("a", "/-/defaults", method="DELETE")[0], 403)
+            self.assertEqual(mesh.request("a", "/")[0], 200)
+
+    def test_malformed_requests_are_counted_and_logged(self):
+        with Mesh({"a": {}}) as mesh:
+            with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                sock.sendall(b"BREW /pot HTTP/1.1\r\nHost: a\r\n\r\n")
+                self.assertIn(b" 501 ", sock.recv(200))
+            _s, _h, text = mesh.request("a", "/metrics")
+        self.assertIn('simplemesh_http_requests_total{method="-",code="501"} 1', text)
 
     def test_runtime_defaults_make_a_sick_replica(self):
         with Mesh({"a": {}}) as mesh:
@@ -2048,8 +2123,10 @@ class RobustLimitsTest(unittest.TestCase):
                 thread.start()
             time.sleep(0.1)
             status, headers, answer = mesh.request("a", "/")
+            probes = [mesh.request("a", path)[0] for path in ("/healthz", "/readyz", "/metrics")]
             for thread in threads:
                 thread.join()
+            self.assertEqual(probes, [200, 200, 200])  # a busy node still looks alive to the kubelet
             self.assertEqual(results, [200, 200])  # at the limit
             self.assertEqual((status, headers.get("retry-after")), (503, "1"))  # beyond it
             self.assertIn("MAX_CONCURRENCY=2", answer["error"])
@@ -2328,7 +2405,7 @@ class RobustSoakTest(unittest.TestCase):
         self.addCleanup(mesh.kill)
         warmup = max(5.0, self.SECONDS / 4)
         idle = process_status(mesh.process.pid)
-        wrk = subprocess.Popen(["wrk", "-t2", "-c200", f"-d{self.SECONDS:g}s", "--timeout", "10s", "--latency",
+        wrk = subprocess.Popen(["wrk", "-t2", "-c200", f"-d{self.SECONDS:g}s", "--timeout", "30s", "--latency",
                                 f"http://127.0.0.1:{port}/a/b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         self.addCleanup(lambda: wrk.poll() is None and wrk.kill())
