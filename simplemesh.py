@@ -54,36 +54,39 @@ class Record:
     """Named fields with class-level defaults: a small stand-in for a dataclass.
 
     Importing dataclasses and generating each class's methods costs about 20 ms of start-up, and start-up to
-    the first answer is a benchmarked target; these few records need only construction, replace() and equality.
+    the first answer is a benchmarked target; these records need only construction, replace() and equality.
+    Construction is two dict updates, as cheap as a generated __init__ for the records made per request.
     """
     _fields = ()
 
     def __init_subclass__(cls):
         super().__init_subclass__()
         names = list(cls._fields)
-        names += [name for name in cls.__dict__.get("__annotations__", {}) if name not in names]
+        names += [name for name in cls.__annotations__ if name not in names]
         cls._fields = tuple(names)
+        cls._field_set = frozenset(names)
+        cls._defaults = {name: getattr(cls, name) for name in names if hasattr(cls, name)}
+        cls._required = cls._field_set - cls._defaults.keys()
+        cls._mutable = tuple(name for name, value in cls._defaults.items() if isinstance(value, (dict, list)))
 
     def __init__(self, *args, **values):
-        if len(args) > len(self._fields):
-            raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} positional arguments")
-        for name, value in zip(self._fields, args):
-            if name in values:
-                raise TypeError(f"{type(self).__name__} got {name!r} twice")
-            values[name] = value
-        for name in self._fields:
-            if name in values:
-                value = values.pop(name)
-            else:
-                try:
-                    value = getattr(type(self), name)
-                except AttributeError:
-                    raise TypeError(f"{type(self).__name__} needs {name!r}") from None
-                if isinstance(value, (dict, list)):
-                    value = type(value)(value)  # a default is never shared between instances
-            setattr(self, name, value)
-        if values:
-            raise TypeError(f"{type(self).__name__} has no field {next(iter(values))!r}")
+        if args:
+            if len(args) > len(self._fields):
+                raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} positional arguments")
+            for name, value in zip(self._fields, args):
+                if name in values:
+                    raise TypeError(f"{type(self).__name__} got {name!r} twice")
+                values[name] = value
+        if not values.keys() <= self._field_set:
+            raise TypeError(f"{type(self).__name__} has no field {min(values.keys() - self._field_set)!r}")
+        if not self._required <= values.keys():
+            raise TypeError(f"{type(self).__name__} needs {min(self._required - values.keys())!r}")
+        fields = self.__dict__
+        fields.update(self._defaults)
+        fields.update(values)
+        for name in self._mutable:
+            if name not in values:
+                fields[name] = type(fields[name])(fields[name])  # a default is never shared between instances
 
     def replace(self, **changes):
         """A copy with some fields changed."""
@@ -119,23 +122,31 @@ def parse_bool(text):
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def split_pairs(text, expected):
+    """``k1=v1,k2=v2`` -> [(k1, v1), ...] with white space stripped; ValueError names what was ``expected``."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected {expected}, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
 def parse_peers(text):
     """``PEERS="a=127.0.0.1:9091,b=127.0.0.1:9092|127.0.0.1:9093"`` -> {name: [(host, port), ...]}.
 
     Several addresses for one name (``|``) are used in turn: that is how ``mesh`` puts a v1 and a v2 behind a name.
     """
     peers = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, addresses = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"expected name=host:port, got {item!r}")
+    for name, addresses in split_pairs(text, "name=host:port"):
         targets = []
         for address in addresses.split("|"):
             host, sep, port = address.strip().rpartition(":")
             if not sep or not host or not is_number(port) or not 0 < int(port) < 65536:
-                raise ValueError(f"expected host:port for {name.strip()!r}, got {address!r}")
+                raise ValueError(f"expected host:port for {name!r}, got {address!r}")
             targets.append((host, int(port)))
-        peers[name.strip().lower()] = targets
+        peers[name.lower()] = targets
     return peers
 
 
@@ -877,23 +888,28 @@ def _b3_sampled(text):
     return None
 
 
-class TraceContext(Record):
+class TraceContext:
     """What a node knows of the trace a request belongs to, and the headers it sends onward.
 
     ``span_id`` is this node's SERVER span with native spans; in mesh-only mode it is the span id the node
     received (the sidecar's), so logs and answers point at a span a backend has.
     """
-    trace_id: str
-    span_id: str
-    outbound: dict
-    parent_id: str = ""
-    flags: int = FLAG_SAMPLED
-    native: bool = False  # native spans: every call gets its own CLIENT span
-    sampled: bool = False  # native spans recorded and exported for this request
-    tracestate: str = ""
-    b3_forms: tuple = ()
-    events: list = None  # (name, time ns, attributes) of injected faults, when sampled
-    w3c: bool = True  # native spans: send traceparent (OTEL_PROPAGATORS has tracecontext)
+    __slots__ = ("trace_id", "span_id", "outbound", "parent_id", "flags", "native", "sampled", "tracestate",
+                 "b3_forms", "events", "w3c")
+
+    def __init__(self, trace_id, span_id, outbound, parent_id="", flags=FLAG_SAMPLED, native=False, sampled=False,
+                 tracestate="", b3_forms=(), events=None, w3c=True):
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.outbound = outbound  # headers sent on with every call
+        self.parent_id = parent_id
+        self.flags = flags
+        self.native = native  # native spans: every call gets its own CLIENT span
+        self.sampled = sampled  # native spans recorded and exported for this request
+        self.tracestate = tracestate
+        self.b3_forms = b3_forms
+        self.events = events  # (name, time ns, attributes) of injected faults, when sampled
+        self.w3c = w3c  # native spans: send traceparent (OTEL_PROPAGATORS has tracecontext)
 
     @classmethod
     def from_headers(cls, headers, forward_headers=(), tracing=None):
@@ -1125,11 +1141,14 @@ def _still_open(sock):
     return not readable
 
 
-class Peer(Record):
+class Peer:
     """Where one call goes: the address to connect to and the Host header the mesh routes by."""
-    address: tuple
-    host_header: str
-    url: str
+    __slots__ = ("address", "host_header", "url")
+
+    def __init__(self, address, host_header, url):
+        self.address = address
+        self.host_header = host_header
+        self.url = url
 
 
 class Resolver:
@@ -1308,17 +1327,29 @@ def child_record(target, url, status, content_type, data, method, elapsed):
 # SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree:
 # JSON, render_tree() for a terminal and render_html() for a browser; the views are pure functions of the record.
 
+class SecondFormat:
+    """A time format applied once a second: formatting the times of every answer costs a few percent otherwise."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.last = (None, "")  # one tuple, so no thread reads one second's number with another's text
+
+    def __call__(self, seconds):
+        second, text = self.last
+        if second != seconds:
+            text = time.strftime(self.pattern, time.gmtime(seconds))
+            self.last = (seconds, text)
+        return text
+
+
+ISO_SECONDS = SecondFormat("%Y-%m-%dT%H:%M:%S")
+HTTP_DATE = SecondFormat("%a, %d %b %Y %H:%M:%S GMT")
+
+
 def iso_time(epoch):
-    """RFC 3339 UTC with microseconds, cached per second (formatting dominates otherwise)."""
+    """RFC 3339 UTC with microseconds."""
     seconds = int(epoch)
-    cached = _ISO_CACHE
-    if cached[0] != seconds:
-        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        cached[0] = seconds
-    return f"{cached[1]}.{int((epoch - seconds) * 1e6):06d}Z"
-
-
-_ISO_CACHE = [None, ""]
+    return f"{ISO_SECONDS(seconds)}.{int((epoch - seconds) * 1e6):06d}Z"
 
 
 def node_status(own_failure, children):
@@ -1931,13 +1962,7 @@ def _b3_forms(propagators):
 
 def parse_key_values(text):
     """``k1=v1,k2=v2`` with percent-encoded values (OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS)."""
-    pairs = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"expected key=value, got {item!r}")
-        pairs[unquote(key.strip())] = unquote(value.strip())
-    return pairs
+    return {unquote(key): unquote(value) for key, value in split_pairs(text, "key=value")}
 
 
 def node_resource(config):
@@ -2159,27 +2184,35 @@ class SpanExporter:
 # What one node does with one request, apart from sockets: directives applied, calls made, record built.
 # The handler below only turns bytes into a Request and a record into bytes.
 
-class Request(Record):
-    method: str
-    path: str  # decoded
-    query: str
-    headers: object  # case-insensitive .get()
-    body: bytes = b""
-    received: float = 0.0  # perf_counter at receipt
-    received_wall: float = 0.0
+class Request:
+    """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall")
+
+    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0):
+        self.method = method
+        self.path = path  # percent-decoded
+        self.query = query
+        self.headers = headers  # Headers: lower-cased names
+        self.body = body
+        self.received = received  # perf_counter at receipt
+        self.received_wall = received_wall
 
 
-class Outcome(Record):
+class Outcome:
     """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
-    status: int
-    record: dict = None
-    text: str = None
-    content_type: str = "application/json"
-    reset: bool = False
-    extra_headers: tuple = ()
-    trace_id: str = ""
-    targets: tuple = ()
-    trace: object = None  # the request's TraceContext: its SERVER span, exemplar and log fields
+    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace")
+
+    def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
+                 extra_headers=(), trace_id="", targets=(), trace=None):
+        self.status = status
+        self.record = record
+        self.text = text
+        self.content_type = content_type
+        self.reset = reset  # close with an RST instead of answering
+        self.extra_headers = extra_headers
+        self.trace_id = trace_id
+        self.targets = targets  # names called, for the access log
+        self.trace = trace  # the request's TraceContext: its SERVER span, exemplar and log fields
 
 
 class Node:
@@ -2569,7 +2602,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         head = [f"HTTP/1.1 {outcome.status} {REASONS.get(outcome.status, 'Unknown')}\r\n"
                 f"Content-Type: {outcome.content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Date: {http_date()}\r\n"]
+                f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
         if outcome.trace_id:
             head.append(f"X-Trace-Id: {outcome.trace_id}\r\n")
         for name, value in outcome.extra_headers:
@@ -2618,15 +2651,6 @@ def internal_error(config, error):
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
 
 
-def http_date():
-    now = int(time.time())
-    if _DATE_CACHE[0] != now:
-        _DATE_CACHE[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
-        _DATE_CACHE[0] = now
-    return _DATE_CACHE[1]
-
-
-_DATE_CACHE = [None, ""]
 
 
 def log_line(config, fields):
