@@ -2952,26 +2952,40 @@ class TestDockerfile(unittest.TestCase):
 
     def test_distroless_nonroot_one_file(self):
         instructions = self.instructions()
-        keywords = [keyword for keyword, _ in instructions]
-        self.assertEqual(dict(instructions)["FROM"].split(":")[0], "gcr.io/distroless/python3-debian12")
-        self.assertEqual(keywords.count("FROM"), 1)
-        self.assertNotIn("RUN", keywords)  # no package install: distroless has no shell anyway
-        self.assertEqual(dict(instructions)["USER"].split(":")[0], "65532")
-        self.assertEqual([arg for keyword, arg in instructions if keyword in ("COPY", "ADD")],
-                         ["simplemesh.py /app/simplemesh.py"])
-        self.assertEqual(dict(instructions)["EXPOSE"], "9090")
-        entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
-        self.assertEqual(entrypoint[0], "/usr/bin/python3")
-        self.assertEqual(entrypoint[-1], "/app/simplemesh.py")
-        self.assertEqual(json.loads(dict(instructions)["CMD"]), ["serve"])
+        froms = [arg for keyword, arg in instructions if keyword == "FROM"]
+        self.assertEqual([image.split()[-3 if " AS " in image else -1].split(":")[0] for image in froms],
+                         ["gcr.io/distroless/python3-debian12"] * 2)
+        final = instructions[[keyword for keyword, _ in instructions].index("FROM", 1):]
+        runs = [arg for keyword, arg in instructions if keyword == "RUN"]
+        self.assertEqual([json.loads(run)[1:4] for run in runs], [["-m", "compileall", "-q"]])  # nothing installed
+        self.assertNotIn("RUN", [keyword for keyword, _ in final])
+        self.assertEqual(dict(final)["USER"].split(":")[0], "65532")
+        self.assertEqual([arg for keyword, arg in final if keyword in ("COPY", "ADD")],
+                         ["simplemesh.py /app/simplemesh.py", "--from=bytecode /app/__pycache__ /app/__pycache__"])
+        self.assertEqual(dict(final)["EXPOSE"], "9090")
+        entrypoint = json.loads(dict(final)["ENTRYPOINT"])
+        self.assertEqual(entrypoint, ["/usr/bin/python3", "-E", "-s", "-S", "-m", "simplemesh"])
+        self.assertEqual(dict(final)["WORKDIR"], "/app")  # where -m finds the module
+        self.assertEqual(json.loads(dict(final)["CMD"]), ["serve"])
+        instructions = final
         self.assertIn("PYTHONDONTWRITEBYTECODE=1", dict(instructions)["ENV"])  # read-only root filesystem
         # The generated Deployments run this image as it is: same user, and the load generator's args fit CMD.
         deployment = next(o for o in sm.build_manifests([("a", "", {})]) if o["kind"] == "Deployment")
         self.assertEqual(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 65532)
 
-    def test_entrypoint_runs_the_module_as_the_image_would(self):
-        result = run_cli("serve", "--help")
+    def test_entrypoint_runs_the_precompiled_module_as_the_image_would(self):
+        with tempfile.TemporaryDirectory() as app:
+            shutil.copyfile(os.path.join(HERE, "simplemesh.py"), os.path.join(app, "simplemesh.py"))
+            run = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "RUN")
+            subprocess.run([sys.executable] + run[1:-1] + [app], check=True, timeout=60)
+            # unchecked-hash bytecode is used as it is: even a broken source beside it is never compiled
+            with open(os.path.join(app, "simplemesh.py"), "w", encoding="utf-8") as source:
+                source.write("this is not python\n")
+            entrypoint = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "ENTRYPOINT")
+            result = subprocess.run([sys.executable] + entrypoint[1:] + ["serve", "--help"], cwd=app,
+                                    capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("usage", result.stdout)
 
     def test_build_context_is_only_the_module(self):
         with open(os.path.join(HERE, ".dockerignore"), encoding="utf-8") as file:

@@ -32,7 +32,7 @@ STOP_GRACE = 3.0
 # scenario -> (node names, path requested at the first node, implementations that can run it)
 SCENARIOS = {
     "chain3": (["a", "b", "c"], "/b/c", ["simplemesh", "simplemesh-otlp", "fastapi", "nginx"]),
-    "single": (["a"], "/", ["simplemesh", "floor"]),
+    "single": (["a"], "/", ["simplemesh", "simplemesh-script", "floor"]),
     "fanout3": (["a", "b", "c", "d"], "/b~c~d", ["simplemesh", "fastapi"]),
 }
 IMPLEMENTATIONS = ("simplemesh", "fastapi", "floor", "nginx")
@@ -207,7 +207,7 @@ class Deployment:
             # stdout (the access log) goes to /dev/null: it is still formatted and written.
             # A new session keeps the terminal's Ctrl-C away: the bench stops its children itself.
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True)
+                                    stderr=err, start_new_session=True, cwd=self.ctx.module_dir)
         CHILDREN.append(proc)
         self.procs.append(proc)
         self.startup_s.append(wait_ready(port, proc, spawned, err_path, daemonizes))
@@ -335,7 +335,15 @@ class Context:
         self.args = args
         self.workdir = workdir
         self.peers = Path(args.peers).resolve()
-        self.simplemesh = Path(args.simplemesh).resolve()
+        # The module laid out as the image lays it out: a copy with its bytecode compiled once, beforehand
+        # (the Dockerfile's bytecode stage), so `-m simplemesh` starts without compiling; the script form
+        # compiles at every start whatever is beside it.
+        self.module_dir = workdir / "image"
+        self.module_dir.mkdir()
+        self.simplemesh = self.module_dir / "simplemesh.py"
+        shutil.copyfile(args.simplemesh, self.simplemesh)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+                        str(self.module_dir)], check=True, timeout=60)
         self.fastapi_python = args.fastapi_python
         self.ports = Ports(args.base_port)
         self.sink_port = None
@@ -343,15 +351,23 @@ class Context:
         self.load = run_wrk if args.driver == "wrk" else run_python
 
     def command(self, impl):
-        """Command line and extra env of a Python node."""
+        """Command line and extra env of a Python node (started in the directory of the simplemesh copy).
+
+        simplemesh runs as the image runs it, ``python3 -E -s -S -m simplemesh`` with precompiled bytecode;
+        ``simplemesh-script`` as ``python3 simplemesh.py``, which compiles the module at every start and where
+        CPython keeps the whole script's syntax tree for the life of the process. floor.py gets the same flags.
+        """
+        flags = [sys.executable, "-B", "-E", "-s", "-S"]
+        as_module = flags + ["-m", "simplemesh", "serve"]
         if impl == "simplemesh":
-            return [sys.executable, str(self.simplemesh), "serve"], self.extra_env
+            return as_module, self.extra_env
+        if impl == "simplemesh-script":
+            return flags + [str(self.simplemesh), "serve"], self.extra_env
         if impl == "simplemesh-otlp":
-            return ([sys.executable, str(self.simplemesh), "serve"],
-                    {**self.extra_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}"})
+            return as_module, {**self.extra_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.sink_port}"}
         if impl == "fastapi":
             return [self.fastapi_python, str(self.peers / "fastapi_seed.py")], {}
-        return [sys.executable, str(self.peers / "floor.py")], {}  # floor reads PORT only
+        return [sys.executable, "-B", "-E", "-s", "-S", str(self.peers / "floor.py")], {}  # floor reads PORT only
 
     def sink_posts(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.sink_port, timeout=5)
@@ -455,6 +471,12 @@ def targets(rows, dep_rows, runs, deployments):
          ratio(get(dep_rows, "rss_idle_mb", "simplemesh", "single"), get(dep_rows, "rss_idle_mb", "floor", "single"))),
         ("start-up simplemesh/floor", "<=", 1.5,
          ratio(get(dep_rows, "startup_ms", "simplemesh", "single"), get(dep_rows, "startup_ms", "floor", "single"))),
+        ("(python3 simplemesh.py) idle RSS simplemesh-script/floor", "<=", 1.3,
+         ratio(get(dep_rows, "rss_idle_mb", "simplemesh-script", "single"),
+               get(dep_rows, "rss_idle_mb", "floor", "single"))),
+        ("(python3 simplemesh.py) start-up simplemesh-script/floor", "<=", 1.5,
+         ratio(get(dep_rows, "startup_ms", "simplemesh-script", "single"),
+               get(dep_rows, "startup_ms", "floor", "single"))),
     ]
     results = [{"target": name, "op": op, "limit": limit, "value": value,
                 "verdict": "SKIP" if value is None else
@@ -553,6 +575,8 @@ def select(args):
                 subprocess.run([str(venv_python), "-m", "pip", "install", "-q", "-r",
                                 str(Path(args.peers) / "requirements-fastapi.txt")], check=True, timeout=900)
         args.fastapi_python = str(venv_python)
+    if "simplemesh" in chosen:
+        chosen.append("simplemesh-script")
     if "simplemesh" in chosen and args.otlp:
         chosen.append("simplemesh-otlp")
     return chosen
