@@ -2403,8 +2403,6 @@ REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
-
-
 class BadRequest(Exception):
     def __init__(self, status, message):
         super().__init__(message)
@@ -2649,8 +2647,6 @@ def internal_error(config, error):
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
                       "error": ascii(message), "at": place})
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
-
-
 
 
 def log_line(config, fields):
