@@ -320,6 +320,7 @@ NOT_URL_TEXT_RE = re.compile(r"[^!-~]")
 MAX_NESTING = 32
 
 
+@functools.lru_cache(maxsize=1024)  # a mesh sees the same few routes over and over; the result is never changed
 def parse_route(path):
     """Parse a decoded path (``/b;delay=1s~c/d``) into a tuple of steps; a step is a tuple of branches."""
     if not path.startswith("/"):
@@ -1192,7 +1193,7 @@ class Deadlines:
 
     def __init__(self):
         self.watched = {}  # id(entry) -> entry: [deadline, socket or http.client connection, expired]
-        self.wake = threading.Condition()
+        self.wake = threading.Condition(threading.Lock())  # not the default RLock: cheaper, and never re-entered
         self.next_check = 0.0
         self.thread = None
 
@@ -2654,9 +2655,17 @@ def log_line(config, fields):
     if config.log_format == "json":
         line = json.dumps(fields)
     else:
-        line = " ".join(str(value) if key in ("time", "host") else
-                        f"{key}={','.join(value) if isinstance(value, list) else value}"
-                        for key, value in fields.items() if value not in ("", None, []))
+        words = []
+        for key, value in fields.items():
+            if value == "" or value is None or value == []:
+                continue
+            if key in ("time", "host"):
+                words.append(str(value))
+            elif isinstance(value, list):
+                words.append(f"{key}={','.join(value)}")
+            else:
+                words.append(f"{key}={value}")
+        line = " ".join(words)
     try:
         os.write(1, (line + "\n").encode("utf-8", "replace"))
     except OSError:
