@@ -16,8 +16,6 @@ COPY simplemesh.py /app/simplemesh.py
 RUN ["/usr/bin/python3", "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", "/app"]
 
 FROM gcr.io/distroless/python3-debian12:nonroot
-# Unbuffered: access-log lines reach `kubectl logs` at once. No bytecode written: the root filesystem is read-only.
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 COPY simplemesh.py /app/simplemesh.py
 COPY --from=bytecode /app/__pycache__ /app/__pycache__

@@ -644,6 +644,30 @@ DIRECTIVES = {d.name: d for d in (
 )}
 
 
+def capped_directive(config, key, text):
+    """check_directive(), then the directive's cap under ``config``: DirectiveError above it."""
+    value = check_directive(key, text)
+    cap = DIRECTIVES[key].cap
+    if cap:
+        amount, limit, variable = cap(value, config)
+        if amount > limit:
+            raise DirectiveError(f"{key}={text} is above the limit {variable}={limit:g}", key)
+    return value
+
+
+def check_route_caps(config, steps):
+    """Check the caps of every hop's directives in a route, so the entry node refuses what a hop would refuse
+    (as a 400 before any call, rather than a 502 from deep in the tree)."""
+    for step in steps:
+        for branch in step:
+            if isinstance(branch, Group):
+                check_route_caps(config, branch.steps)
+                continue
+            for key, text in branch.directives:
+                if DIRECTIVES[key].cap:
+                    capped_directive(config, key, text)
+
+
 def check_directive(key, value):
     """Parse one directive's text, raising DirectiveError; returns the typed value (caps are checked later)."""
     directive = DIRECTIVES.get(key)
@@ -675,13 +699,7 @@ class Directives(Record):
         values = {}
         for source in (defaults, requested):
             for key, text in source.items():
-                value = check_directive(key, text)
-                cap = DIRECTIVES[key].cap
-                if cap:
-                    amount, limit, variable = cap(value, config)
-                    if amount > limit:
-                        raise DirectiveError(f"{key}={text} is above the limit {variable}={limit:g}", key)
-                values[key] = value
+                values[key] = capped_directive(config, key, text)
         if "status" in requested and "error" not in requested:
             values["error"] = None
         elif "error" not in values:
@@ -2271,6 +2289,7 @@ class Node:
                     refusal = self.target_refusal(target.name)
                     if refusal:
                         return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
+                check_route_caps(config, steps)
         except RouteError as error:
             return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
                                route=request.path)
@@ -3145,7 +3164,10 @@ def split_url(text):
     """``localhost:9090/a/b`` or ``http://host/a/b?delay=1s`` -> (scheme, host, port, path and query)."""
     if "://" not in text:
         text = "http://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError(f"bad URL {text!r}: {error}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"bad URL {text!r}: expected http://host[:port]/route")
     try:
