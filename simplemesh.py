@@ -1545,6 +1545,9 @@ def render_tree(record, color=False):
         notes = []
         if hop.delay:
             notes.append(f"delay {format_seconds(hop.delay)}")
+        cpu = hop.record.get("cpu") if isinstance(hop.record, dict) else None
+        if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0:
+            notes.append(f"cpu {format_seconds(_number(cpu))}")
         if hop.failed:
             mark = "✗ " + (hop.error or ("reset" if hop.status is None else f"status {hop.status}"))
             notes.append(paint(mark, "fail", "bold") if hop.origin else paint(mark, "dim"))

@@ -653,6 +653,10 @@ class TestTreeView(unittest.TestCase):
         self.assertIn("\033[2m✗ a downstream call failed\033[0m", text)  # only passing it on: dim
         self.assertEqual(sm.render_tree(KNOWN_TREE).count("\033"), 0)
 
+    def test_cpu_burn_is_shown(self):
+        self.assertIn("  cpu 200.0 ms", sm.render_tree({"host": "a", "status": 200, "elapsed_time": 0.2, "cpu": 0.2}))
+        self.assertNotIn("cpu", sm.render_tree({"host": "a", "status": 200, "cpu": "lots"}))
+
     def test_success_says_ok_and_a_reset_has_no_status(self):
         self.assertTrue(sm.render_tree({"host": "a", "status": 200, "elapsed_time": 1.5}).endswith(
             "ok: 1 hop in 1.500 s\n"))
