@@ -83,6 +83,19 @@ class Mesh:
         """(status, headers, parsed JSON or text) of one request to node ``name``."""
         return http_request(self.peers[name][0], path, method, body, headers, timeout)
 
+    def record_requests(self, name):
+        """A list that fills with (method, body) of every routed request node ``name`` serves from now on."""
+        seen = []
+        node = self.node(name)
+        serve = node.serve
+
+        def recording(request):
+            seen.append((request.method, request.body))
+            return serve(request)
+
+        node.serve = recording
+        return seen
+
     def close(self):
         for server in self.servers.values():
             server.shutdown()
@@ -1519,16 +1532,8 @@ class NodeOverHttpTest(unittest.TestCase):
         self.assertIn("no healthy upstream", child["error"])
 
     def test_method_and_body_are_forwarded(self):
-        seen = []
         with Mesh({"a": {}, "b": {}}) as mesh:
-            node_b = mesh.node("b")
-            original = node_b.serve
-
-            def spy(request):
-                seen.append((request.method, request.body))
-                return original(request)
-
-            node_b.serve = spy
+            seen = mesh.record_requests("b")
             for method, body in [("POST", b'{"x": 1}'), ("PATCH", b"p"), ("DELETE", None), ("HEAD", None)]:
                 status, _h, _answer = mesh.request("a", "/b", method=method, body=body)
                 self.assertEqual(status, 200, method)
@@ -1544,18 +1549,10 @@ class NodeOverHttpTest(unittest.TestCase):
                 sock.sendall(body)
                 self.assertIn(b"200 OK", sock.recv(100))
 
-    def test_post_body_reaches_the_last_hop(self):
-        seen = []
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            node_b = mesh.node("b")
-            original = node_b.serve
-
-            def spy(request):
-                seen.append((request.method, request.body))
-                return original(request)
-
-            node_b.serve = spy
-            mesh.request("a", "/b", method="PUT", body=b"payload")
+    def test_put_body_reaches_the_last_hop(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            seen = mesh.record_requests("c")
+            self.assertEqual(mesh.request("a", "/b/c", method="PUT", body=b"payload")[0], 200)
         self.assertEqual(seen, [("PUT", b"payload")])
 
     def test_outbound_connections_are_reused(self):
