@@ -554,12 +554,14 @@ def parse_size(text):
 
 
 def parse_probability(text):
+    """``0.25`` or ``25%`` (fortio's form) -> 0.25."""
+    number, percent = (text[:-1], True) if text.endswith("%") else (text, False)
     try:
-        value = float(text)
+        value = float(number) / (100 if percent else 1)
     except ValueError:
-        raise ValueError(f"bad probability {text!r} (a number from 0 to 1)") from None
+        raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)") from None
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"bad probability {text!r} (a number from 0 to 1)")
+        raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)")
     return value
 
 
@@ -3280,8 +3282,23 @@ class LoadStats(Record):
         self.lock = threading.Lock()
 
     @property
+    def failures(self):
+        """Why requests failed: status code >= 400 or error kind (refused, timeout, reset, error) -> count."""
+        return {code: count for code, count in sorted(self.codes.items(), key=lambda item: str(item[0]))
+                if not isinstance(code, int) or code >= 400}
+
+    @property
     def errors(self):
-        return sum(count for code, count in self.codes.items() if not isinstance(code, int) or code >= 400)
+        return sum(self.failures.values())
+
+    def too_many_failures(self, max_error_rate=None):
+        """True when the run failed: above ``max_error_rate`` of the answers failed (None: every one of them)."""
+        answered = sum(self.codes.values())
+        if not answered:
+            return False
+        if max_error_rate is None:
+            return self.errors == answered
+        return self.errors / answered > max_error_rate
 
     @property
     def kept(self):
@@ -3307,8 +3324,14 @@ def render_progress(stats):
     rate = stats.sent / (stats.elapsed + 1 / stats.rate)  # n sends so far span n intervals (the first is at 0)
     missed = stats.missed_busy + stats.missed_late
     return (f"{stats.elapsed:7.1f}s  sent {stats.sent}  rate {rate:.1f}/s of {stats.rate:g}/s  "
-            f"errors {stats.errors}  p50 {format_seconds(stats.latency.percentile(0.5))}  "
+            f"errors {stats.errors}{format_failures(stats.failures)}  "
+            f"p50 {format_seconds(stats.latency.percentile(0.5))}  "
             f"p99 {format_seconds(stats.latency.percentile(0.99))}" + (f"  MISSED {missed}" if missed else ""))
+
+
+def format_failures(failures):
+    """`` (502=24 timeout=3)``: why requests failed, for the progress line; empty when none did."""
+    return " (" + " ".join(f"{code}={count}" for code, count in failures.items()) + ")" if failures else ""
 
 
 def render_load_summary(summary, url):
@@ -3319,6 +3342,10 @@ def render_load_summary(summary, url):
              "status: " + (" ".join(f"{code}={count}" for code, count in summary["codes"].items()) or "none"),
              f"latency: p50 {format_seconds(latency['p50'])}  p90 {format_seconds(latency['p90'])}  "
              f"p99 {format_seconds(latency['p99'])}  max {format_seconds(latency['max'])}"]
+    if summary["errors"]:
+        failures = {code: count for code, count in summary["codes"].items()
+                    if not code.isdigit() or int(code) >= 400}
+        lines.append(f"failed: {summary['errors']} of {summary['answered']}{format_failures(failures)}")
     if summary["unfinished"]:
         lines.append(f"{summary['unfinished']} requests had no answer yet when the run stopped (not in the figures)")
     if not summary["rate_kept"]:
@@ -3449,7 +3476,7 @@ def command_load(args, environ):
     else:
         sys.stdout.write(render_load_summary(summary, f"{scheme}://{host}:{port}{path}"))
         sys.stdout.flush()
-    return 0
+    return 1 if stats.too_many_failures(args.max_error_rate) else 0
 
 
 def build_parser():
@@ -3508,6 +3535,9 @@ def build_parser():
     load.add_argument("--interval", type=parse_duration, default=parse_duration("10s"),
                       help="how often to print a progress line when not on a terminal (default 10s)")
     load.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    load.add_argument("--max-error-rate", type=parse_probability, default=None, metavar="RATE",
+                      help="exit 1 when more than RATE of the answers failed (0.05 or 5%%; default: exit 1 only "
+                           "when every answer failed)")
     for command in (call, load):
         command.add_argument("-X", "--method", default="GET", help="HTTP method (default GET)")
         command.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'", help="a request header")

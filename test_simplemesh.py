@@ -294,6 +294,12 @@ class DirectivesTest(unittest.TestCase):
             self.assertEqual(sm.parse_size(text), size)
         self.assertRaises(ValueError, sm.parse_size, "lots")
 
+    def test_probabilities_as_fractions_or_percentages(self):
+        for text, value in [("0.25", 0.25), ("25%", 0.25), ("100%", 1.0), ("0%", 0.0), ("1", 1.0), ("0.5%", 0.005)]:
+            self.assertAlmostEqual(sm.parse_probability(text), value)
+        for text in ["", "%", "1.5", "150%", "-1%", "nan", "half"]:
+            self.assertRaises(ValueError, sm.parse_probability, text)
+
     def test_delay_distributions(self):
         rng = __import__("random").Random(1)
         self.assertEqual(sm.parse_delay("200ms").sample(rng), 0.2)
@@ -2638,13 +2644,30 @@ class TestLoadCommand(unittest.TestCase):
             result = run_cli("load", f"127.0.0.1:{mesh.port('a')}/b", "--rate", "20", "--duration", "1.2s",
                              "--interval", "0.5s")
         lines = result.stdout.splitlines()
-        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.returncode, 1, "every request failed: the run failed")
         self.assertNotIn("\r", result.stdout)
-        self.assertEqual(len([line for line in lines if " sent " in line]), 2, result.stdout)
+        progress = [line for line in lines if " sent " in line]
+        self.assertEqual(len(progress), 2, result.stdout)
+        self.assertRegex(progress[-1], r"errors \d+ \(502=\d+\)")  # why they failed, as they fail
         self.assertIn("status: 502=24", result.stdout)
+        self.assertIn("failed: 24 of 24 (502=24)", result.stdout)
         self.assertRegex(result.stdout, r"latency: p50 [\d.]+ ms  p90 [\d.]+ ms  p99 [\d.]+ ms  max [\d.]+ ms")
         result = run_cli("load", f"127.0.0.1:{free_port()}/", "--rate", "20", "--duration", "0.5s", "--json")
         self.assertEqual(json.loads(result.stdout)["codes"], {"refused": 10})
+        self.assertEqual(result.returncode, 1)
+
+    def test_max_error_rate_sets_the_exit_code(self):
+        with Mesh({"a": {}, "b": {"error": "0.5"}}) as mesh:
+            url = f"127.0.0.1:{mesh.port('a')}/b"
+            some_failed = run_cli("load", url, "--rate", "40", "--duration", "1s", "--json")
+            summary = json.loads(some_failed.stdout)
+            self.assertTrue(0 < summary["errors"] < summary["answered"], summary)
+            self.assertEqual(some_failed.returncode, 0, "by default only a run where everything failed fails")
+            strict = run_cli("load", url, "--rate", "40", "--duration", "1s", "--max-error-rate", "5%")
+            self.assertEqual(strict.returncode, 1, strict.stdout)
+            lenient = run_cli("load", url, "--rate", "40", "--duration", "1s", "--max-error-rate", "1")
+            self.assertEqual(lenient.returncode, 0, lenient.stdout)
+        self.assertEqual(run_cli("load", url, "--max-error-rate", "2").returncode, 2)
 
     def test_duration_0_runs_until_sigterm_and_prints_the_summary(self):
         import signal
