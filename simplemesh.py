@@ -2731,23 +2731,26 @@ POD_TERMINATION_GRACE = 30
 DNS_LABEL_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # a Service name (RFC 1035 label)
 VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 LOADGEN = "loadgen"
+WAYPOINT = "waypoint"  # the ambient namespace's waypoint proxy (a Gateway of class istio-waypoint)
+GATEWAY_API = "gateway.networking.k8s.io/v1"
 DOWNWARD_API = (("HOST", "metadata.labels['app']"), ("VERSION", "metadata.labels['version']"),
                 ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
                 ("POD_IP", "status.podIP"), ("NODE_NAME", "spec.nodeName"))
 
 
-def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp="", load="", rate="5",
-                    concurrency=""):
+def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, gateway_api=False, ambient=False,
+                    otlp="", load="", rate="5", concurrency=""):
     """Kubernetes objects (dicts) for node specs from parse_node_spec(); raises ValueError on a bad input.
 
-    Every name gets a Service; every (name, version) its own Deployment behind it, so ``b;version=v2`` is a
-    second version of ``b``. ``istio`` adds the namespace's injection label and example Istio resources
-    (ingress Gateway, DestinationRule subsets, a weighted split for a name with several versions), which
-    needs a namespace: ``simplemesh`` unless one is given.
+    Every name gets a Service and a ServiceAccount (its mesh identity); every (name, version) its own Deployment
+    behind them, so ``b;version=v2`` is a second version of ``b``. The mesh options need a namespace
+    (``simplemesh`` unless one is given) and pick how Istio routes it: ``istio`` with sidecars and Istio's
+    APIs (Gateway, VirtualService, DestinationRule subsets); ``gateway_api`` with sidecars and the Kubernetes
+    Gateway API (a Gateway, HTTPRoutes, one Service per version to split between); ``ambient`` with the Gateway
+    API, no sidecars, ztunnel and a waypoint proxy for L7.
     """
-    if not specs:
-        raise ValueError("name at least one node")
-    if istio and not namespace:
+    mode = mesh_mode(istio, gateway_api, ambient)
+    if mode and not namespace:
         namespace = "simplemesh"
     if namespace and not DNS_LABEL_RE.fullmatch(namespace):
         raise ValueError(f"bad namespace {namespace!r}: a DNS label (a-z, 0-9, '-', starting with a letter)")
@@ -2755,6 +2758,38 @@ def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp=
         raise ValueError(f"bad image {image!r}")
     if otlp and not otlp.startswith(("http://", "https://")):
         raise ValueError(f"bad OTLP endpoint {otlp!r}: expected http://host:port")
+    versions = _versions_by_name(specs, load, split_services=mode in ("gateway-api", "ambient"))
+    pod = PodSettings(namespace, image, sidecar=mode in ("istio", "gateway-api"))
+    objects = [_namespace(namespace, mode)] if namespace else []
+    for name, by_version in versions.items():
+        objects += [_service_account(name, namespace), _service(name, namespace)]
+        if len(by_version) > 1 and mode in ("gateway-api", "ambient"):
+            objects += [_service(name, namespace, version) for version in by_version]
+        for version, directives in by_version.items():
+            objects.append(_deployment(pod, name, version, _node_env(directives, otlp), _node_container_extras()))
+    if load:
+        objects.append(_service_account(LOADGEN, namespace))
+        objects.append(_deployment(pod, LOADGEN, "v1", [], _loadgen_container_extras(load, rate, concurrency),
+                                   component="load-generator"))
+    if mode == "istio":
+        objects.extend(_istio_examples(versions, namespace))
+    elif mode:
+        objects.extend(_gateway_api_routes(versions, namespace, waypoint=mode == "ambient"))
+    return objects
+
+
+def mesh_mode(istio, gateway_api, ambient):
+    """'' (plain Kubernetes), 'istio', 'gateway-api' or 'ambient' (which routes with the Gateway API too)."""
+    if istio and (gateway_api or ambient):
+        raise ValueError("--istio (VirtualServices) and --gateway-api/--ambient (HTTPRoutes) would both route the "
+                         "same traffic: pick one")
+    return "ambient" if ambient else "gateway-api" if gateway_api else "istio" if istio else ""
+
+
+def _versions_by_name(specs, load, split_services):
+    """{name: {version: directives}} in the order given, every name, version and directive checked."""
+    if not specs:
+        raise ValueError("name at least one node")
     versions = {}
     for name, version, directives in specs:
         version = version or "v1"
@@ -2771,20 +2806,19 @@ def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp=
         except DirectiveError as error:
             raise ValueError(f"node {name!r}: {error}") from None
         versions[name][version] = directives
-    objects = []
-    if namespace:
-        objects.append(_namespace(namespace, istio))
-    for name, by_version in versions.items():
-        objects.append(_service(name, namespace))
-        for version, directives in by_version.items():
-            objects.append(_deployment(name, version, namespace, image, istio,
-                                       _node_env(directives, otlp), _node_container_extras()))
-    if load:
-        objects.append(_deployment(LOADGEN, "v1", namespace, image, istio, [],
-                                   _loadgen_container_extras(load, rate, concurrency), component="load-generator"))
-    if istio:
-        objects.extend(_istio_examples(versions, namespace))
-    return objects
+    if split_services:  # the per-version Services NAME-VERSION must not take another node's name
+        for name, by_version in versions.items():
+            clash = [f"{name}-{v}" for v in by_version if len(by_version) > 1 and f"{name}-{v}" in versions]
+            if clash:
+                raise ValueError(f"node {clash[0]!r} has the name of {name!r}'s per-version Service; rename it")
+    return versions
+
+
+class PodSettings(Record):
+    """What every generated pod shares: where it runs, its image, and whether an Istio sidecar is injected."""
+    namespace: str
+    image: str
+    sidecar: bool
 
 
 def _metadata(name, namespace, labels=None, **extra):
@@ -2797,10 +2831,12 @@ def _metadata(name, namespace, labels=None, **extra):
     return metadata
 
 
-def _namespace(namespace, istio):
+def _namespace(namespace, mode):
     labels = {"app.kubernetes.io/part-of": "simplemesh"}
-    if istio:
+    if mode in ("istio", "gateway-api"):
         labels["istio-injection"] = "enabled"
+    elif mode == "ambient":  # ztunnel for every pod, and L7 (routes, faults, spans) through the waypoint
+        labels.update({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": WAYPOINT})
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _metadata(namespace, "", labels)}
 
 
@@ -2815,10 +2851,19 @@ def _labels(name, version=None, component="node"):
     return labels
 
 
-def _service(name, namespace):
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, namespace, _labels(name)),
-            "spec": {"selector": {"app": name},
+def _service(name, namespace, version=None):
+    """The Service of a name, or (with a version) of one version: what a Gateway API split routes between."""
+    selector = {"app": name, "version": version} if version else {"app": name}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(f"{name}-{version}" if version else name, namespace, _labels(name, version)),
+            "spec": {"selector": selector,
                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"}]}}
+
+
+def _service_account(name, namespace):
+    """One identity per service: the mesh's mTLS principal cluster.local/ns/NAMESPACE/sa/NAME."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(name, namespace, _labels(name)),
+            "automountServiceAccountToken": False}
 
 
 def _node_env(directives, otlp):
@@ -2874,18 +2919,30 @@ def _loadgen_container_extras(url, rate, concurrency):
     return {"args": args}
 
 
-def _deployment(name, version, namespace, image, istio, env, container_extras, component="node"):
+def sidecar_proxy_config():
+    """The Istio sidecar's settings for a node pod (``proxy.istio.io/config``), as JSON (which is YAML).
+
+    The app calls out at once (the load generator does), so it waits for its proxy. On SIGTERM a classic
+    sidecar drains for ``terminationDrainDuration`` (5 s by default) and exits, cutting the node's calls still in
+    flight; kept up for the node's whole SHUTDOWN_DELAY + SHUTDOWN_GRACE, it carries them to the end, and the
+    kubelet's SIGKILL (terminationGracePeriodSeconds) still comes later. A native sidecar stops after the app.
+    """
+    drain = POD_SHUTDOWN_DELAY + POD_SHUTDOWN_GRACE
+    return json.dumps({"holdApplicationUntilProxyStarts": True, "terminationDrainDuration": f"{drain}s"})
+
+
+def _deployment(pod, name, version, env, container_extras, component="node"):
     labels = _labels(name, version, component)
     annotations = {}
     if component == "node":
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(CONTAINER_PORT),
                             "prometheus.io/path": "/metrics"})
-    if istio:  # the app calls out at once (the load generator does), so wait for the sidecar
-        annotations["proxy.istio.io/config"] = '{"holdApplicationUntilProxyStarts": true}'
+    if pod.sidecar:
+        annotations["proxy.istio.io/config"] = sidecar_proxy_config()
     template_metadata = {"labels": labels}
     if annotations:
         template_metadata["annotations"] = annotations
-    container = {"name": "simplemesh", "image": image, "imagePullPolicy": "IfNotPresent"}
+    container = {"name": "simplemesh", "image": pod.image, "imagePullPolicy": "IfNotPresent"}
     container.update(container_extras)
     if env:
         container["env"] = env
@@ -2895,10 +2952,11 @@ def _deployment(name, version, namespace, image, istio, env, container_extras, c
                                     "runAsNonRoot": True, "privileged": False,
                                     "capabilities": {"drop": ["ALL"]}}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _metadata(f"{name}-{version}", namespace, labels),
+            "metadata": _metadata(f"{name}-{version}", pod.namespace, labels),
             "spec": {"replicas": 1,
                      "selector": {"matchLabels": {"app": name, "version": version}},
                      "template": {"metadata": template_metadata, "spec": {
+                         "serviceAccountName": name,
                          "automountServiceAccountToken": False,
                          "terminationGracePeriodSeconds": POD_TERMINATION_GRACE,
                          "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
@@ -2930,6 +2988,38 @@ def _istio_examples(versions, namespace):
                                 {"destination": {"host": name, "subset": version},
                                  "weight": share + (1 if index < extra else 0)}
                                 for index, version in enumerate(by_version)]}]}})
+    return objects
+
+
+def _gateway_api_routes(versions, namespace, waypoint):
+    """Kubernetes Gateway API routing as Istio documents it: an ingress Gateway (class ``istio``) with an
+    HTTPRoute to the first node, and for a name with several versions an HTTPRoute attached to its Service that
+    splits between the per-version Services. In ambient mode, the waypoint (class ``istio-waypoint``) that the
+    namespace's ``istio.io/use-waypoint`` label sends L7 traffic through.
+    """
+    first = next(iter(versions))
+    objects = [
+        {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": _metadata("simplemesh", namespace),
+         "spec": {"gatewayClassName": "istio",
+                  "listeners": [{"name": "http", "port": 80, "protocol": "HTTP",
+                                 "allowedRoutes": {"namespaces": {"from": "Same"}}}]}},
+        {"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": _metadata("simplemesh-ingress", namespace),
+         "spec": {"parentRefs": [{"name": "simplemesh"}],
+                  "rules": [{"backendRefs": [{"name": first, "port": 80}]}]}}]
+    for name, by_version in versions.items():
+        if len(by_version) > 1:
+            share, extra = divmod(100, len(by_version))
+            objects.append({"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": _metadata(name, namespace),
+                            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+                                     "rules": [{"backendRefs": [
+                                         {"name": f"{name}-{version}", "port": 80,
+                                          "weight": share + (1 if index < extra else 0)}
+                                         for index, version in enumerate(by_version)]}]}})
+    if waypoint:
+        objects.append({"apiVersion": GATEWAY_API, "kind": "Gateway",
+                        "metadata": _metadata(WAYPOINT, namespace, {"istio.io/waypoint-for": "service"}),
+                        "spec": {"gatewayClassName": "istio-waypoint",
+                                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
     return objects
 
 
@@ -3156,7 +3246,8 @@ def command_manifests(args, environ):
     try:
         specs = [parse_node_spec(text) for text in args.nodes]
         objects = build_manifests(specs, namespace=args.namespace, image=args.image, istio=args.istio,
-                                  otlp=args.otlp, load=args.load, rate=args.rate, concurrency=args.concurrency)
+                                  gateway_api=args.gateway_api, ambient=args.ambient, otlp=args.otlp,
+                                  load=args.load, rate=args.rate, concurrency=args.concurrency)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     sys.stdout.write(to_yaml(objects))
@@ -3481,7 +3572,13 @@ def build_parser():
     manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
     manifests.add_argument("--istio", action="store_true",
                            help="label the namespace for sidecar injection (namespace simplemesh unless given) "
-                                "and add an ingress Gateway, DestinationRules and version splits")
+                                "and add an ingress Gateway, DestinationRules and version splits (Istio's APIs)")
+    manifests.add_argument("--gateway-api", action="store_true",
+                           help="the same with sidecars and the Kubernetes Gateway API: an ingress Gateway, "
+                                "HTTPRoutes, and a Service per version to split between")
+    manifests.add_argument("--ambient", action="store_true",
+                           help="Istio's ambient mode: no sidecars, the namespace labelled for ztunnel and a "
+                                "waypoint proxy (L7), routed with the Gateway API as --gateway-api")
     manifests.add_argument("--otlp", default="", metavar="ENDPOINT",
                            help="send native spans to this OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
     manifests.add_argument("--load", default="", metavar="URL",
