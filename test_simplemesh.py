@@ -7,6 +7,7 @@ Chromium, kubectl, opentelemetry-proto) need what ``.ci/run`` installs and fail,
 
 import base64
 import concurrent.futures
+import glob
 import gzip
 import http.client
 import http.server
@@ -2686,6 +2687,8 @@ CRD_FILES = [os.path.join(HERE, "..", "shared", "schemas", name)
              for name in ("istio-1.30.3-crd-all.gen.yaml", "gateway-api-v1.6.1-standard-crds.yaml")]
 # The mesh flavours: the generator's flag, the overlay directory that must equal it.
 MESH_OVERLAYS = (("istio", "--istio"), ("gateway-api", "--gateway-api"), ("ambient", "--ambient"))
+# Distroless Python images are named after their Debian, which has one Python.
+DISTROLESS_PYTHON = {"python3-debian12": "3.11", "python3-debian13": "3.13"}
 
 
 def generate(*args):
@@ -3269,18 +3272,50 @@ class TestManifestsValidate(unittest.TestCase):
 
 
 class TestDockerfile(unittest.TestCase):
-    """No container engine runs here, so the Dockerfile is checked by reading it (and the image is not built)."""
+    """No container engine runs here, so the Dockerfile is checked by reading it (and the image is not built); its
+    bytecode step and entrypoint are run with a local Python of the final image's version."""
 
     def instructions(self):
         with open(os.path.join(HERE, "Dockerfile"), encoding="utf-8") as file:
             lines = [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
         return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
+    def base_images(self):
+        """[(image, tag)] of each FROM, in order."""
+        froms = [arg.split() for keyword, arg in self.instructions() if keyword == "FROM"]
+        return [tuple(words[words.index("AS") - 1 if "AS" in words else -1].split("@")[0].split(":"))
+                for words in froms]
+
+    def image_python(self):
+        """The Python version of the final image: distroless names its Debian, and each Debian has one Python."""
+        image, _tag = self.base_images()[-1]
+        return DISTROLESS_PYTHON[image.rsplit("/", 1)[1]]
+
+    def python_of_the_image(self):
+        """A local interpreter of the final image's Python version: the bytecode is only used by that version."""
+        version = self.image_python()
+        if sys.version_info[:2] == tuple(map(int, version.split("."))):
+            return sys.executable
+        candidates = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python3")))
+        candidates += [path for path in [shutil.which(f"python{version}")] if path]  # (a pyenv shim may not run)
+        found = next((path for path in candidates if subprocess.run(
+            [path, "-c", f"import sys; sys.exit(sys.version_info[:2] != {tuple(map(int, version.split('.')))})"],
+            capture_output=True, timeout=30).returncode == 0), None)
+        if found is None:
+            message = f"no Python {version} here to run the image's bytecode step with"
+            self.fail(message) if IN_CI else self.skipTest(message)
+        return found
+
+    def test_supported_distroless_base_both_stages_tagged(self):
+        (build, build_tag), (final, final_tag) = self.base_images()
+        self.assertEqual(final, "gcr.io/distroless/python3-debian13")  # debian12 is deprecated upstream
+        self.assertEqual(final_tag, "nonroot")
+        self.assertEqual(build, "python")
+        # python:3.13-slim-trixie: the build stage's Python is the final image's, on the same Debian
+        self.assertRegex(build_tag, rf"^{re.escape(self.image_python())}(\.\d+)?-slim-trixie$")
+
     def test_distroless_nonroot_one_file(self):
         instructions = self.instructions()
-        froms = [arg for keyword, arg in instructions if keyword == "FROM"]
-        self.assertEqual([image.split()[-3 if " AS " in image else -1].split(":")[0] for image in froms],
-                         ["gcr.io/distroless/python3-debian12"] * 2)
         final = instructions[[keyword for keyword, _ in instructions].index("FROM", 1):]
         runs = [arg for keyword, arg in instructions if keyword == "RUN"]
         self.assertEqual([json.loads(run)[1:4] for run in runs], [["-m", "compileall", "-q"]])  # nothing installed
@@ -3293,21 +3328,23 @@ class TestDockerfile(unittest.TestCase):
         self.assertEqual(entrypoint, ["/usr/bin/python3", "-E", "-s", "-S", "-m", "simplemesh"])
         self.assertEqual(dict(final)["WORKDIR"], "/app")  # where -m finds the module
         self.assertEqual(json.loads(dict(final)["CMD"]), ["serve"])
-        instructions = final
         # The generated Deployments run this image as it is: same user, and the load generator's args fit CMD.
         deployment = next(o for o in sm.build_manifests([("a", "", {})]) if o["kind"] == "Deployment")
         self.assertEqual(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 65532)
 
     def test_entrypoint_runs_the_precompiled_module_as_the_image_would(self):
+        python = self.python_of_the_image()
         with tempfile.TemporaryDirectory() as app:
             shutil.copyfile(os.path.join(HERE, "simplemesh.py"), os.path.join(app, "simplemesh.py"))
             run = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "RUN")
-            subprocess.run([sys.executable] + run[1:-1] + [app], check=True, timeout=60)
+            subprocess.run([python] + run[1:-1] + [app], check=True, timeout=60)
+            self.assertEqual(os.listdir(os.path.join(app, "__pycache__")),
+                             [f"simplemesh.cpython-{self.image_python().replace('.', '')}.pyc"])
             # unchecked-hash bytecode is used as it is: even a broken source beside it is never compiled
             with open(os.path.join(app, "simplemesh.py"), "w", encoding="utf-8") as source:
                 source.write("this is not python\n")
             entrypoint = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "ENTRYPOINT")
-            result = subprocess.run([sys.executable] + entrypoint[1:] + ["serve", "--help"], cwd=app,
+            result = subprocess.run([python] + entrypoint[1:] + ["serve", "--help"], cwd=app,
                                     capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("usage", result.stdout)
