@@ -3543,26 +3543,12 @@ def command_load(args, environ):
     return 0
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
-    parser.add_argument("--version", action="version", version=f"simplemesh {__version__}")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("serve", help="run one node, configured by environment variables (the default)",
-                        description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
-                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
-                                    "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
-    mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
-                               description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names.")
-    mesh.add_argument("nodes", nargs="*", metavar="NODE",
-                      help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
-    mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
-    mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+def add_manifests_parser(commands):
+    """The ``manifests`` command's options (SPEC 7)."""
     manifests = commands.add_parser(
         "manifests", help="print Kubernetes YAML for a mesh",
-        description="Print Kubernetes YAML for these nodes: a Service per name and a Deployment per version "
-                    "(directives become the node's environment defaults).",
+        description="Print Kubernetes YAML for these nodes: a Service and a ServiceAccount per name and a "
+                    "Deployment per version (directives become the node's environment defaults).",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
         epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
                "--load http://a/b/c --istio | kubectl apply -f -")
@@ -3585,6 +3571,25 @@ def build_parser():
                            help="add a load generator Deployment that runs `simplemesh load URL`")
     manifests.add_argument("--rate", default="5", help="the load generator's requests per second (default 5)")
     manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
+    parser.add_argument("--version", action="version", version=f"simplemesh {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run one node, configured by environment variables (the default)",
+                        description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
+                                    "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
+                                    "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
+    mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
+                               description="Run a whole mesh in one process: a gateway on --port and each NODE on "
+                                           "the next ports, resolving each other's names.")
+    mesh.add_argument("nodes", nargs="*", metavar="NODE",
+                      help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
+    mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
+    mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add_manifests_parser(commands)
     call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
                                description="Send one request and draw the answer as a tree (in colour on a "
                                            "terminal). Exit status: 0 the root answered < 400, 1 it failed, "
