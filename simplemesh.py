@@ -2733,6 +2733,8 @@ VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 LOADGEN = "loadgen"
 WAYPOINT = "waypoint"  # the ambient namespace's waypoint proxy (a Gateway of class istio-waypoint)
 GATEWAY_API = "gateway.networking.k8s.io/v1"
+SIDECAR_MODES = ("istio", "gateway-api")  # mesh_mode() values whose pods get an Istio sidecar
+GATEWAY_API_MODES = ("gateway-api", "ambient")  # ... and those routed with the Gateway API
 DOWNWARD_API = (("HOST", "metadata.labels['app']"), ("VERSION", "metadata.labels['version']"),
                 ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
                 ("POD_IP", "status.podIP"), ("NODE_NAME", "spec.nodeName"))
@@ -2758,12 +2760,12 @@ def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, gatew
         raise ValueError(f"bad image {image!r}")
     if otlp and not otlp.startswith(("http://", "https://")):
         raise ValueError(f"bad OTLP endpoint {otlp!r}: expected http://host:port")
-    versions = _versions_by_name(specs, load, split_services=mode in ("gateway-api", "ambient"))
-    pod = PodSettings(namespace, image, sidecar=mode in ("istio", "gateway-api"))
+    versions = _versions_by_name(specs, load, split_services=mode in GATEWAY_API_MODES)
+    pod = PodSettings(namespace, image, sidecar=mode in SIDECAR_MODES)
     objects = [_namespace(namespace, mode)] if namespace else []
     for name, by_version in versions.items():
         objects += [_service_account(name, namespace), _service(name, namespace)]
-        if len(by_version) > 1 and mode in ("gateway-api", "ambient"):
+        if len(by_version) > 1 and mode in GATEWAY_API_MODES:
             objects += [_service(name, namespace, version) for version in by_version]
         for version, directives in by_version.items():
             objects.append(_deployment(pod, name, version, _node_env(directives, otlp), _node_container_extras()))
@@ -2806,12 +2808,19 @@ def _versions_by_name(specs, load, split_services):
         except DirectiveError as error:
             raise ValueError(f"node {name!r}: {error}") from None
         versions[name][version] = directives
-    if split_services:  # the per-version Services NAME-VERSION must not take another node's name
-        for name, by_version in versions.items():
-            clash = [f"{name}-{v}" for v in by_version if len(by_version) > 1 and f"{name}-{v}" in versions]
-            if clash:
-                raise ValueError(f"node {clash[0]!r} has the name of {name!r}'s per-version Service; rename it")
+    if split_services:
+        _check_version_service_names(versions)
     return versions
+
+
+def _check_version_service_names(versions):
+    """A Gateway API split's per-version Services, NAME-VERSION: Service names, and not another node's."""
+    for name, by_version in versions.items():
+        for service in [f"{name}-{version}" for version in by_version] if len(by_version) > 1 else []:
+            if not DNS_LABEL_RE.fullmatch(service):
+                raise ValueError(f"Service {service!r} (node {name!r}, one per version): longer than 63 characters")
+            if service in versions:
+                raise ValueError(f"node {service!r} has the name of {name!r}'s per-version Service; rename it")
 
 
 class PodSettings(Record):
@@ -2833,7 +2842,7 @@ def _metadata(name, namespace, labels=None, **extra):
 
 def _namespace(namespace, mode):
     labels = {"app.kubernetes.io/part-of": "simplemesh"}
-    if mode in ("istio", "gateway-api"):
+    if mode in SIDECAR_MODES:
         labels["istio-injection"] = "enabled"
     elif mode == "ambient":  # ztunnel for every pod, and L7 (routes, faults, spans) through the waypoint
         labels.update({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": WAYPOINT})

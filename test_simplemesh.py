@@ -3083,6 +3083,8 @@ class TestManifestGenerator(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "per-version Service"):
             self.build("b", "b;version=v2", "b-v2", gateway_api=True)
         self.build("b", "b;version=v2", "b-v2")  # no per-version Services without the Gateway API
+        with self.assertRaisesRegex(ValueError, "63 characters"):
+            self.build("b" * 40, "b" * 40 + ";version=" + "v" * 30, ambient=True)
 
     def test_command_line_errors_are_one_clear_line(self):
         result = run_cli("manifests", "a;delay=forever")
@@ -3203,6 +3205,23 @@ class TestManifestsValidate(unittest.TestCase):
                      ("x;parallel;headers", "--namespace", "lab", "--image", "registry.example/simplemesh:1")):
             self.check_objects(list(self.yaml.safe_load_all(generate(*args))), " ".join(args))
         self.assertGreater(self.crds.rules_checked, 50)  # Gateway API resources rely on their CEL rules
+
+    def test_every_kubernetes_version_from_1_25_to_1_37(self):
+        """The other tests check the oldest and newest; here each kind the repo uses, in every version between."""
+        versions = sorted(set(self.validator.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+        self.assertLessEqual({"1.25.0", "1.37.0"}, set(versions))
+        objects = self.yaml.safe_load_all(generate(*DEMO_NODES, *DEMO_OPTIONS, "--ambient", "--otlp", "http://c"))
+        with open(os.path.join(HERE, "manifests", "otel", "collector.yaml"), encoding="utf-8") as file:
+            objects = [*objects, *self.yaml.safe_load_all(file)]
+        samples = {}
+        for obj in objects:
+            if not self.crds.knows(obj):
+                samples.setdefault(obj["kind"], obj)
+        self.assertEqual(sorted(samples), ["ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"])
+        for version in versions[versions.index("1.25.0"):versions.index("1.37.0") + 1]:
+            for kind, obj in samples.items():
+                with self.subTest(version=version, kind=kind):
+                    self.validator.validate(obj, version, strict=True)
 
     def test_static_manifests_validate(self):
         paths = []
