@@ -3210,6 +3210,24 @@ class TestManifestsValidate(unittest.TestCase):
             self.check_objects(list(self.yaml.safe_load_all(generate(*args))), " ".join(args))
         self.assertGreater(self.crds.rules_checked, 50)  # Gateway API resources rely on their CEL rules
 
+    def test_pod_security_check_sees_each_gap(self):
+        deployment = node_deployments(sm.build_manifests([("a", "", {})]))[0]
+        self.assertEqual(pod_security_problems(deployment), [])
+        for change, problem in (
+                (lambda pod, box: box.update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+                (lambda pod, box: box.pop("readOnlyRootFilesystem"), "readOnlyRootFilesystem"),
+                (lambda pod, box: box.update(capabilities={"drop": ["NET_RAW"]}), "capabilities"),
+                (lambda pod, box: box.update(privileged=True), "privileged"),
+                (lambda pod, box: pod["securityContext"].pop("seccompProfile"), "seccompProfile"),
+                (lambda pod, box: pod.pop("automountServiceAccountToken"), "token"),
+                (lambda pod, box: pod["containers"][0].pop("readinessProbe"), "probes"),
+                (lambda pod, box: pod["containers"][0]["resources"].pop("limits"), "limits")):
+            broken = json.loads(json.dumps(deployment))
+            pod = broken["spec"]["template"]["spec"]
+            change(pod, pod["containers"][0]["securityContext"])
+            with self.subTest(problem=problem):
+                self.assertIn(problem, " ".join(pod_security_problems(broken)))
+
     def test_every_kubernetes_version_from_1_25_to_1_37(self):
         """The other tests check the oldest and newest; here each kind the repo uses, in every version between."""
         versions = sorted(set(self.validator.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
