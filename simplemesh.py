@@ -2733,23 +2733,28 @@ POD_TERMINATION_GRACE = 30
 DNS_LABEL_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # a Service name (RFC 1035 label)
 VERSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 LOADGEN = "loadgen"
+WAYPOINT = "waypoint"  # the ambient namespace's waypoint proxy (a Gateway of class istio-waypoint)
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+SIDECAR_MODES = ("istio", "gateway-api")  # mesh_mode() values whose pods get an Istio sidecar
+GATEWAY_API_MODES = ("gateway-api", "ambient")  # ... and those routed with the Gateway API
 DOWNWARD_API = (("HOST", "metadata.labels['app']"), ("VERSION", "metadata.labels['version']"),
                 ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
                 ("POD_IP", "status.podIP"), ("NODE_NAME", "spec.nodeName"))
 
 
-def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp="", load="", rate="5",
-                    concurrency=""):
+def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, gateway_api=False, ambient=False,
+                    otlp="", load="", rate="5", concurrency=""):
     """Kubernetes objects (dicts) for node specs from parse_node_spec(); raises ValueError on a bad input.
 
-    Every name gets a Service; every (name, version) its own Deployment behind it, so ``b;version=v2`` is a
-    second version of ``b``. ``istio`` adds the namespace's injection label and example Istio resources
-    (ingress Gateway, DestinationRule subsets, a weighted split for a name with several versions), which
-    needs a namespace: ``simplemesh`` unless one is given.
+    Every name gets a Service and a ServiceAccount (its mesh identity); every (name, version) its own Deployment
+    behind them, so ``b;version=v2`` is a second version of ``b``. The mesh options need a namespace
+    (``simplemesh`` unless one is given) and pick how Istio routes it: ``istio`` with sidecars and Istio's
+    APIs (Gateway, VirtualService, DestinationRule subsets); ``gateway_api`` with sidecars and the Kubernetes
+    Gateway API (a Gateway, HTTPRoutes, one Service per version to split between); ``ambient`` with the Gateway
+    API, no sidecars, ztunnel and a waypoint proxy for L7.
     """
-    if not specs:
-        raise ValueError("name at least one node")
-    if istio and not namespace:
+    mode = mesh_mode(istio, gateway_api, ambient)
+    if mode and not namespace:
         namespace = "simplemesh"
     if namespace and not DNS_LABEL_RE.fullmatch(namespace):
         raise ValueError(f"bad namespace {namespace!r}: a DNS label (a-z, 0-9, '-', starting with a letter)")
@@ -2757,6 +2762,38 @@ def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp=
         raise ValueError(f"bad image {image!r}")
     if otlp and not otlp.startswith(("http://", "https://")):
         raise ValueError(f"bad OTLP endpoint {otlp!r}: expected http://host:port")
+    versions = _versions_by_name(specs, load, split_services=mode in GATEWAY_API_MODES)
+    pod = PodSettings(namespace, image, sidecar=mode in SIDECAR_MODES)
+    objects = [_namespace(namespace, mode)] if namespace else []
+    for name, by_version in versions.items():
+        objects += [_service_account(name, namespace), _service(name, namespace)]
+        if len(by_version) > 1 and mode in GATEWAY_API_MODES:
+            objects += [_service(name, namespace, version) for version in by_version]
+        for version, directives in by_version.items():
+            objects.append(_deployment(pod, name, version, _node_env(directives, otlp), _node_container_extras()))
+    if load:
+        objects.append(_service_account(LOADGEN, namespace))
+        objects.append(_deployment(pod, LOADGEN, "v1", [], _loadgen_container_extras(load, rate, concurrency),
+                                   component="load-generator"))
+    if mode == "istio":
+        objects.extend(_istio_examples(versions, namespace))
+    elif mode:
+        objects.extend(_gateway_api_routes(versions, namespace, waypoint=mode == "ambient"))
+    return objects
+
+
+def mesh_mode(istio, gateway_api, ambient):
+    """'' (plain Kubernetes), 'istio', 'gateway-api' or 'ambient' (which routes with the Gateway API too)."""
+    if istio and (gateway_api or ambient):
+        raise ValueError("--istio (VirtualServices) and --gateway-api/--ambient (HTTPRoutes) would both route the "
+                         "same traffic: pick one")
+    return "ambient" if ambient else "gateway-api" if gateway_api else "istio" if istio else ""
+
+
+def _versions_by_name(specs, load, split_services):
+    """{name: {version: directives}} in the order given, every name, version and directive checked."""
+    if not specs:
+        raise ValueError("name at least one node")
     versions = {}
     for name, version, directives in specs:
         version = version or "v1"
@@ -2773,20 +2810,26 @@ def build_manifests(specs, namespace="", image=DEFAULT_IMAGE, istio=False, otlp=
         except DirectiveError as error:
             raise ValueError(f"node {name!r}: {error}") from None
         versions[name][version] = directives
-    objects = []
-    if namespace:
-        objects.append(_namespace(namespace, istio))
+    if split_services:
+        _check_version_service_names(versions)
+    return versions
+
+
+def _check_version_service_names(versions):
+    """A Gateway API split's per-version Services, NAME-VERSION: Service names, and not another node's."""
     for name, by_version in versions.items():
-        objects.append(_service(name, namespace))
-        for version, directives in by_version.items():
-            objects.append(_deployment(name, version, namespace, image, istio,
-                                       _node_env(directives, otlp), _node_container_extras()))
-    if load:
-        objects.append(_deployment(LOADGEN, "v1", namespace, image, istio, [],
-                                   _loadgen_container_extras(load, rate, concurrency), component="load-generator"))
-    if istio:
-        objects.extend(_istio_examples(versions, namespace))
-    return objects
+        for service in [f"{name}-{version}" for version in by_version] if len(by_version) > 1 else []:
+            if not DNS_LABEL_RE.fullmatch(service):
+                raise ValueError(f"Service {service!r} (node {name!r}, one per version): longer than 63 characters")
+            if service in versions:
+                raise ValueError(f"node {service!r} has the name of {name!r}'s per-version Service; rename it")
+
+
+class PodSettings(Record):
+    """What every generated pod shares: where it runs, its image, and whether an Istio sidecar is injected."""
+    namespace: str
+    image: str
+    sidecar: bool
 
 
 def _metadata(name, namespace, labels=None, **extra):
@@ -2799,10 +2842,12 @@ def _metadata(name, namespace, labels=None, **extra):
     return metadata
 
 
-def _namespace(namespace, istio):
+def _namespace(namespace, mode):
     labels = {"app.kubernetes.io/part-of": "simplemesh"}
-    if istio:
+    if mode in SIDECAR_MODES:
         labels["istio-injection"] = "enabled"
+    elif mode == "ambient":  # ztunnel for every pod, and L7 (routes, faults, spans) through the waypoint
+        labels.update({"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": WAYPOINT})
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _metadata(namespace, "", labels)}
 
 
@@ -2817,10 +2862,19 @@ def _labels(name, version=None, component="node"):
     return labels
 
 
-def _service(name, namespace):
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, namespace, _labels(name)),
-            "spec": {"selector": {"app": name},
+def _service(name, namespace, version=None):
+    """The Service of a name, or (with a version) of one version: what a Gateway API split routes between."""
+    selector = {"app": name, "version": version} if version else {"app": name}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(f"{name}-{version}" if version else name, namespace, _labels(name, version)),
+            "spec": {"selector": selector,
                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"}]}}
+
+
+def _service_account(name, namespace):
+    """One identity per service: the mesh's mTLS principal cluster.local/ns/NAMESPACE/sa/NAME."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(name, namespace, _labels(name)),
+            "automountServiceAccountToken": False}
 
 
 def _node_env(directives, otlp):
@@ -2876,18 +2930,30 @@ def _loadgen_container_extras(url, rate, concurrency):
     return {"args": args}
 
 
-def _deployment(name, version, namespace, image, istio, env, container_extras, component="node"):
+def sidecar_proxy_config():
+    """The Istio sidecar's settings for a node pod (``proxy.istio.io/config``), as JSON (which is YAML).
+
+    The app calls out at once (the load generator does), so it waits for its proxy. On SIGTERM a classic
+    sidecar drains for ``terminationDrainDuration`` (5 s by default) and exits, cutting the node's calls still in
+    flight; kept up for the node's whole SHUTDOWN_DELAY + SHUTDOWN_GRACE, it carries them to the end, and the
+    kubelet's SIGKILL (terminationGracePeriodSeconds) still comes later. A native sidecar stops after the app.
+    """
+    drain = POD_SHUTDOWN_DELAY + POD_SHUTDOWN_GRACE
+    return json.dumps({"holdApplicationUntilProxyStarts": True, "terminationDrainDuration": f"{drain}s"})
+
+
+def _deployment(pod, name, version, env, container_extras, component="node"):
     labels = _labels(name, version, component)
     annotations = {}
     if component == "node":
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(CONTAINER_PORT),
                             "prometheus.io/path": "/metrics"})
-    if istio:  # the app calls out at once (the load generator does), so wait for the sidecar
-        annotations["proxy.istio.io/config"] = '{"holdApplicationUntilProxyStarts": true}'
+    if pod.sidecar:
+        annotations["proxy.istio.io/config"] = sidecar_proxy_config()
     template_metadata = {"labels": labels}
     if annotations:
         template_metadata["annotations"] = annotations
-    container = {"name": "simplemesh", "image": image, "imagePullPolicy": "IfNotPresent"}
+    container = {"name": "simplemesh", "image": pod.image, "imagePullPolicy": "IfNotPresent"}
     container.update(container_extras)
     if env:
         container["env"] = env
@@ -2897,10 +2963,11 @@ def _deployment(name, version, namespace, image, istio, env, container_extras, c
                                     "runAsNonRoot": True, "privileged": False,
                                     "capabilities": {"drop": ["ALL"]}}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _metadata(f"{name}-{version}", namespace, labels),
+            "metadata": _metadata(f"{name}-{version}", pod.namespace, labels),
             "spec": {"replicas": 1,
                      "selector": {"matchLabels": {"app": name, "version": version}},
                      "template": {"metadata": template_metadata, "spec": {
+                         "serviceAccountName": name,
                          "automountServiceAccountToken": False,
                          "terminationGracePeriodSeconds": POD_TERMINATION_GRACE,
                          "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
@@ -2932,6 +2999,38 @@ def _istio_examples(versions, namespace):
                                 {"destination": {"host": name, "subset": version},
                                  "weight": share + (1 if index < extra else 0)}
                                 for index, version in enumerate(by_version)]}]}})
+    return objects
+
+
+def _gateway_api_routes(versions, namespace, waypoint):
+    """Kubernetes Gateway API routing as Istio documents it: an ingress Gateway (class ``istio``) with an
+    HTTPRoute to the first node, and for a name with several versions an HTTPRoute attached to its Service that
+    splits between the per-version Services. In ambient mode, the waypoint (class ``istio-waypoint``) that the
+    namespace's ``istio.io/use-waypoint`` label sends L7 traffic through.
+    """
+    first = next(iter(versions))
+    objects = [
+        {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": _metadata("simplemesh", namespace),
+         "spec": {"gatewayClassName": "istio",
+                  "listeners": [{"name": "http", "port": 80, "protocol": "HTTP",
+                                 "allowedRoutes": {"namespaces": {"from": "Same"}}}]}},
+        {"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": _metadata("simplemesh-ingress", namespace),
+         "spec": {"parentRefs": [{"name": "simplemesh"}],
+                  "rules": [{"backendRefs": [{"name": first, "port": 80}]}]}}]
+    for name, by_version in versions.items():
+        if len(by_version) > 1:
+            share, extra = divmod(100, len(by_version))
+            objects.append({"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": _metadata(name, namespace),
+                            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+                                     "rules": [{"backendRefs": [
+                                         {"name": f"{name}-{version}", "port": 80,
+                                          "weight": share + (1 if index < extra else 0)}
+                                         for index, version in enumerate(by_version)]}]}})
+    if waypoint:
+        objects.append({"apiVersion": GATEWAY_API, "kind": "Gateway",
+                        "metadata": _metadata(WAYPOINT, namespace, {"istio.io/waypoint-for": "service"}),
+                        "spec": {"gatewayClassName": "istio-waypoint",
+                                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
     return objects
 
 
@@ -3158,7 +3257,8 @@ def command_manifests(args, environ):
     try:
         specs = [parse_node_spec(text) for text in args.nodes]
         objects = build_manifests(specs, namespace=args.namespace, image=args.image, istio=args.istio,
-                                  otlp=args.otlp, load=args.load, rate=args.rate, concurrency=args.concurrency)
+                                  gateway_api=args.gateway_api, ambient=args.ambient, otlp=args.otlp,
+                                  load=args.load, rate=args.rate, concurrency=args.concurrency)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     sys.stdout.write(to_yaml(objects))
@@ -3479,6 +3579,36 @@ def command_load(args, environ):
     return 1 if stats.too_many_failures(args.max_error_rate) else 0
 
 
+def add_manifests_parser(commands):
+    """The ``manifests`` command's options (SPEC 7)."""
+    manifests = commands.add_parser(
+        "manifests", help="print Kubernetes YAML for a mesh",
+        description="Print Kubernetes YAML for these nodes: a Service and a ServiceAccount per name and a "
+                    "Deployment per version (directives become the node's environment defaults).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
+        epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
+               "--load http://a/b/c --istio | kubectl apply -f -")
+    manifests.add_argument("nodes", nargs="+", metavar="NODE",
+                           help="a node spec: name[;directive=value...][;version=v2]")
+    manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
+    manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
+    manifests.add_argument("--istio", action="store_true",
+                           help="label the namespace for sidecar injection (namespace simplemesh unless given) "
+                                "and add an ingress Gateway, DestinationRules and version splits (Istio's APIs)")
+    manifests.add_argument("--gateway-api", action="store_true",
+                           help="the same with sidecars and the Kubernetes Gateway API: an ingress Gateway, "
+                                "HTTPRoutes, and a Service per version to split between")
+    manifests.add_argument("--ambient", action="store_true",
+                           help="Istio's ambient mode: no sidecars, the namespace labelled for ztunnel and a "
+                                "waypoint proxy (L7), routed with the Gateway API as --gateway-api")
+    manifests.add_argument("--otlp", default="", metavar="ENDPOINT",
+                           help="send native spans to this OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
+    manifests.add_argument("--load", default="", metavar="URL",
+                           help="add a load generator Deployment that runs `simplemesh load URL`")
+    manifests.add_argument("--rate", default="5", help="the load generator's requests per second (default 5)")
+    manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
@@ -3495,26 +3625,7 @@ def build_parser():
                       help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    manifests = commands.add_parser(
-        "manifests", help="print Kubernetes YAML for a mesh",
-        description="Print Kubernetes YAML for these nodes: a Service per name and a Deployment per version "
-                    "(directives become the node's environment defaults).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the example on one pasteable line
-        epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
-               "--load http://a/b/c --istio | kubectl apply -f -")
-    manifests.add_argument("nodes", nargs="+", metavar="NODE",
-                           help="a node spec: name[;directive=value...][;version=v2]")
-    manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
-    manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
-    manifests.add_argument("--istio", action="store_true",
-                           help="label the namespace for sidecar injection (namespace simplemesh unless given) "
-                                "and add an ingress Gateway, DestinationRules and version splits")
-    manifests.add_argument("--otlp", default="", metavar="ENDPOINT",
-                           help="send native spans to this OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")
-    manifests.add_argument("--load", default="", metavar="URL",
-                           help="add a load generator Deployment that runs `simplemesh load URL`")
-    manifests.add_argument("--rate", default="5", help="the load generator's requests per second (default 5)")
-    manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
+    add_manifests_parser(commands)
     call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
                                description="Send one request and draw the answer as a tree (in colour on a "
                                            "terminal). Exit status: 0 the root answered < 400, 1 it failed, "

@@ -7,6 +7,7 @@ Chromium, kubectl, opentelemetry-proto) need what ``.ci/run`` installs and fail,
 
 import base64
 import concurrent.futures
+import glob
 import gzip
 import http.client
 import http.server
@@ -2701,10 +2702,16 @@ class TestLoadCommand(unittest.TestCase):
 # The demo mesh of manifests/base, as the generator's arguments (manifests/base/kustomization.yaml says the same).
 DEMO_NODES = ("a;delay=0.5", "b;delay=1", "b;delay=1;version=v2", "c;delay=1.5", "d")
 DEMO_OPTIONS = ("--load", "http://a/b/c/d", "--rate", "2", "--concurrency", "8")
-# kubernetes-validate ships the schemas; strict ones also refuse unknown fields (a typo is an error).
-K8S_SCHEMA_VERSION = "1.30.0"
-ISTIO_REQUIRED = {"Gateway": ("selector", "servers"), "VirtualService": ("hosts",),
-                  "DestinationRule": ("host",)}
+# kubernetes-validate ships the schemas; strict ones also refuse unknown fields (a typo is an error). The oldest
+# and the newest Kubernetes the manifests are for.
+K8S_SCHEMA_VERSIONS = ("1.25.0", "1.37.0")
+# Istio's and the Gateway API's CRDs, as released (../shared/schemas/README.md says where from).
+CRD_FILES = [os.path.join(HERE, "..", "shared", "schemas", name)
+             for name in ("istio-1.30.3-crd-all.gen.yaml", "gateway-api-v1.6.1-standard-crds.yaml")]
+# The mesh flavours: the generator's flag, the overlay directory that must equal it.
+MESH_OVERLAYS = (("istio", "--istio"), ("gateway-api", "--gateway-api"), ("ambient", "--ambient"))
+# Distroless Python images are named after their Debian, which has one Python.
+DISTROLESS_PYTHON = {"python3-debian12": "3.11", "python3-debian13": "3.13"}
 
 
 def generate(*args):
@@ -2735,6 +2742,169 @@ def container_env(deployment, labels=None, pod="pod-0"):
 
 def by_kind_and_name(objects):
     return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def openapi_to_json_schema(node, structural=True):
+    """A CRD's OpenAPI v3 schema as JSON Schema (draft 4), with Kubernetes' extensions made checkable.
+
+    ``nullable`` admits null; ``x-kubernetes-int-or-string`` admits an integer or a string; a ``set`` list has
+    unique items; an object with ``properties`` refuses other fields unless it preserves unknown fields, as the
+    API server's strict field validation (kubectl's default) does. Inside anyOf/oneOf/allOf/not, which in a
+    structural schema only add constraints to fields declared beside them, nothing is closed.
+    """
+    if isinstance(node, list):
+        return [openapi_to_json_schema(item, structural) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: openapi_to_json_schema(sub, structural) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = openapi_to_json_schema(value, structural)
+        elif key in ("allOf", "anyOf", "oneOf", "not"):
+            out[key] = openapi_to_json_schema(value, False)
+        else:
+            out[key] = value
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["allOf"] = out.get("allOf", []) + [{"anyOf": [{"type": "integer"}, {"type": "string"}]}]
+    if (structural and "properties" in node and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    if node.get("nullable"):
+        out = {"anyOf": [{"type": "null"}, out]}
+    return out
+
+
+def apply_schema_defaults(value, schema):
+    """Fill in the schema's ``default`` values, as the API server does before its CEL rules run."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for name, sub in properties.items():
+            if name not in value and "default" in sub:
+                value[name] = json.loads(json.dumps(sub["default"]))
+            if name in value:
+                apply_schema_defaults(value[name], sub)
+        if isinstance(schema.get("additionalProperties"), dict):
+            for name in value.keys() - properties.keys():
+                apply_schema_defaults(value[name], schema["additionalProperties"])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            apply_schema_defaults(item, schema["items"])
+
+
+def cel_field_names(value):
+    """Kubernetes escapes CEL's reserved words in field names: ``namespace`` is ``__namespace__`` in a rule."""
+    if isinstance(value, dict):
+        return {("__namespace__" if key == "namespace" else key): cel_field_names(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [cel_field_names(item) for item in value]
+    return value
+
+
+class CrdSchemas:
+    """Custom resources against the served version's ``openAPIV3Schema`` of their CRD (CRD_FILES).
+
+    jsonschema checks the schema (see openapi_to_json_schema), plus the uniqueness of list-map keys; the CEL rules
+    (``x-kubernetes-validations``) ARE checked: each rule on a field the object has is evaluated with cel-python
+    after the schema's defaults are applied, as the API server does on create. Transition rules (``oldSelf``)
+    only apply to updates and are skipped. ``format`` is not checked (int32, date-time: nothing here uses them
+    beyond plain numbers). ``rules_checked`` counts the rules evaluated, so a test can see they ran.
+    """
+    _served = None
+
+    def __init__(self, testcase):
+        self.yaml = require_module(testcase, "yaml")
+        self.jsonschema = require_module(testcase, "jsonschema")
+        self.celpy = require_module(testcase, "celpy")
+        self.cel = self.celpy.Environment()
+        self.programs = {}
+        self.rules_checked = 0
+        missing = [path for path in CRD_FILES if not os.path.exists(path)]
+        if missing:
+            message = f"no CRD schemas at {missing[0]} (the shared/ folder beside the repository)"
+            testcase.fail(message) if IN_CI else testcase.skipTest(message)
+        if CrdSchemas._served is None:
+            CrdSchemas._served = self.load()
+        self.validator_class = self.jsonschema.validators.extend(
+            self.jsonschema.Draft4Validator,
+            {"x-kubernetes-validations": self.check_rules, "x-kubernetes-list-map-keys": self.check_map_keys})
+
+    def load(self):
+        served = {}
+        loader = getattr(self.yaml, "CSafeLoader", self.yaml.SafeLoader)
+        for path in CRD_FILES:
+            with open(path, encoding="utf-8") as file:
+                for crd in self.yaml.load_all(file, Loader=loader):
+                    if crd and crd.get("kind") == "CustomResourceDefinition":
+                        spec = crd["spec"]
+                        for version in spec["versions"]:
+                            if version["served"]:
+                                served[f"{spec['group']}/{version['name']}", spec["names"]["kind"]] = \
+                                    version["schema"]["openAPIV3Schema"]
+        return served
+
+    def knows(self, obj):
+        return (obj.get("apiVersion"), obj.get("kind")) in self._served
+
+    def errors(self, obj):
+        """Messages for what the API server would refuse in ``obj``; [] when it is valid."""
+        openapi = self._served[obj["apiVersion"], obj["kind"]]
+        obj = json.loads(json.dumps(obj))
+        apply_schema_defaults(obj, openapi)
+        schema = openapi_to_json_schema(openapi)
+        for field, kind in (("apiVersion", "string"), ("kind", "string"), ("metadata", "object")):
+            schema["properties"].setdefault(field, {"type": kind})
+        return [f"{error.message} at {list(error.absolute_path)}"
+                for error in self.validator_class(schema).iter_errors(obj)]
+
+    def check_rules(self, _validator, rules, instance, _schema):
+        for rule in rules:
+            if "oldSelf" in rule["rule"]:
+                continue
+            program = self.programs.get(rule["rule"])
+            if program is None:
+                program = self.programs[rule["rule"]] = self.cel.program(self.cel.compile(rule["rule"]))
+            result = program.evaluate({"self": self.celpy.json_to_cel(cel_field_names(instance))})
+            self.rules_checked += 1
+            if not (isinstance(result, self.celpy.celtypes.BoolType) and bool(result)):  # or a CELEvalError
+                yield self.jsonschema.ValidationError(f"CEL rule refused: {rule.get('message') or rule['rule']}"
+                                                      f" ({result!r})")
+
+    def check_map_keys(self, _validator, keys, instance, _schema):
+        if isinstance(instance, list):
+            seen = set()
+            for item in instance:
+                key = tuple(json.dumps(item.get(name)) for name in keys)
+                if key in seen:
+                    yield self.jsonschema.ValidationError(f"duplicate list entry for keys {keys}: {key}")
+                seen.add(key)
+
+
+def pod_security_problems(deployment):
+    """What keeps a Deployment's pods from the restricted Pod Security Standard (and the house rules beyond it)."""
+    pod = deployment["spec"]["template"]["spec"]
+    problems = []
+    if pod.get("securityContext", {}).get("seccompProfile") != {"type": "RuntimeDefault"}:
+        problems.append("seccompProfile is not RuntimeDefault")
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("service-account token mounted")
+    for container in pod["containers"]:
+        security = container.get("securityContext", {})
+        expected = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]}}
+        problems += [f"{container['name']}: {key} is not {value}" for key, value in expected.items()
+                     if security.get(key, pod.get("securityContext", {}).get(key)) != value]
+        if security.get("privileged"):
+            problems.append(f"{container['name']}: privileged")
+        if set(container.get("resources", {}).get("limits", {})) != {"cpu", "memory"}:
+            problems.append(f"{container['name']}: no cpu and memory limits")
+        if container.get("ports") and not (container.get("readinessProbe") and container.get("livenessProbe")):
+            problems.append(f"{container['name']}: serves without readiness and liveness probes")
+    return problems
 
 
 class TestManifestYaml(unittest.TestCase):
@@ -2769,7 +2939,8 @@ class TestManifestGenerator(unittest.TestCase):
     def test_service_and_a_deployment_per_version(self):
         objects = by_kind_and_name(self.build("a", "b;delay=1", "b;delay=1;version=v2"))
         self.assertEqual(sorted(objects), [("Deployment", "a-v1"), ("Deployment", "b-v1"), ("Deployment", "b-v2"),
-                                           ("Service", "a"), ("Service", "b")])
+                                           ("Service", "a"), ("Service", "b"),
+                                           ("ServiceAccount", "a"), ("ServiceAccount", "b")])
         service = objects["Service", "b"]
         self.assertEqual(service["spec"]["ports"], [{"name": "http", "port": 80, "targetPort": "http",
                                                      "appProtocol": "http"}])
@@ -2853,6 +3024,74 @@ class TestManifestGenerator(unittest.TestCase):
         self.assertEqual(sum(r["weight"] for r in route), 100)
         self.assertNotIn(("VirtualService", "a"), objects)  # one version: nothing to split
 
+    def test_each_service_has_its_own_identity(self):
+        """One ServiceAccount per name, so the mesh's mTLS principal (cluster.local/ns/NS/sa/NAME) is per service."""
+        objects = self.build("a", "b", "b;version=v2", load="http://a/b", namespace="lab")
+        accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+        self.assertEqual(sorted(accounts), ["a", "b", "loadgen"])
+        for deployment in [o for o in objects if o["kind"] == "Deployment"]:
+            with self.subTest(deployment=deployment["metadata"]["name"]):
+                pod = deployment["spec"]["template"]["spec"]
+                account = accounts[pod["serviceAccountName"]]
+                self.assertEqual(pod["serviceAccountName"], deployment["spec"]["template"]["metadata"]["labels"]["app"])
+                self.assertEqual(account["metadata"]["namespace"], "lab")
+                self.assertIs(account["automountServiceAccountToken"], False)
+        # the shipped policy examples name the identity the generator gives `a`
+        for path in ("istio/examples/authorization.yaml", "ambient/examples/authorization.yaml"):
+            with open(os.path.join(HERE, "manifests", path), encoding="utf-8") as file:
+                self.assertRegex(file.read(), r"principals:\s+- cluster\.local/ns/simplemesh/sa/a\n")
+
+    def test_sidecar_keeps_serving_while_the_node_drains(self):
+        """With sidecars, the proxy outlives the node's shutdown (not ready, then grace) and the kubelet's SIGKILL
+        comes later still; without sidecars (plain, ambient) there is no proxy setting."""
+        for options, sidecar in (({"istio": True}, True), ({"gateway_api": True}, True), ({"ambient": True}, False),
+                                 ({}, False)):
+            for deployment in [o for o in self.build("a", load="http://a/", **options) if o["kind"] == "Deployment"]:
+                with self.subTest(options=options, deployment=deployment["metadata"]["name"]):
+                    annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+                    if not sidecar:
+                        self.assertNotIn("proxy.istio.io/config", annotations)
+                        continue
+                    proxy = json.loads(annotations["proxy.istio.io/config"])
+                    self.assertIs(proxy["holdApplicationUntilProxyStarts"], True)
+                    drain = sm.parse_duration(proxy["terminationDrainDuration"])
+                    node = sm.Config.from_env(container_env(node_deployments(self.build("a"))[0]))
+                    self.assertGreaterEqual(drain, node.shutdown_delay + node.shutdown_grace)
+                    self.assertLess(drain, deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+
+    def test_gateway_api_resources(self):
+        objects = by_kind_and_name(self.build("a", "b", "b;version=v2", "b;version=v3", gateway_api=True))
+        self.assertEqual(objects["Namespace", "simplemesh"]["metadata"]["labels"]["istio-injection"], "enabled")
+        gateway = objects["Gateway", "simplemesh"]
+        self.assertEqual(gateway["spec"]["gatewayClassName"], "istio")
+        ingress = objects["HTTPRoute", "simplemesh-ingress"]["spec"]
+        self.assertEqual(ingress["parentRefs"], [{"name": "simplemesh"}])
+        self.assertEqual(ingress["rules"][0]["backendRefs"], [{"name": "a", "port": 80}])
+        split = objects["HTTPRoute", "b"]["spec"]  # attached to Service b, split between per-version Services
+        self.assertEqual(split["parentRefs"], [{"group": "", "kind": "Service", "name": "b", "port": 80}])
+        backends = split["rules"][0]["backendRefs"]
+        self.assertEqual(sum(backend["weight"] for backend in backends), 100)
+        for backend, version in zip(backends, ("v1", "v2", "v3")):
+            service = objects["Service", backend["name"]]
+            pods = objects["Deployment", f"b-{version}"]["spec"]["template"]["metadata"]["labels"]
+            self.assertEqual(service["spec"]["selector"], {"app": "b", "version": version})
+            self.assertLessEqual(service["spec"]["selector"].items(), pods.items())
+        self.assertNotIn(("HTTPRoute", "a"), objects)  # one version: nothing to split
+        self.assertNotIn(("Service", "a-v1"), objects)
+        self.assertFalse([key for key in objects if key[0] in ("VirtualService", "DestinationRule")])
+
+    def test_ambient_resources(self):
+        objects = by_kind_and_name(self.build("a", "b", "b;version=v2", ambient=True, namespace="lab"))
+        labels = objects["Namespace", "lab"]["metadata"]["labels"]
+        self.assertEqual(labels["istio.io/dataplane-mode"], "ambient")
+        self.assertNotIn("istio-injection", labels)
+        waypoint = objects["Gateway", labels["istio.io/use-waypoint"]]
+        self.assertEqual(waypoint["spec"]["gatewayClassName"], "istio-waypoint")
+        self.assertEqual(waypoint["metadata"]["labels"]["istio.io/waypoint-for"], "service")
+        self.assertEqual(waypoint["spec"]["listeners"], [{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+        self.assertIn(("HTTPRoute", "b"), objects)  # the waypoint applies the split
+        self.assertIn(("Service", "b-v2"), objects)
+
     def test_bad_input_is_refused(self):
         cases = {("1a",): "DNS label", ("a.b",): "DNS label", ("a", "a"): "twice", ("a;delay=10m",): "MAX_DELAY",
                  ("a;bogus=1",): "unknown directive", ("a;version=V_2",): "bad version", (): "at least one"}
@@ -2866,6 +3105,13 @@ class TestManifestGenerator(unittest.TestCase):
                 self.build("a", **options)
         with self.assertRaisesRegex(ValueError, "load generator"):
             self.build("loadgen", load="http://a/")
+        with self.assertRaisesRegex(ValueError, "pick one"):
+            self.build("a", istio=True, ambient=True)
+        with self.assertRaisesRegex(ValueError, "per-version Service"):
+            self.build("b", "b;version=v2", "b-v2", gateway_api=True)
+        self.build("b", "b;version=v2", "b-v2")  # no per-version Services without the Gateway API
+        with self.assertRaisesRegex(ValueError, "63 characters"):
+            self.build("b" * 40, "b" * 40 + ";version=" + "v" * 30, ambient=True)
 
     def test_command_line_errors_are_one_clear_line(self):
         result = run_cli("manifests", "a;delay=forever")
@@ -2875,6 +3121,9 @@ class TestManifestGenerator(unittest.TestCase):
         self.assertEqual(result.stdout, "")
         self.assertEqual(run_cli("manifests").returncode, 2)  # argparse: at least one NODE
         self.assertIn("--istio", run_cli("manifests", "--help").stdout)
+        result = run_cli("manifests", "a", "--istio", "--gateway-api")
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertIn("pick one", result.stderr)
 
 
 class TestManifestsRunLocally(unittest.TestCase):
@@ -2905,49 +3154,125 @@ class TestManifestsRunLocally(unittest.TestCase):
 
 
 class TestManifestsValidate(unittest.TestCase):
-    """Generated and static manifests against the Kubernetes schemas, and through kubectl kustomize."""
+    """Generated and static manifests against the Kubernetes schemas and Istio's and the Gateway API's CRD schemas
+    (with their CEL rules), and through ``kubectl kustomize``."""
 
     def setUp(self):
         self.yaml = require_module(self, "yaml")
         self.validator = require_module(self, "kubernetes_validate")
+        self.crds = CrdSchemas(self)
 
     def check_objects(self, objects, source):
-        """Kubernetes kinds against the strict schemas; Istio CRDs (not in those schemas) by their structure."""
+        """Kubernetes kinds against the strict schemas of each version; custom resources against their CRD."""
         self.assertTrue(objects, f"{source}: no objects")
         for obj in objects:
             kind, name = obj.get("kind"), obj.get("metadata", {}).get("name")
             with self.subTest(source=source, kind=kind, name=name):
-                if obj["apiVersion"].startswith("networking.istio.io/"):
-                    self.assertEqual(obj["apiVersion"], "networking.istio.io/v1")
-                    self.assertRegex(name, r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-                    for required in ISTIO_REQUIRED[kind]:
-                        self.assertIn(required, obj["spec"])
-                    for route in obj["spec"].get("http", []):
-                        weights = [d.get("weight") for d in route["route"] if "weight" in d]
-                        self.assertIn(sum(weights), (0, 100))
+                if self.crds.knows(obj):
+                    self.assertEqual(self.crds.errors(obj), [], f"{source}: {kind}/{name}")
                     continue
-                try:
-                    self.validator.validate(obj, K8S_SCHEMA_VERSION, strict=True)
-                except self.validator.ValidationError as error:
-                    self.fail(f"{source}: {kind}/{name}: {error.message} at {list(error.path)}")
+                self.assertNotIn(".istio.io", obj["apiVersion"], "an Istio kind with no served schema")
+                self.assertNotIn("gateway.networking.k8s.io", obj["apiVersion"], "a Gateway API kind not served")
+                for version in K8S_SCHEMA_VERSIONS:
+                    try:
+                        self.validator.validate(obj, version, strict=True)
+                    except self.validator.ValidationError as error:
+                        self.fail(f"{source}: {kind}/{name} (Kubernetes {version}): {error.message} "
+                                  f"at {list(error.path)}")
+                if kind == "Deployment":
+                    self.assertEqual(pod_security_problems(obj), [], f"{source}: {name}")
 
     def kustomize(self, directory):
         kubectl = require_tool(self, "kubectl")
-        result = subprocess.run([kubectl, "kustomize", os.path.join(HERE, "manifests", directory)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run([kubectl, "kustomize", directory], capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         return list(self.yaml.safe_load_all(result.stdout))
 
+    def kustomize_shipped(self, directory):
+        return self.kustomize(os.path.join(HERE, "manifests", directory))
+
+    def test_crd_schemas_refuse_what_the_api_server_would(self):
+        ingress, route = [o for o in sm.build_manifests([("a", "", {}), ("b", "", {}), ("b", "v2", {})],
+                                                        gateway_api=True) if o["kind"] in ("Gateway", "HTTPRoute")][:2]
+        split = next(o for o in sm.build_manifests([("b", "", {}), ("b", "v2", {})], gateway_api=True)
+                     if o["kind"] == "HTTPRoute" and o["metadata"]["name"] == "b")
+        policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "b"},
+                  "spec": {"selector": {"matchLabels": {"app": "b"}},
+                           "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/x/sa/a"]}}]}]}}
+        self.assertEqual(self.crds.errors(policy), [])
+        checked = self.crds.rules_checked
+        for object_, change, message in (
+                (policy, lambda o: o["spec"].update(targetRefs=[{"kind": "Service", "group": "", "name": "b"}]),
+                 "only one of targetRefs or selector"),                                        # CEL
+                (policy, lambda o: o["spec"].update(action="PERMIT"), "is not one of"),       # enum
+                (policy, lambda o: o["spec"].update(rule=[]), "Additional properties"),       # a typo
+                (ingress, lambda o: o["spec"]["listeners"].append(dict(o["spec"]["listeners"][0], port=8080)),
+                 "Listener name must be unique"),                                              # CEL
+                (ingress, lambda o: o["spec"].pop("gatewayClassName"), "required"),
+                (split, lambda o: o["spec"]["rules"][0]["backendRefs"][0].pop("port"), "Must have port for Service"),
+                (split, lambda o: o["spec"]["rules"][0]["backendRefs"][0].update(weight=1_000_001), "maximum"),
+                (route, lambda o: o["spec"]["rules"][0]["backendRefs"][0].update(port="http"), "integer")):
+            broken = json.loads(json.dumps(object_))
+            change(broken)
+            with self.subTest(kind=object_["kind"], message=message):
+                self.assertEqual(self.crds.errors(object_), [])
+                self.assertIn(message, " ".join(self.crds.errors(broken)))
+        self.assertGreater(self.crds.rules_checked, checked)
+        # int-or-string and nullable, as the translation reads them
+        schema = openapi_to_json_schema({"type": "object", "properties": {
+            "port": {"x-kubernetes-int-or-string": True}, "note": {"type": "string", "nullable": True}}})
+        validator = self.crds.jsonschema.Draft4Validator(schema)
+        self.assertTrue(all(validator.is_valid(v) for v in ({"port": 80}, {"port": "http"}, {"note": None})))
+        self.assertFalse(any(validator.is_valid(v) for v in ({"port": 1.5}, {"note": 3}, {"other": 1})))
+
     def test_generated_manifests_validate(self):
         for args in ((*DEMO_NODES, *DEMO_OPTIONS), ("a", "b;version=v2", "--istio", "--otlp", "http://c:4318"),
+                     ("a", "b", "b;version=v2", "b;version=v3", "--gateway-api", "--load", "http://a/b"),
+                     ("a", "b;version=v2", "b", "--ambient", "--namespace", "lab"),
                      ("x;parallel;headers", "--namespace", "lab", "--image", "registry.example/simplemesh:1")):
             self.check_objects(list(self.yaml.safe_load_all(generate(*args))), " ".join(args))
+        self.assertGreater(self.crds.rules_checked, 50)  # Gateway API resources rely on their CEL rules
+
+    def test_pod_security_check_sees_each_gap(self):
+        deployment = node_deployments(sm.build_manifests([("a", "", {})]))[0]
+        self.assertEqual(pod_security_problems(deployment), [])
+        for change, problem in (
+                (lambda pod, box: box.update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+                (lambda pod, box: box.pop("readOnlyRootFilesystem"), "readOnlyRootFilesystem"),
+                (lambda pod, box: box.update(capabilities={"drop": ["NET_RAW"]}), "capabilities"),
+                (lambda pod, box: box.update(privileged=True), "privileged"),
+                (lambda pod, box: pod["securityContext"].pop("seccompProfile"), "seccompProfile"),
+                (lambda pod, box: pod.pop("automountServiceAccountToken"), "token"),
+                (lambda pod, box: pod["containers"][0].pop("readinessProbe"), "probes"),
+                (lambda pod, box: pod["containers"][0]["resources"].pop("limits"), "limits")):
+            broken = json.loads(json.dumps(deployment))
+            pod = broken["spec"]["template"]["spec"]
+            change(pod, pod["containers"][0]["securityContext"])
+            with self.subTest(problem=problem):
+                self.assertIn(problem, " ".join(pod_security_problems(broken)))
+
+    def test_every_kubernetes_version_from_1_25_to_1_37(self):
+        """The other tests check the oldest and newest; here each kind the repo uses, in every version between."""
+        versions = sorted(set(self.validator.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+        self.assertLessEqual({"1.25.0", "1.37.0"}, set(versions))
+        objects = self.yaml.safe_load_all(generate(*DEMO_NODES, *DEMO_OPTIONS, "--ambient", "--otlp", "http://c"))
+        with open(os.path.join(HERE, "manifests", "otel", "collector.yaml"), encoding="utf-8") as file:
+            objects = [*objects, *self.yaml.safe_load_all(file)]
+        samples = {}
+        for obj in objects:
+            if not self.crds.knows(obj):
+                samples.setdefault(obj["kind"], obj)
+        self.assertEqual(sorted(samples), ["ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"])
+        for version in versions[versions.index("1.25.0"):versions.index("1.37.0") + 1]:
+            for kind, obj in samples.items():
+                with self.subTest(version=version, kind=kind):
+                    self.validator.validate(obj, version, strict=True)
 
     def test_static_manifests_validate(self):
         paths = []
         for root, _dirs, files in os.walk(os.path.join(HERE, "manifests")):
             paths += [os.path.join(root, f) for f in files if f.endswith(".yaml") and f != "kustomization.yaml"]
-        self.assertGreaterEqual(len(paths), 7)
+        self.assertGreaterEqual(len(paths), 12)
         for path in paths:
             with open(path, encoding="utf-8") as file:
                 self.check_objects([o for o in self.yaml.safe_load_all(file) if o], os.path.relpath(path, HERE))
@@ -2957,42 +3282,104 @@ class TestManifestsValidate(unittest.TestCase):
             self.assertEqual(file.read(), generate(*DEMO_NODES, *DEMO_OPTIONS),
                              "manifests/base/mesh.yaml is stale: regenerate it with the command in "
                              "manifests/base/kustomization.yaml")
-        built = self.kustomize("base")
+        built = self.kustomize_shipped("base")
         self.check_objects(built, "kustomize base")
         self.assertEqual(by_kind_and_name(built), by_kind_and_name(self.yaml.safe_load_all(
             generate(*DEMO_NODES, *DEMO_OPTIONS))))
 
-    def test_istio_overlay_is_the_generators_istio_output(self):
-        built = self.kustomize("istio")
-        self.check_objects(built, "kustomize istio")
-        expected = self.yaml.safe_load_all(generate(*DEMO_NODES, *DEMO_OPTIONS, "--istio", "--namespace",
-                                                    "simplemesh"))
-        self.assertEqual(by_kind_and_name(built), by_kind_and_name(expected))
+    def test_mesh_overlays_are_the_generators_output(self):
+        for directory, flag in MESH_OVERLAYS:
+            with self.subTest(overlay=directory):
+                built = self.kustomize_shipped(directory)
+                self.check_objects(built, f"kustomize {directory}")
+                expected = self.yaml.safe_load_all(generate(*DEMO_NODES, *DEMO_OPTIONS, flag, "--namespace",
+                                                            "simplemesh"))
+                self.assertEqual(by_kind_and_name(built), by_kind_and_name(expected))
 
-    def test_otel_overlay_is_the_generators_otlp_output(self):
-        built = self.kustomize("otel")
-        self.check_objects(built, "kustomize otel")
-        expected = by_kind_and_name(self.yaml.safe_load_all(
-            generate(*DEMO_NODES, *DEMO_OPTIONS, "--otlp", "http://otel-collector:4318")))
-        built = by_kind_and_name(built)
-        for key in ("Deployment", "otel-collector"), ("Service", "otel-collector"), ("ConfigMap", "otel-collector"):
-            self.assertIn(key, built)
-        self.assertEqual({key: built[key] for key in expected}, expected)
+    def test_otel_component_combines_with_every_overlay(self):
+        """manifests/otel is a kustomize Component: with the base and each mesh overlay it builds, its Collector
+        is restricted and probed, and the nodes get what ``--otlp`` generates."""
+        with open(os.path.join(HERE, "manifests", "otel", "kustomization.yaml"), encoding="utf-8") as file:
+            component = self.yaml.safe_load(file)
+        self.assertEqual((component["apiVersion"], component["kind"]),
+                         ("kustomize.config.k8s.io/v1alpha1", "Component"))
+        for directory, flags in (("base", ()), *((d, (f, "--namespace", "simplemesh")) for d, f in MESH_OVERLAYS)):
+            with self.subTest(overlay=directory), tempfile.TemporaryDirectory() as tmp:
+                relative = os.path.relpath(os.path.join(HERE, "manifests"), tmp)  # kustomize refuses absolute paths
+                with open(os.path.join(tmp, "kustomization.yaml"), "w", encoding="utf-8") as file:
+                    file.write(f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                               f"{'namespace: simplemesh' if flags else ''}\n"
+                               f"resources: [{relative}/{directory}]\ncomponents: [{relative}/otel]\n")
+                built = by_kind_and_name(self.kustomize(tmp))
+                self.check_objects(list(built.values()), f"{directory} + otel")
+                expected = by_kind_and_name(self.yaml.safe_load_all(
+                    generate(*DEMO_NODES, *DEMO_OPTIONS, *flags, "--otlp", "http://otel-collector:4318")))
+                self.assertEqual({key: built[key] for key in expected}, expected)
+                collector = built["Deployment", "otel-collector"]
+                self.assertEqual(collector["metadata"].get("namespace"), "simplemesh" if flags else None)
+                labels = collector["spec"]["template"]["metadata"]["labels"]  # out of the mesh in every mode
+                self.assertEqual((labels["sidecar.istio.io/inject"], labels["istio.io/dataplane-mode"]),
+                                 ("false", "none"))
+                self.check_collector(collector, built["ConfigMap", "otel-collector"])
+
+    def check_collector(self, deployment, config_map):
+        config = self.yaml.safe_load(config_map["data"]["config.yaml"])
+        self.assertEqual(config["exporters"]["debug"]["verbosity"], "detailed")
+        self.assertIn("health_check", config["service"]["extensions"])
+        health_port = int(config["extensions"]["health_check"]["endpoint"].rsplit(":", 1)[1])
+        self.assertTrue(config["extensions"]["health_check"]["endpoint"].startswith("0.0.0.0:"))  # kubelet's reach
+        container, = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        for probe in ("readinessProbe", "livenessProbe"):
+            self.assertEqual(ports[container[probe]["httpGet"]["port"]], health_port)
+        self.assertEqual(pod_security_problems(deployment), [])
 
 
 class TestDockerfile(unittest.TestCase):
-    """No container engine runs here, so the Dockerfile is checked by reading it (and the image is not built)."""
+    """No container engine runs here, so the Dockerfile is checked by reading it (and the image is not built); its
+    bytecode step and entrypoint are run with a local Python of the final image's version."""
 
     def instructions(self):
         with open(os.path.join(HERE, "Dockerfile"), encoding="utf-8") as file:
             lines = [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
         return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
+    def base_images(self):
+        """[(image, tag)] of each FROM, in order."""
+        froms = [arg.split() for keyword, arg in self.instructions() if keyword == "FROM"]
+        return [tuple(words[words.index("AS") - 1 if "AS" in words else -1].split("@")[0].split(":"))
+                for words in froms]
+
+    def image_python(self):
+        """The Python version of the final image: distroless names its Debian, and each Debian has one Python."""
+        image, _tag = self.base_images()[-1]
+        return DISTROLESS_PYTHON[image.rsplit("/", 1)[1]]
+
+    def python_of_the_image(self):
+        """A local interpreter of the final image's Python version: the bytecode is only used by that version."""
+        version = self.image_python()
+        if sys.version_info[:2] == tuple(map(int, version.split("."))):
+            return sys.executable
+        candidates = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python3")))
+        candidates += [path for path in [shutil.which(f"python{version}")] if path]  # (a pyenv shim may not run)
+        found = next((path for path in candidates if subprocess.run(
+            [path, "-c", f"import sys; sys.exit(sys.version_info[:2] != {tuple(map(int, version.split('.')))})"],
+            capture_output=True, timeout=30).returncode == 0), None)
+        if found is None:
+            message = f"no Python {version} here to run the image's bytecode step with"
+            self.fail(message) if IN_CI else self.skipTest(message)
+        return found
+
+    def test_supported_distroless_base_both_stages_tagged(self):
+        (build, build_tag), (final, final_tag) = self.base_images()
+        self.assertEqual(final, "gcr.io/distroless/python3-debian13")  # debian12 is deprecated upstream
+        self.assertEqual(final_tag, "nonroot")
+        self.assertEqual(build, "python")
+        # python:3.13-slim-trixie: the build stage's Python is the final image's, on the same Debian
+        self.assertRegex(build_tag, rf"^{re.escape(self.image_python())}(\.\d+)?-slim-trixie$")
+
     def test_distroless_nonroot_one_file(self):
         instructions = self.instructions()
-        froms = [arg for keyword, arg in instructions if keyword == "FROM"]
-        self.assertEqual([image.split()[-3 if " AS " in image else -1].split(":")[0] for image in froms],
-                         ["gcr.io/distroless/python3-debian12"] * 2)
         final = instructions[[keyword for keyword, _ in instructions].index("FROM", 1):]
         runs = [arg for keyword, arg in instructions if keyword == "RUN"]
         self.assertEqual([json.loads(run)[1:4] for run in runs], [["-m", "compileall", "-q"]])  # nothing installed
@@ -3005,21 +3392,23 @@ class TestDockerfile(unittest.TestCase):
         self.assertEqual(entrypoint, ["/usr/bin/python3", "-E", "-s", "-S", "-m", "simplemesh"])
         self.assertEqual(dict(final)["WORKDIR"], "/app")  # where -m finds the module
         self.assertEqual(json.loads(dict(final)["CMD"]), ["serve"])
-        instructions = final
         # The generated Deployments run this image as it is: same user, and the load generator's args fit CMD.
         deployment = next(o for o in sm.build_manifests([("a", "", {})]) if o["kind"] == "Deployment")
         self.assertEqual(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 65532)
 
     def test_entrypoint_runs_the_precompiled_module_as_the_image_would(self):
+        python = self.python_of_the_image()
         with tempfile.TemporaryDirectory() as app:
             shutil.copyfile(os.path.join(HERE, "simplemesh.py"), os.path.join(app, "simplemesh.py"))
             run = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "RUN")
-            subprocess.run([sys.executable] + run[1:-1] + [app], check=True, timeout=60)
+            subprocess.run([python] + run[1:-1] + [app], check=True, timeout=60)
+            self.assertEqual(os.listdir(os.path.join(app, "__pycache__")),
+                             [f"simplemesh.cpython-{self.image_python().replace('.', '')}.pyc"])
             # unchecked-hash bytecode is used as it is: even a broken source beside it is never compiled
             with open(os.path.join(app, "simplemesh.py"), "w", encoding="utf-8") as source:
                 source.write("this is not python\n")
             entrypoint = next(json.loads(arg) for keyword, arg in self.instructions() if keyword == "ENTRYPOINT")
-            result = subprocess.run([sys.executable] + entrypoint[1:] + ["serve", "--help"], cwd=app,
+            result = subprocess.run([python] + entrypoint[1:] + ["serve", "--help"], cwd=app,
                                     capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("usage", result.stdout)
