@@ -71,7 +71,7 @@ class Mesh:
             self.servers[name] = server
             self.peers[name] = [(address, server.server_address[1])]
         for server in self.servers.values():
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
 
     def port(self, name):
         return self.servers[name].server_address[1]
@@ -202,6 +202,101 @@ class ConfigTest(unittest.TestCase):
 # --- Route grammar --------------------------------------------------------------------------------------------
 
 T = sm.Target
+
+
+# --- HTTP/1.1 wire ----------------------------------------------------------------------------------------------
+
+def parse_raw(data, max_body=100):
+    """Raw request bytes -> ("ok", method, path, query, body, keep_alive) or ("error", status, message) or None."""
+    import io
+    try:
+        parsed = sm.parse_request(io.BytesIO(data), max_body)
+        if parsed is None:
+            return None
+        head, body = parsed
+        path, query = sm.split_target(head.target)
+        return ("ok", head.method, path, query, body, head.keep_alive)
+    except sm.BadRequest as error:
+        return ("error", error.status, str(error))
+
+
+class WireTest(unittest.TestCase):
+    """The HTTP/1.1 wire, byte by byte: raw request in, the parsed request or the exact error out."""
+
+    CASES = [  # (raw bytes, expected)
+        (b"GET /a/b?x=1 HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/a/b", "x=1", b"", True)),
+        (b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/", "", b"", True)),  # a stray CRLF first
+        (b"GET /%2F%2Fevil HTTP/1.1\nHost: a\n\n", ("ok", "GET", "///evil", "", b"", True)),  # bare LF
+        (b"GET http://a/b/c?q HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/b/c", "q", b"", True)),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", ("ok", "GET", "/", "", b"", False)),
+        (b"GET / HTTP/1.0\r\n\r\n", ("ok", "GET", "/", "", b"", False)),  # no Host needed in 1.0
+        (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", ("ok", "GET", "/", "", b"", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", ("ok", "POST", "/", "", b"abc", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+         ("ok", "POST", "/", "", b"abc", True)),  # identical repeats are one length
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n"
+         b"x-trailer: t\r\n\r\n", ("ok", "POST", "/", "", b"abcde", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+         ("ok", "POST", "/", "", b"0123456789", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab", ("ok", "POST", "/", "", None, True)),  # cut
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", ("ok", "POST", "/", "", None, True)),
+        (b"", None),
+        (b"GET / HTTP/1.1\r\n\r\n", ("error", 400, "an HTTP/1.1 request needs a Host header")),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ("error", 400, "more than one Host header")),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", ("error", 400, "more than one Host header")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n", ("error", 400, "empty Transfer-Encoding")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+         ("error", 400, "unsupported Transfer-Encoding 'gzip' (only chunked)")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+         ("error", 400, "unsupported Transfer-Encoding 'gzip, chunked' (only chunked)")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+         ("error", 400, "both Transfer-Encoding and Content-Length")),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+         ("error", 400, "Transfer-Encoding in an HTTP/1.0 request")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", ("error", 400, "bad chunk size")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\xd9\xa3\r\n", ("error", 400, "bad chunk size")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+         ("error", 400, "chunk data not followed by CRLF")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n" + b"x" * 64 + b"\r\n41\r\n",
+         ("error", 413, "chunked body above MAX_BODY=100")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n", ("error", 413, "Content-Length 101 is above MAX_BODY=100")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xd9\xa3\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"GET / HTTP/2.0\r\n\r\n", ("error", 505, "unsupported protocol 'HTTP/2.0'")),
+        (b"GET / FOO\r\n\r\n", ("error", 400, "unsupported protocol 'FOO'")),
+        (b"GET  / HTTP/1.1\r\n\r\n", ("error", 400, "malformed request line")),
+        (b"GET /\x00 HTTP/1.1\r\n\r\n", ("error", 400, "control character in the request line")),
+        (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 501, "unsupported method 'BREW'")),
+        (b"get / HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "unsupported method 'get'")),
+        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "the request target must start with /")),
+        (b"GET /%ff HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "the path is not UTF-8 once percent-decoded")),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", ("error", 400, "malformed header line")),
+        (b"GET /" + b"a" * sm.MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n",
+         ("error", 414, f"request line longer than {sm.MAX_REQUEST_LINE} bytes")),
+    ]
+
+    def test_raw_requests(self):
+        for data, expected in self.CASES:
+            with self.subTest(data=data[:90]):
+                self.assertEqual(parse_raw(data), expected)
+
+    def test_expect_continue_only_for_http_1_1_with_a_body(self):
+        import io
+        for data, expected in ((b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", True),
+                               (b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", False),
+                               (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", False)):
+            with self.subTest(data=data):
+                self.assertIs(bool(sm.read_request_head(io.BytesIO(data), 10).expects_continue), expected)
+
+    def test_answers_are_strict_json_and_say_how_the_connection_goes_on(self):
+        data = sm.json_bytes({"a": [1.5, float("nan"), {"b": float("inf")}], "c": -float("inf")})
+        self.assertEqual(json.loads(data, parse_constant=lambda name: self.fail(name)),
+                         {"a": [1.5, None, {"b": None}], "c": None})
+        answer = sm.encode_answer(200, b"{}", connection="keep-alive", extra_headers=(("Retry-After", "1"),))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"))
+        self.assertIn(b"\r\nRetry-After: 1\r\nConnection: keep-alive\r\n\r\n{}", answer)
+        self.assertTrue(sm.encode_answer(200, b"{}", head_only=True).endswith(b"\r\n\r\n"))
 
 
 class RouteGrammarTest(unittest.TestCase):
@@ -372,7 +467,7 @@ class CapturingPeer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.address = ("127.0.0.1", self.server.server_address[1])
 
     def close(self):
@@ -1082,7 +1177,7 @@ class OTLPReceiver:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def tracing(self, **overrides):
@@ -1518,7 +1613,7 @@ class NodeOverHttpTest(unittest.TestCase):
                 pass
 
         other = HTTPServer(("127.0.0.1", 0), Envoyish)
-        threading.Thread(target=other.serve_forever, daemon=True).start()
+        threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
         try:
             with Mesh({"a": {}}) as mesh:
                 mesh.peers["envoy"] = [("127.0.0.1", other.server_address[1])]
@@ -2236,6 +2331,176 @@ class RobustLimitsTest(unittest.TestCase):
                     self.assertEqual(got, status, answer)
                     if rule:
                         self.assertIn(rule, json.dumps(answer))
+
+
+class RobustHttpRulesTest(unittest.TestCase):
+    """RFC 9110/9112 on a live node with a raw-socket client: what each client behaviour gets."""
+
+    def test_host_and_transfer_encoding_rules(self):
+        with Mesh({"a": {}}) as mesh:
+            port = mesh.port("a")
+            for request, status in ((b"GET / HTTP/1.1\r\n\r\n", 400),
+                                    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+                                    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n", 400),
+                                    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br\r\n\r\n", 400),
+                                    (b"GET / HTTP/1.0\r\n\r\n", 200)):
+                with self.subTest(request=request):
+                    got, headers, body, _seconds = raw_exchange(port, request)
+                    self.assertEqual(got, status)
+                    if status == 400:
+                        self.assertEqual(headers["connection"], "close")
+                        self.assertIn("error", json.loads(body))
+
+    def test_a_chunked_body_is_accepted_and_forwarded_with_a_content_length(self):
+        seen = []
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+
+        def peer():  # reads one request as bytes, the body by its Content-Length, and answers it
+            sock, _ = listener.accept()
+            with sock:
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 10:
+                    data += sock.recv(65536)
+                seen.append(data)
+                sock.sendall(answer_bytes(b'{"host": "p", "status": 200}'))
+
+        threading.Thread(target=peer, daemon=True).start()
+        with Mesh({"a": {}}, max_body=10) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", listener.getsockname()[1])]
+            request = (b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+                       b"\r\n4\r\nchun\r\n6\r\nked!!!\r\n0\r\n\r\n")
+            status, _headers, body, _seconds = raw_exchange(mesh.port("a"), request)
+            self.assertEqual((status, json.loads(body)["next_node"][0]["host"]), (200, "p"))
+            too_big = b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nchunk!\r\n5\r\nabcde\r\n0\r\n\r\n"
+            self.assertEqual(raw_exchange(mesh.port("a"), too_big)[0], 413)
+        head, _, body = b"".join(seen).partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 10\r\n", head + b"\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(body, b"chunked!!!")
+
+    def test_http_1_0_keep_alive_is_acknowledged_and_gets_no_100_continue(self):
+        with Mesh({"a": {}}) as mesh, socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+            for _ in range(2):  # the same connection serves twice
+                sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                answer = sock.recv(65536)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+                self.assertIn(b"\r\nConnection: keep-alive\r\n", answer)
+            sock.sendall(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            time.sleep(0.2)
+            sock.sendall(b"hi")
+            answer = sock.recv(65536)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)  # not "100 Continue" first
+            self.assertIn(b"\r\nConnection: close\r\n", answer)
+
+    def test_an_error_answer_survives_unread_input(self):
+        """A lingering close: the client that sends a body the node refuses still reads the 413 (no RST)."""
+        with Mesh({"a": {}}, max_body=1000) as mesh:
+            for attempt in range(5):
+                with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
+                    time.sleep(0.05)  # the node answered and closed its side
+                    try:
+                        sock.sendall(b"x" * 300000)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    answer = b""
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:100])
+
+    def test_forward_headers_never_names_a_hop_by_hop_or_framing_header(self):
+        for name in ("content-length", "Connection", "transfer-encoding", "te", "host", "proxy-authorization",
+                     "upgrade", "keep-alive", "trailer"):
+            with self.subTest(name=name), self.assertRaises(sm.ConfigError) as caught:
+                sm.Config.from_env({"FORWARD_HEADERS": f"end-user,{name}"})
+            self.assertIn(name.lower(), str(caught.exception))
+        self.assertEqual(sm.Config.from_env({"FORWARD_HEADERS": "end-user x-tenant"}).forward_headers,
+                         ("end-user", "x-tenant"))
+        result = run_cli("serve", env={"FORWARD_HEADERS": "content-length", "PATH": os.environ.get("PATH", "")})
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("FORWARD_HEADERS='content-length'", result.stderr)
+
+
+class RobustStartUpTest(unittest.TestCase):
+    """A port in use or a bad address: one clear line and exit code 2; IPv6 and dual-stack listening."""
+
+    def test_port_in_use_and_bad_address_in_serve_and_mesh(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            env = {"PATH": os.environ.get("PATH", ""), "HOST": "a"}
+            for args, extra, words in (
+                    (("serve",), {"PORT": str(port), "ADDRESS": "127.0.0.1"}, f"port {port} is already in use"),
+                    (("mesh", "--port", str(port - 1), "--address", "127.0.0.1", "a"), {},
+                     f"port {port} is already in use"),
+                    (("serve",), {"PORT": "0", "ADDRESS": "not an address"}, "ADDRESS='not an address'"),
+                    (("serve",), {"PORT": "0", "ADDRESS": "192.0.2.1"}, "not one of this machine's"),
+                    (("mesh", "--address", "nowhere", "a"), {}, "--address 'nowhere'")):
+                with self.subTest(args=args, env=extra):
+                    result = run_cli(*args, env={**env, **extra})
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    self.assertIn(words, result.stderr)
+                    self.assertNotIn("Traceback", result.stderr)
+
+    def test_dual_stack_listening(self):
+        if not socket.has_ipv6:
+            self.fail("no IPv6 on this machine")
+        config = sm.Config(host="a", port=0, address="::", log_level="warning")
+        server = sm.start_node(config)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        port = server.server_address[1]
+        self.assertEqual(http_request(("::1", port), "/healthz")[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_request(("127.0.0.1", port), "/healthz")[0], 200)
+        with Mesh({"a": {}, "b": {}}, address="::1") as mesh:
+            status, _headers, answer = mesh.request("a", "/b")
+            self.assertEqual((status, hosts(answer)), (200, ["a", [["b", []]]]))
+
+
+class RobustOutputHygieneTest(unittest.TestCase):
+    """Answers are strict JSON, HTML links stay on the node, numbers are ASCII digits."""
+
+    def test_a_peer_nan_does_not_make_the_answer_invalid_json(self):
+        peer = BadPeer(lambda sock: sock.sendall(answer_bytes(b'{"host": "p", "status": 200, "elapsed_time": NaN, '
+                                                              b'"x": [Infinity, -Infinity]}')))
+        self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", peer.port)]
+            status, _headers, body, _seconds = raw_exchange(mesh.port("a"), b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+            answer = json.loads(body, parse_constant=lambda name: self.fail(f"{name} in the answer"))
+            self.assertEqual((status, answer["next_node"][0]["x"]), (200, [None, None]))
+
+    def test_html_links_are_relative(self):
+        with Mesh({"a": {}}) as mesh:
+            for path in ("/%2F%2Fevil.example", "/%2F%2Fevil.example?delay=1ms", "//evil.example"):
+                with self.subTest(path=path):
+                    _status, _headers, page = mesh.request("a", path + ("&" if "?" in path else "?") + "view=html")
+                    links = re.findall(r'<a href="([^"]*)"', page)
+                    self.assertTrue(links)
+                    for link in links:
+                        self.assertTrue(link.startswith("?"), link)
+                        self.assertNotIn("view=html", link)
+            _status, _headers, page = mesh.request("a", "/?delay=1ms&view=html")
+            self.assertIn('href="?delay=1ms&amp;view=json"', page)
+
+    def test_only_ascii_digits(self):
+        with Mesh({"a": {}}) as mesh:
+            for query in ("delay=%D9%A3s", "error=%D9%A3", "size=%D9%A3k", "status=%D9%A3%D9%A0%D9%A3",
+                          "error=nan", "error=1_0", "delay=%EF%BC%91s"):
+                with self.subTest(query=query):
+                    status, _headers, answer = mesh.request("a", "/?" + query)
+                    self.assertEqual(status, 400, answer)
+        for env in ({"PORT": "\u0669\u0660\u0669\u0660"}, {"MAX_CALLS": "1_0"}, {"MAX_BODY": "\u0661k"}):
+            with self.subTest(env=env), self.assertRaises(sm.ConfigError):
+                sm.Config.from_env(env)
 
 
 class RobustOutboundSafetyTest(unittest.TestCase):
