@@ -2685,6 +2685,131 @@ def process_status(pid):
     return int(fields["Threads"][0]), int(fields["VmRSS"][0]) * 1024
 
 
+def open_clients(port, count, request=None):
+    """``count`` connections to a node; with ``request``, each sends it once and reads the answer (keep-alive)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        socks.append(sock)
+    if request:
+        for sock in socks:
+            sock.sendall(request)
+        for sock in socks:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+    return socks
+
+
+def probe_latency(port, paths=("/healthz", "/readyz", "/metrics")):
+    """The slowest of one request to each probe path, each on a new connection: (seconds, statuses)."""
+    slowest, statuses = 0.0, []
+    for path in paths:
+        started = time.monotonic()
+        statuses.append(http_request(("127.0.0.1", port), path, timeout=10)[0])
+        slowest = max(slowest, time.monotonic() - started)
+    return slowest, statuses
+
+
+def closed_loop(port, path, connections, seconds):
+    """``connections`` clients each sending ``path`` again as soon as its answer arrived, for ``seconds``:
+    {status: answers}. One thread and a poll loop, so the client is not what limits the rate."""
+    request = f"GET {path} HTTP/1.1\r\nHost: n\r\n\r\n".encode()
+    poller = select.poll()
+    socks, buffers = {}, {}
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        socks[sock.fileno()], buffers[sock.fileno()] = sock, b""
+        poller.register(sock, select.POLLIN)
+        sock.send(request)
+    counts = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for fd, _event in poller.poll(100):
+            data = buffers[fd] + socks[fd].recv(65536)
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"Content-Length: (\d+)", head) if sep else None
+            if not length or len(body) < int(length.group(1)):
+                buffers[fd] = data
+                continue
+            buffers[fd] = body[int(length.group(1)):]
+            status = int(head.split(b" ", 2)[1])
+            counts[status] = counts.get(status, 0) + 1
+            socks[fd].send(request)
+    for sock in socks.values():
+        sock.close()
+    return counts
+
+
+class RobustCrowdTest(unittest.TestCase):
+    """Issue 11: a crowd of connections costs no thread each, probes are answered first, overload keeps the
+    goodput. Figures printed; bounded in time (each part a few seconds), loopback only."""
+
+    def setUp(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 6000 <= hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (6000, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+    def node(self, **env):
+        port = free_port()
+        node = NodeProcess("serve", env={"HOST": "n", "PORT": str(port), "ADDRESS": "127.0.0.1",
+                                         "LOG_LEVEL": "warning", **env}, port=port)
+        self.addCleanup(node.kill)
+        return node, port
+
+    def test_thousands_of_idle_connections_hold_no_threads_and_probes_survive_a_mass_disconnect(self):
+        node, port = self.node()
+        idle_threads = process_status(node.process.pid)[0]
+        socks = open_clients(port, 5000, b"GET /healthz HTTP/1.1\r\nHost: n\r\n\r\n")
+        threads, rss = process_status(node.process.pid)
+        self.assertLessEqual(threads, idle_threads + 8)
+        slowest_open, statuses = probe_latency(port)
+        self.assertEqual(statuses, [200, 200, 200])
+        for sock in socks:
+            sock.close()
+        slowest_after, statuses = probe_latency(port)  # right after 5,000 keep-alive clients left at once
+        self.assertEqual(statuses, [200, 200, 200])
+        self.assertLess(max(slowest_open, slowest_after), 1.0)
+        print(f"\ncrowd: 5000 idle keep-alive connections: {threads} threads (idle node {idle_threads}), "
+              f"RSS {rss >> 20} MiB; slowest probe {slowest_open * 1000:.0f} ms, right after they all closed "
+              f"{slowest_after * 1000:.0f} ms", file=sys.stderr)
+
+    def test_probes_are_answered_within_a_second_at_1024_busy_connections(self):
+        node, port = self.node()
+        results = {}
+        load = threading.Thread(target=lambda: results.update(closed_loop(port, "/?delay=20ms", 1024, 4.0)))
+        load.start()
+        time.sleep(1.0)
+        latencies = []
+        while load.is_alive() and len(latencies) < 20:
+            slowest, statuses = probe_latency(port)
+            self.assertEqual(statuses, [200, 200, 200])
+            latencies.append(slowest)
+            time.sleep(0.1)
+        load.join()
+        threads = process_status(node.process.pid)[0]
+        self.assertGreater(sum(results.values()), 1000)
+        self.assertLess(max(latencies), 1.0, latencies)
+        print(f"\ncrowd: 1024 busy connections: {sum(results.values())} answers in 4 s {results}, "
+              f"{len(latencies)} probe rounds, slowest {max(latencies) * 1000:.0f} ms, {threads} threads",
+              file=sys.stderr)
+
+    def test_goodput_at_four_times_max_concurrency(self):
+        node, port = self.node(MAX_CONCURRENCY="64")
+        at_limit = closed_loop(port, "/?delay=300ms", 64, 3.0)
+        overload = closed_loop(port, "/?delay=300ms", 256, 3.0)
+        sustainable = at_limit.get(200, 0) / 3.0
+        goodput = overload.get(200, 0) / 3.0
+        self.assertGreater(sustainable, 64 / 0.3 * 0.6)
+        self.assertGreater(goodput, sustainable * 0.75, (at_limit, overload))
+        self.assertEqual(set(overload) - {200, 503}, set())
+        print(f"\ncrowd: MAX_CONCURRENCY=64, 300 ms requests: {sustainable:.0f}/s at 64 connections, "
+              f"{goodput:.0f}/s 200s at 256 ({overload.get(503, 0) / 3.0:.0f}/s 503s)", file=sys.stderr)
+
+
 class RobustSoakTest(unittest.TestCase):
     """SPEC 8 under load: 200 concurrent keep-alive connections (wrk) on a three-node mesh for SOAK_SECONDS
     (60 in CI, 12 locally by default, 10 at least): no unexpected errors, threads and memory flat after the
