@@ -11,9 +11,9 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
     python3 simplemesh.py mesh 'a;delay=0.5' 'b;delay=1' 'c;delay=1.5'
     curl localhost:9090/a/b/c
 
-The module reads top to bottom in the order a request flows: configuration, route grammar, directives,
-trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP handler and
-server, manifests, the command line.
+The module reads top to bottom in the order a request flows: configuration, the HTTP/1.1 wire, route grammar,
+directives, trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP
+handler, the HTTP server, manifests, the command line.
 """
 
 import argparse
@@ -2984,7 +2984,7 @@ def connection_cap(configured):
         return configured
     if soft == resource.RLIM_INFINITY:
         return configured
-    return max(16, min(configured, soft // 2))
+    return min(configured, max(16, soft // 2))
 
 
 # --- HTTP server -------------------------------------------------------------------------------------------
@@ -2999,6 +2999,7 @@ def connection_cap(configured):
 
 PROBE_PREFIXES = tuple(f"{method} /{path}{end}".encode() for method in ("GET", "HEAD")
                        for path in ("healthz", "readyz", "metrics") for end in (" ", "?"))
+PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
 LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
 LINGER_BYTES = 1024 * 1024  # and how much of it
 REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
@@ -3109,7 +3110,9 @@ class WorkerPool:
 
 
 def is_probe(first_bytes):
-    return first_bytes.startswith(PROBE_PREFIXES)
+    """A probe or scrape that arrived whole (a kubelet's is a few hundred bytes): one that trickles in goes to the
+    workers, so no client can hold the probe lane by sending ``GET /healthz`` a byte at a time."""
+    return first_bytes.startswith(PROBE_PREFIXES) and (b"\r\n\r\n" in first_bytes or b"\n\n" in first_bytes)
 
 
 class Server:
@@ -3158,7 +3161,7 @@ class Server:
                     else:
                         self.on_readable(key.data, now)
                 self.expire(now)
-                if not self.accepting and self.open < self.max_connections:
+                if not self.accepting and (self.open < self.max_connections or self.idle):
                     self.listen_on(True)
         finally:
             self.close_all()
@@ -3183,9 +3186,12 @@ class Server:
             self.accepting = on
 
     def accept_all(self, now):
-        for _ in range(256):
-            if self.open >= self.max_connections and not self.evict_oldest_idle():
-                self.listen_on(False)  # the rest wait in the listen backlog until a connection closes
+        for attempt in range(256):
+            # At the cap the connection idle longest makes room, but only for a client known to be waiting (the
+            # first accept of a wake-up); with none idle the rest wait in the listen backlog.
+            if self.open >= self.max_connections and (attempt or not self.evict_oldest_idle()):
+                if not self.idle:
+                    self.listen_on(False)
                 return
             try:
                 sock, address = self.socket.accept()
@@ -3222,7 +3228,7 @@ class Server:
         self.selector.unregister(conn.sock)
         del self.idle[fd]
         try:
-            first = conn.sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            first = conn.sock.recv(PROBE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self.park(conn)
             return
@@ -3661,7 +3667,7 @@ def startup_line(config):
                       "peers": ",".join(sorted(config.peers)) or None,
                       "defaults": ",".join(f"{k}={v}" for k, v in config.defaults.items()) or None,
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
-                      "max_concurrency": config.max_concurrency,
+                      "max_concurrency": config.max_concurrency, "max_connections": config.max_connections,
                       "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
                                  else "mesh-only"), "simplemesh": __version__})
 
@@ -3798,7 +3804,8 @@ def command_mesh(args, environ):
         raise ConfigError(f"cannot start the mesh: {error}") from None
     names = [name for name, _version, _directives in specs]
     example = "/".join(dict.fromkeys(names))
-    host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1") else args.address
+    host = ("localhost" if args.address in ("0.0.0.0", "127.0.0.1", "::") else
+            f"[{args.address}]" if ":" in args.address else args.address)
     print(f"simple-mesh: gateway on http://{host}:{args.port}, nodes: "
           + ", ".join(f"{config.host}{'@' + config.version if config.version else ''}=:{config.port}"
                       for config in configs[1:]), flush=True)

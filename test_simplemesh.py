@@ -2287,7 +2287,7 @@ class RobustLimitsTest(unittest.TestCase):
 
     def test_a_client_trickling_its_request_is_cut_at_the_keepalive_timeout(self):
         with Mesh({"a": {}}, keepalive_timeout=0.5) as mesh:
-            for head, trickle in ((b"GET / HTTP/1.1\r\nHost: a\r\n", b"x-slow: 1\r\n"),
+            for head, trickle in ((b"", b"G"), (b"GET / HTTP/1.1\r\nHost: a\r\n", b"x-slow: 1\r\n"),
                                   (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n", b"x")):
                 with self.subTest(trickle=trickle), \
                         socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
@@ -2300,6 +2300,36 @@ class RobustLimitsTest(unittest.TestCase):
                             if select.select([sock], [], [], 0)[0] and sock.recv(1) == b"":
                                 raise ConnectionResetError("closed")
                     self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_max_connections_closes_the_oldest_idle_first_then_leaves_the_rest_in_the_backlog(self):
+        request = b"GET /?delay=%s HTTP/1.1\r\nHost: a\r\n\r\n"
+        with Mesh({"a": {}}, max_connections=4) as mesh:
+            port = mesh.port("a")
+            idle = []
+            for _ in range(4):  # idle in this order
+                idle += open_clients(port, 1, request % b"0")
+                time.sleep(0.02)
+            newest = open_clients(port, 1, request % b"0")[0]  # answered: the oldest idle connection made room
+            self.assertEqual(idle[0].recv(100), b"")
+            for sock in idle[1:]:
+                sock.setblocking(False)
+                with self.assertRaises(BlockingIOError):  # still open
+                    sock.recv(100)
+            for sock in idle + [newest]:
+                sock.close()
+            time.sleep(0.1)
+            threads = threading.active_count()
+            busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+            for sock in busy:
+                sock.sendall(request % b"400ms")
+            time.sleep(0.1)
+            started = time.monotonic()
+            late = open_clients(port, 1, request % b"0")[0]  # waits in the listen backlog, is not refused
+            waited = time.monotonic() - started
+            self.assertGreater(waited, 0.2)
+            self.assertLessEqual(threading.active_count(), threads + 4)
+            for sock in busy + [late]:
+                sock.close()
 
     def test_header_limits(self):
         with Mesh({"a": {}}) as mesh:
@@ -2611,6 +2641,23 @@ class RobustShutdownTest(unittest.TestCase):
         slow_status, _headers, answer = results["slow"]
         self.assertEqual((slow_status, hosts(answer)), (200, ["gateway", [["a", [["b", []]]]]]))
         self.assertEqual(err, "")
+
+    def test_a_request_still_arriving_counts_as_in_flight(self):
+        import signal
+        port = free_port()
+        env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_GRACE": "5"}
+        process = NodeProcess("serve", env=env, port=port)
+        self.addCleanup(process.kill)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+            time.sleep(0.2)
+            process.process.send_signal(signal.SIGTERM)
+            time.sleep(0.8)  # the drain waits for the rest of the body, well past the old 0.2 s
+            sock.sendall(b"world")
+            answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertEqual(process.process.wait(5), 0)
 
     def test_grace_period_bounds_the_drain(self):
         import signal
