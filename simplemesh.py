@@ -2735,7 +2735,9 @@ class Handler:
         then close), ``close`` or ``reset`` (closed already)."""
         while True:
             result = self.serve_one()
-            if result != "keep" or not self.conn.reader.buffer:  # a pipelined request is served at once
+            if result != "keep":
+                return result
+            if not self.conn.reader.buffered:  # a pipelined request is served at once; else back to the poller
                 return result
             self.conn.first_byte = time.monotonic()
 
@@ -3007,43 +3009,47 @@ REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so
 
 class SocketReader:
     """A socket's bytes with readline(limit) and read(n), buffered, and able to say whether bytes are waiting in
-    the buffer (the poller cannot see those: they already left the kernel)."""
+    the buffer (the poller cannot see those: they already left the kernel). Lines are sliced from the last
+    chunk received at an offset, so reading a request's few lines copies each byte once."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.buffer = bytearray()
+        self.data = b""
+        self.position = 0
+
+    @property
+    def buffered(self):
+        """How many bytes were received and not yet read."""
+        return len(self.data) - self.position
 
     def _fill(self):
         chunk = self.sock.recv(65536)
-        self.buffer += chunk
+        self.data = self.data[self.position:] + chunk
+        self.position = 0
         return bool(chunk)
 
     def readline(self, limit):
-        start = 0
         while True:
-            end = self.buffer.find(b"\n", start, limit)
+            end = self.data.find(b"\n", self.position, self.position + limit)
             if end >= 0:
-                return self._take(end + 1)
-            if len(self.buffer) >= limit:
-                return self._take(limit)
-            start = len(self.buffer)
-            if not self._fill():
-                return self._take(len(self.buffer))
+                return self._take(end + 1 - self.position)
+            if self.buffered >= limit or not self._fill():
+                return self._take(min(limit, self.buffered))
 
     def read(self, size):
-        while len(self.buffer) < size and self._fill():
+        while self.buffered < size and self._fill():
             pass
-        return self._take(min(size, len(self.buffer)))
+        return self._take(min(size, self.buffered))
 
     def _take(self, size):
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
+        data = self.data[self.position:self.position + size]
+        self.position += size
         return data
 
 
 class InboundConnection:
     """One client connection: its socket, reader, and when it was last idle (for the poller)."""
-    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered")
+    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -3053,6 +3059,7 @@ class InboundConnection:
         self.first_byte = 0.0  # when the current request's first byte was seen
         self.linger_until = 0.0
         self.lingered = 0
+        self.routed = False  # served by the workers before: its next requests go to them without a peek
 
     def close(self):
         try:
@@ -3227,6 +3234,12 @@ class Server:
         fd = conn.sock.fileno()
         self.selector.unregister(conn.sock)
         del self.idle[fd]
+        conn.first_byte = now
+        if conn.routed:  # a keep-alive client of the workers: straight back to them (no peek, see below)
+            self.dispatch(conn, self.workers)
+            return
+        # A new connection, or one that sent a probe: peek at its request line. Each peek lets go of the GIL,
+        # which under load costs a wait to get it back: so only these are peeked, not every keep-alive request.
         try:
             first = conn.sock.recv(PROBE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -3234,13 +3247,18 @@ class Server:
             return
         except OSError:
             first = b""
-        if not first:  # the client closed: no worker needed (a mass disconnect costs the poller only)
+        if not first:  # the client closed: no worker needed
             self.forget(conn)
             return
-        conn.first_byte = now
+        if is_probe(first):
+            self.dispatch(conn, self.probe_lane)
+        else:
+            conn.routed = True
+            self.dispatch(conn, self.workers)
+
+    def dispatch(self, conn, lane):
         with self.lock:
             self.active += 1  # in flight from its first byte: a drain waits for a request still arriving
-        lane = self.probe_lane if is_probe(first) else self.workers
         lane.submit(functools.partial(self.serve_connection, conn))
 
     def take_given_back(self, now):
