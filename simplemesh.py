@@ -3037,9 +3037,21 @@ class SocketReader:
                 return self._take(min(limit, self.buffered))
 
     def read(self, size):
-        while self.buffered < size and self._fill():
-            pass
-        return self._take(min(size, self.buffered))
+        """``size`` bytes, fewer if the stream ends first. A body's chunks are joined once, not copied per recv."""
+        if self.buffered >= size:
+            return self._take(size)
+        parts = [self._take(self.buffered)]
+        missing = size - len(parts[0])
+        while missing > 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            if len(chunk) > missing:  # the start of a pipelined request: it stays in the buffer
+                self.data, self.position = chunk, missing
+                chunk = chunk[:missing]
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)
 
     def _take(self, size):
         data = self.data[self.position:self.position + size]
@@ -3081,20 +3093,22 @@ class WorkerPool:
         self.threads = self.waiting = self.queued = 0
 
     def submit(self, job):
-        with self.lock:
+        self._submit(job, queue_when_full=True)
+
+    def try_submit(self, job):
+        return self._submit(job, queue_when_full=False)
+
+    def _submit(self, job, queue_when_full):
+        with self.lock:  # checked and counted at once: two try_submits never both take the last thread
+            if not queue_when_full and self.threads - self.waiting + self.queued >= self.max_threads:
+                return False
             self.queued += 1
             start = self.queued > self.waiting and self.threads < self.max_threads
             if start:
                 self.threads += 1
-        self.jobs.put(job)
+            self.jobs.put(job)
         if start:
             threading.Thread(target=self._run, name=self.name, daemon=True).start()
-
-    def try_submit(self, job):
-        with self.lock:
-            if self.threads - self.waiting + self.queued >= self.max_threads:
-                return False
-        self.submit(job)
         return True
 
     def _run(self):
@@ -3378,6 +3392,7 @@ class Server:
 
     def server_close(self):
         self.socket.close()
+        self.selector.close()
         for sock in (self.wake_read, self.wake_write):
             sock.close()
 

@@ -2465,9 +2465,9 @@ class RobustStartUpTest(unittest.TestCase):
 
     def test_port_in_use_and_bad_address_in_serve_and_mesh(self):
         with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
+            port = free_port_run(2) + 1  # the mesh's gateway takes the port before, its node a this one
+            taken.bind(("127.0.0.1", port))
             taken.listen(1)
-            port = taken.getsockname()[1]
             env = {"PATH": os.environ.get("PATH", ""), "HOST": "a"}
             for args, extra, words in (
                     (("serve",), {"PORT": str(port), "ADDRESS": "127.0.0.1"}, f"port {port} is already in use"),
