@@ -1480,6 +1480,28 @@ class NodeOverHttpTest(unittest.TestCase):
         self.assertLess(parallel, 0.8)
         self.assertGreater(sequential, 1.2)
 
+    def test_parallel_fan_out_shares_a_bounded_pool(self):
+        """20 parallel fan-outs at once use MAX_FANOUT_THREADS threads in all; branches beyond run on their own
+        request's thread, so every request still gets its whole tree."""
+        with Mesh({"a": {}, "b": {"delay": "0.1"}}, max_fanout_threads=4) as mesh:
+            peak = []
+
+            pool = mesh.node("a").fanout
+
+            def fanout_threads():  # this node's (other tests' nodes named a may still have theirs)
+                return pool.threads
+
+            with concurrent.futures.ThreadPoolExecutor(20) as clients:
+                answers = [clients.submit(mesh.request, "a", "/b~b~b~b?parallel") for _ in range(20)]
+                while not all(answer.done() for answer in answers):
+                    peak.append(fanout_threads())
+                    time.sleep(0.01)
+            for answer in answers:
+                status, _h, record = answer.result()
+                self.assertEqual((status, [child["host"] for child in record["next_node"]]), (200, ["b"] * 4))
+            self.assertLessEqual(max(peak), 4)
+            self.assertEqual(max(peak), 4)  # and it was used
+
     def test_directives_apply_to_their_hop_only(self):
         with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
             started = time.perf_counter()
