@@ -2812,7 +2812,8 @@ class Handler:
 
     def refusal(self):
         config = self.node.config
-        outcome = error_outcome(config.host, 503, f"too many requests in flight (MAX_CONCURRENCY={config.max_concurrency})")
+        outcome = error_outcome(config.host, 503,
+                                f"too many requests in flight (MAX_CONCURRENCY={config.max_concurrency})")
         outcome.extra_headers = (("Retry-After", "1"),)
         return outcome
 
@@ -3696,7 +3697,8 @@ def start_node(config):
 
 def startup_line(config):
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "event": "start",
-                      "listen": f"{config.address}:{config.port}", "version": config.version or None,
+                      "listen": (f"[{config.address}]:{config.port}" if ":" in config.address
+                                 else f"{config.address}:{config.port}"), "version": config.version or None,
                       "peers": ",".join(sorted(config.peers)) or None,
                       "defaults": ",".join(f"{k}={v}" for k, v in config.defaults.items()) or None,
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
