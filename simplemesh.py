@@ -504,6 +504,28 @@ def split_target(target):
     return path, query
 
 
+HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+CONTENT_LENGTH_RE = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*\r?\n", re.IGNORECASE)
+EXPECT_CONTINUE_RE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue", re.IGNORECASE)
+HEAD_WAIT_LIMIT = 64 * 1024  # a head not ended within this many bytes is handed to the parser (and its limits)
+
+
+def request_arrived(data, start, max_body):
+    """Whether ``data[start:]`` holds a whole request head and its Content-Length body, or enough that the
+    parser will refuse it (a head over HEAD_WAIT_LIMIT, a length over ``max_body``), or the client waits for a
+    ``100 Continue`` before its body. Only a readiness guess, so that a worker never waits for a slow client: the
+    parser decides everything else (chunked bodies included)."""
+    end = HEAD_END_RE.search(data, start)
+    if end is None:
+        return len(data) - start > HEAD_WAIT_LIMIT
+    length = CONTENT_LENGTH_RE.search(data, start - 1 if start else 0, end.end())
+    if length is None:
+        return True
+    length = int(length.group(1))
+    return (length > max_body or len(data) - end.end() >= length
+            or EXPECT_CONTINUE_RE.search(data, start - 1 if start else 0, end.end()) is not None)
+
+
 def parse_request(stream, max_body):
     """A whole request -> (RequestHead, body bytes or None if cut short), or None if no request came; BadRequest.
 
@@ -2724,15 +2746,17 @@ class Node:
 class Handler:
     """Serves the requests a connection has sent, one at a time, on the worker that the server handed it to."""
 
-    def __init__(self, server, conn):
+    def __init__(self, server, conn, patient=False):
         self.server = server
         self.node = server.node
         self.conn = conn
+        self.patient = patient  # wait for the whole request here (the poller has stopped), not on the poller
         self.head = None
 
     def serve(self):
-        """What to do with the connection next: ``keep`` (idle again), ``linger`` (an error was answered: drain,
-        then close), ``close`` or ``reset`` (closed already)."""
+        """What to do with the connection next: ``keep`` (idle again), ``arriving`` (a request is slow to come:
+        the poller gathers the rest), ``linger`` (an error was answered: drain, then close), ``close`` or
+        ``reset`` (closed already)."""
         while True:
             result = self.serve_one()
             if result != "keep":
@@ -2748,6 +2772,9 @@ class Handler:
         remaining = conn.first_byte + self.node.config.keepalive_timeout - time.monotonic()
         watch = DEADLINES.watch(conn.sock, max(remaining, 0.001))
         try:
+            if not self.patient and not self.request_arrived():
+                DEADLINES.release(watch)
+                return "arriving"
             request = self.read_request()
         except BadRequest as error:
             DEADLINES.release(watch)
@@ -2758,6 +2785,22 @@ class Handler:
         if DEADLINES.release(watch) or request is None:
             return "close"
         return self.answer(request)
+
+    def request_arrived(self):
+        """Whether the whole request is here, after waiting QUICK_READ at most for each next piece. False: the
+        rest is slow to come, and the poller waits for it, not a worker (a client trickling its request holds
+        no thread). The usual request is all in the first read."""
+        reader, sock, max_body = self.conn.reader, self.conn.sock, self.node.config.max_body
+        while not reader.arrived(max_body):
+            sock.settimeout(QUICK_READ)
+            try:
+                if not reader._fill():
+                    return True  # the client closed: the parser says what that was
+            except TimeoutError:
+                return False
+            finally:
+                sock.settimeout(self.node.config.keepalive_timeout)
+        return True
 
     def read_request(self):
         """The next request on the connection; None when the client closed it first."""
@@ -3005,6 +3048,7 @@ PROBE_PREFIXES = tuple(f"{method} /{path}{end}".encode() for method in ("GET", "
 PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
 LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
 LINGER_BYTES = 1024 * 1024  # and how much of it
+QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
 REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
 
 
@@ -3024,10 +3068,16 @@ class SocketReader:
         return len(self.data) - self.position
 
     def _fill(self):
-        chunk = self.sock.recv(65536)
+        return self.feed(self.sock.recv(65536))
+
+    def feed(self, chunk):
+        """Add bytes received elsewhere (by the poller); False for the empty read of a closed connection."""
         self.data = self.data[self.position:] + chunk
         self.position = 0
         return bool(chunk)
+
+    def arrived(self, max_body):
+        return request_arrived(self.data, self.position, max_body)
 
     def readline(self, limit):
         while True:
@@ -3156,6 +3206,7 @@ class Server:
         self.given_back = collections.deque()  # connections workers are done with, for the poller
         self.idle = {}  # fd -> InboundConnection waiting for a request, oldest first
         self.lingering = {}  # fd -> InboundConnection being drained before its close, oldest first
+        self.arriving = {}  # fd -> InboundConnection whose request is slow to arrive, by its first byte
         self.open = 0  # every connection accepted and not yet closed (poller's count)
         self.active = 0  # connections with a request from its first byte to its answer
         self.lock = threading.Lock()
@@ -3180,6 +3231,8 @@ class Server:
                         self.take_given_back(now)
                     elif key.data == "linger":
                         self.drain_lingering(key.fileobj, now)
+                    elif key.data.sock.fileno() in self.arriving:
+                        self.gather(key.data)
                     else:
                         self.on_readable(key.data, now)
                 self.expire(now)
@@ -3192,7 +3245,9 @@ class Server:
     def next_timeout(self, poll_interval):
         timeout = poll_interval
         now = time.monotonic()
-        for table, due in ((self.idle, lambda c: c.idle_since + self.node.config.keepalive_timeout),
+        keepalive = self.node.config.keepalive_timeout
+        for table, due in ((self.idle, lambda c: c.idle_since + keepalive),
+                           (self.arriving, lambda c: c.first_byte + keepalive),
                            (self.lingering, lambda c: c.linger_until)):
             for conn in table.values():  # dicts keep insertion order: the first is the oldest
                 timeout = min(timeout, max(0.0, due(conn) - now))
@@ -3276,17 +3331,55 @@ class Server:
             self.active += 1  # in flight from its first byte: a drain waits for a request still arriving
         lane.submit(functools.partial(self.serve_connection, conn))
 
+    def wait_for_rest(self, conn):
+        """A request a worker found slow to arrive: gathered here until whole, within KEEPALIVE_TIMEOUT of its
+        first byte (still counted in ``active``)."""
+        try:
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        except (ValueError, OSError):
+            self.end_arriving(conn)
+            return
+        self.arriving[conn.sock.fileno()] = conn
+
+    def gather(self, conn):
+        try:
+            chunk = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not conn.reader.feed(chunk):  # the client gave up
+            self.drop_arriving(conn)
+        elif conn.reader.arrived(self.node.config.max_body):
+            del self.arriving[conn.sock.fileno()]
+            self.selector.unregister(conn.sock)
+            self.workers.submit(functools.partial(self.serve_connection, conn))  # counted in active already
+
+    def drop_arriving(self, conn):
+        del self.arriving[conn.sock.fileno()]
+        self.selector.unregister(conn.sock)
+        self.end_arriving(conn)
+
+    def end_arriving(self, conn):
+        self.forget(conn)
+        with self.lock:
+            self.active -= 1
+
     def take_given_back(self, now):
         try:
             self.wake_read.recv(4096)
         except OSError:
             pass
         while self.given_back:
-            conn, linger = self.given_back.popleft()
-            if self.stop_request:
+            conn, what = self.given_back.popleft()
+            if what == "arriving":
+                if self.stop_request:
+                    self.workers.submit(functools.partial(self.serve_connection, conn, True))
+                else:
+                    self.wait_for_rest(conn)
+            elif self.stop_request:
                 self.forget(conn)
-                continue
-            if linger:
+            elif what == "linger":
                 self.start_lingering(conn, now)
             else:
                 self.park(conn)
@@ -3332,6 +3425,11 @@ class Server:
             if conn.linger_until > now:
                 break
             self.stop_lingering(conn)
+        while self.arriving:  # too slow: cut at KEEPALIVE_TIMEOUT from the first byte, like on a worker
+            conn = next(iter(self.arriving.values()))
+            if conn.first_byte + keepalive > now:
+                break
+            self.drop_arriving(conn)
 
     def evict_oldest_idle(self):
         """Near MAX_CONNECTIONS: close the connection idle the longest; False if none is idle."""
@@ -3351,6 +3449,10 @@ class Server:
             self.open -= 1
 
     def close_all(self):
+        for conn in list(self.arriving.values()):  # requests still arriving: a drain waits for them, on workers
+            self.selector.unregister(conn.sock)
+            self.workers.submit(functools.partial(self.serve_connection, conn, True))
+        self.arriving.clear()
         for table in (self.idle, self.lingering):
             for conn in list(table.values()):
                 self.selector.unregister(conn.sock)
@@ -3360,18 +3462,22 @@ class Server:
         self.selector.unregister(self.wake_read)
 
     # Workers.
-    def serve_connection(self, conn):
+    def serve_connection(self, conn, patient=False):
         """On a worker: serve the requests this connection has sent, then give it back (or close it)."""
         outcome = "close"
         try:
-            outcome = Handler(self, conn).serve()
+            outcome = Handler(self, conn, patient).serve()
         except Exception as error:  # a bug in the handler: one log line, the connection closed, the worker lives
             internal_error(self.node.config, error)
         finally:
-            with self.lock:
-                self.active -= 1
-        if outcome in ("keep", "linger") and not self.stop_request:
-            self.given_back.append((conn, outcome == "linger"))
+            if outcome != "arriving":  # a request still arriving stays in flight
+                with self.lock:
+                    self.active -= 1
+        if outcome == "arriving" and self.stop_request:  # no poller to wait for the rest: wait here
+            self.serve_connection(conn, patient=True)
+            return
+        if outcome == "arriving" or (outcome in ("keep", "linger") and not self.stop_request):
+            self.given_back.append((conn, outcome))
         else:
             if outcome != "reset":  # a reset closed its socket already
                 conn.close()

@@ -281,6 +281,22 @@ class WireTest(unittest.TestCase):
             with self.subTest(data=data[:90]):
                 self.assertEqual(parse_raw(data), expected)
 
+    def test_when_a_request_has_arrived(self):
+        """The readiness guess that lets a worker hand a slow client back to the poller."""
+        for data, arrived in ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True), (b"GET / HTTP/1.1\r\nHost: a\r\n", False),
+                              (b"G", False), (b"GET / HTTP/1.1\nHost: a\n\n", True),
+                              (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcd", False),
+                              (b"POST / HTTP/1.1\r\ncontent-length:5\r\n\r\nabcde", True),
+                              (b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", True),  # a 413 at once
+                              (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n", True),
+                              (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n", True),
+                              (b"GET / HTTP/1.1\r\nx: " + b"v" * sm.HEAD_WAIT_LIMIT, True)):  # the parser refuses it
+            with self.subTest(data=data[:60]):
+                self.assertIs(sm.request_arrived(data, 0, 100), arrived)
+        pipelined = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab"
+        self.assertFalse(sm.request_arrived(pipelined, pipelined.index(b"POST"), 100))
+        self.assertTrue(sm.request_arrived(pipelined + b"c", pipelined.index(b"POST"), 100))
+
     def test_expect_continue_only_for_http_1_1_with_a_body(self):
         import io
         for data, expected in ((b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", True),
@@ -2355,6 +2371,26 @@ class RobustLimitsTest(unittest.TestCase):
             self.assertGreater(waited, 0.2)
             self.assertLessEqual(threading.active_count(), threads + 4)
             for sock in busy + [late]:
+                sock.close()
+
+    def test_clients_trickling_their_requests_hold_no_worker(self):
+        """Slowloris: 30 clients each sending a request a piece at a time, with 6 workers in all: a normal request
+        is still answered at once, the slow ones are served once whole, and the node has no thread per client."""
+        with Mesh({"a": {}}, max_concurrency=2, keepalive_timeout=5) as mesh:
+            port = mesh.port("a")
+            slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
+            for index, sock in enumerate(slow):
+                sock.sendall(b"GET / HTTP/1.1\r\n" if index % 2 else
+                             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+            time.sleep(0.3)  # every worker has seen them and handed them back
+            started = time.monotonic()
+            self.assertEqual(mesh.request("a", "/?delay=0", timeout=5)[0], 200)
+            self.assertLess(time.monotonic() - started, 0.5)
+            self.assertLessEqual(mesh.servers["a"].workers.threads, 6)
+            self.assertEqual(len(mesh.servers["a"].arriving), 30)
+            for index, sock in enumerate(slow):  # one at a time: MAX_CONCURRENCY=2
+                sock.sendall(b"Host: a\r\n\r\n" if index % 2 else b"cd")
+                self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
                 sock.close()
 
     def test_header_limits(self):
