@@ -11,14 +11,16 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
     python3 simplemesh.py mesh 'a;delay=0.5' 'b;delay=1' 'c;delay=1.5'
     curl localhost:9090/a/b/c
 
-The module reads top to bottom in the order a request flows: configuration, route grammar, directives,
-trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP handler and
-server, manifests, the command line.
+The module reads top to bottom in the order a request flows: configuration, the HTTP/1.1 wire, route grammar,
+directives, trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP
+handler, the HTTP server, manifests, the command line.
 """
 
 import argparse
 import bisect
+import collections
 import email.utils
+import errno
 import fnmatch
 import functools
 import gzip
@@ -30,6 +32,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -40,7 +43,6 @@ import time
 import http.client
 from http import HTTPStatus
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 __version__ = "0.1.0"
@@ -171,6 +173,8 @@ class Config(Record):
     max_body: int = 1024 * 1024
     max_upstream_body: int = 16 * 1024 * 1024
     max_concurrency: int = 512
+    max_connections: int = 10000
+    max_fanout_threads: int = 64
     keepalive_timeout: float = 75.0
     shutdown_delay: float = 0.0
     shutdown_grace: float = 30.0
@@ -194,17 +198,17 @@ class Config(Record):
             except ValueError as error:
                 raise ConfigError(f"{name}={raw!r}: {error}") from None
 
-        positive_int = _positive(int)
+        positive_int = _positive(ascii_int)
         read("HOST", "host", str)
         read("PORT", "port", _port)
-        read("ADDRESS", "address", str)
+        read("ADDRESS", "address", listen_address)
         read("VERSION", "version", str)
         read("UPSTREAM_PORT", "upstream_port", _port)
         read("PEERS", "peers", parse_peers)
         read("ALLOW_DIRECTIVES", "allow_directives", parse_bool)
         read("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool)
         read("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text)))
-        read("FORWARD_HEADERS", "forward_headers", lambda text: tuple(w.lower() for w in _word_list(text)))
+        read("FORWARD_HEADERS", "forward_headers", forward_header_names)
         read("MAX_CALLS", "max_calls", positive_int)
         read("MAX_DEPTH", "max_depth", positive_int)
         read("MAX_DELAY", "max_delay", parse_duration)
@@ -214,6 +218,8 @@ class Config(Record):
         read("MAX_BODY", "max_body", parse_size)
         read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
         read("MAX_CONCURRENCY", "max_concurrency", positive_int)
+        read("MAX_CONNECTIONS", "max_connections", positive_int)
+        read("MAX_FANOUT_THREADS", "max_fanout_threads", positive_int)
         read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
         read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
         read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
@@ -246,8 +252,39 @@ class Config(Record):
 IDENTITY_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "ip": "POD_IP", "node": "NODE_NAME"}
 
 
+def listen_address(text):
+    """ADDRESS: an IP address (``0.0.0.0``, ``::``, ``127.0.0.1``...) or ``localhost``; never a name to look up."""
+    if text == "localhost":
+        return text
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return text
+        except OSError:
+            continue
+    raise ValueError("expected an IP address to listen on, such as 0.0.0.0, ::, 127.0.0.1 or ::1")
+
+
+def forward_header_names(text):
+    """FORWARD_HEADERS: lower-cased names; a hop-by-hop or framing header is refused (the node writes those)."""
+    names = tuple(word.lower() for word in _word_list(text))
+    refused = [name for name in names if name in NOT_FORWARDABLE or name.startswith("proxy-")]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be forwarded: a node writes hop-by-hop and framing "
+                         "headers (connection, keep-alive, te, trailer, transfer-encoding, upgrade, "
+                         "content-length, host, proxy-*) itself")
+    return names
+
+
+def ascii_int(text):
+    """int() of ASCII digits only: int() alone also takes other scripts' digits, underscores and spaces."""
+    if not is_number(text.strip()):
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
 def _port(text):
-    port = int(text)
+    port = ascii_int(text)
     if not 0 <= port < 65536:
         raise ValueError("not a port number")
     return port
@@ -275,10 +312,274 @@ def _word_list(text):
 
 
 def _status_code(text):
-    code = int(text)
+    code = ascii_int(text)
     if not 400 <= code <= 599:
         raise ValueError("a failure status is 400 to 599")
     return code
+
+
+# --- HTTP/1.1 wire -----------------------------------------------------------------------------------------
+# RFC 9110 and 9112 for what a node receives and sends as a server, apart from sockets and threads. Reading a
+# request is pure: a stream in (anything with readline(limit) and read(n): the server's SocketReader, or
+# io.BytesIO in the tests), a RequestHead and the body bytes out, or a BadRequest with the exact status and
+# message a client gets. Writing an answer is one function from its fields to the bytes sent in one send.
+# (The header reader, read_header_lines, is shared with the outbound side and lives in "Outbound calls".)
+
+MAX_REQUEST_LINE = 16 * 1024
+MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
+REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+REASONS = {status.value: status.phrase for status in HTTPStatus}
+# A node writes these itself on every call (framing, connection management, the target's name), so they are never
+# copied from a request: FORWARD_HEADERS naming one is refused at start-up, as are the proxy-* headers.
+NOT_FORWARDABLE = frozenset(("connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                             "content-length", "host"))
+
+
+class BadRequest(Exception):
+    """A request a node answers with ``status`` and closes the connection after."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class RequestHead:
+    """A request line and its headers, with the body's framing decided. (Made per request: plain slots.)"""
+    __slots__ = ("method", "target", "version", "headers", "length", "chunked", "keep_alive")
+
+    def __init__(self, method, target, version, headers, length=0, chunked=False, keep_alive=True):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.length = length  # Content-Length (0 when absent or chunked)
+        self.chunked = chunked
+        self.keep_alive = keep_alive  # the client may send another request on this connection
+
+    @property
+    def expects_continue(self):
+        """RFC 9110 10.1.1: ``100 Continue`` is for HTTP/1.1 clients that asked for it and will send a body."""
+        return (self.version == "HTTP/1.1" and (self.length or self.chunked)
+                and self.headers.get("expect", "").lower() == "100-continue")
+
+
+def read_request_head(stream, max_body):
+    """The request line and headers -> RequestHead; None when the stream ends before a request; BadRequest."""
+    line = stream.readline(MAX_REQUEST_LINE + 1)
+    if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: an empty line before a request line is ignored
+        line = stream.readline(MAX_REQUEST_LINE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_REQUEST_LINE:
+        raise BadRequest(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+    method, target, version = parse_request_line(line)
+    try:
+        headers = read_header_lines(stream)
+    except HeaderError as error:
+        raise BadRequest(error.status, str(error)) from None
+    if method not in METHODS:
+        raise BadRequest(501 if method.isupper() and method.isalpha() else 400, f"unsupported method {method!r}")
+    check_host(version, headers)
+    length, chunked = body_framing(version, headers, max_body)
+    return RequestHead(method, target, version, headers, length, chunked, wants_keep_alive(version, headers))
+
+
+def parse_request_line(line):
+    """``b"GET /a HTTP/1.1\\r\\n"`` -> (method, target, version); BadRequest for anything else."""
+    text = line.decode("latin-1").rstrip("\r\n")
+    if REQUEST_LINE_BAD_RE.search(text):
+        raise BadRequest(400, "control character in the request line")
+    parts = text.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version!r}")
+    return method, target, version
+
+
+def check_host(version, headers):
+    """RFC 9112 3.2: an HTTP/1.1 request has exactly one Host; no request has two (repeats arrive joined by ",")."""
+    host = headers.get("host")
+    if host is None:
+        if version == "HTTP/1.1":
+            raise BadRequest(400, "an HTTP/1.1 request needs a Host header")
+    elif "," in host:
+        raise BadRequest(400, "more than one Host header")
+
+
+def body_framing(version, headers, max_body):
+    """RFC 9112 6: (Content-Length, chunked) of a request's body; BadRequest (400, 413) when it cannot be read
+    safely. Both headers at once is how requests are smuggled past proxies, so that is a 400, not a choice."""
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        if version == "HTTP/1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if "content-length" in headers:
+            raise BadRequest(400, "both Transfer-Encoding and Content-Length")
+        if not coding.strip():
+            raise BadRequest(400, "empty Transfer-Encoding")
+        if [word.strip().lower() for word in coding.split(",")] != ["chunked"]:
+            raise BadRequest(400, f"unsupported Transfer-Encoding {coding[:40]!r} (only chunked)")
+        return 0, True
+    text = headers.get("content-length")
+    if text is None:
+        return 0, False
+    values = {value.strip() for value in text.split(",")}  # identical repeats are allowed (RFC 9110 8.6)
+    length = values.pop() if len(values) == 1 else ""
+    if not is_number(length):
+        raise BadRequest(400, "bad Content-Length")
+    if len(length) > 18 or int(length) > max_body:
+        raise BadRequest(413, f"Content-Length {length[:20]} is above MAX_BODY={max_body}")
+    return int(length), False
+
+
+def wants_keep_alive(version, headers):
+    """HTTP/1.1 keeps the connection unless told ``close``; HTTP/1.0 only when it asks for ``keep-alive``."""
+    tokens = {word.strip().lower() for word in headers.get("connection", "").split(",")}
+    if "close" in tokens:
+        return False
+    return version == "HTTP/1.1" or "keep-alive" in tokens
+
+
+def read_body(stream, head, max_body):
+    """The body announced by ``head`` -> bytes; None when the stream ends first (the client went away)."""
+    if head.chunked:
+        return read_chunked_body(stream, max_body)
+    if not head.length:
+        return b""
+    body = stream.read(head.length)
+    return body if len(body) == head.length else None
+
+
+def read_chunked_body(stream, max_body):
+    """RFC 9112 7.1: chunks up to the last one, trailers read and dropped -> the body bytes (at most max_body);
+    None when the stream ends first; BadRequest for a malformed chunk or a body above max_body."""
+    parts, total = [], 0
+    while True:
+        line = stream.readline(MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_CHUNK_LINE:
+                raise BadRequest(400, f"chunk size line longer than {MAX_CHUNK_LINE} bytes")
+            return None
+        size_text = line.split(b";", 1)[0].strip(b" \t\r\n")
+        if not CHUNK_SIZE_RE.fullmatch(size_text):
+            raise BadRequest(400, "bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > max_body:
+            raise BadRequest(413, f"chunked body above MAX_BODY={max_body}")
+        data = stream.read(size)
+        end = stream.readline(3)
+        if len(data) < size or not end:
+            return None
+        if end not in (b"\r\n", b"\n"):
+            raise BadRequest(400, "chunk data not followed by CRLF")
+        parts.append(data)
+    try:
+        read_header_lines(stream)  # trailer fields: nothing a node acts on
+    except HeaderError as error:
+        raise BadRequest(error.status, f"trailer: {error}") from None
+    return b"".join(parts)
+
+
+def split_target(target):
+    """A request target -> (percent-decoded path, raw query); absolute form as proxies send it is accepted."""
+    if target.startswith(("http://", "https://")):
+        target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+    elif not target.startswith("/"):
+        raise BadRequest(400, "the request target must start with /")
+    path, _, query = target.partition("?")
+    path = path.partition("#")[0]
+    if "%" in path:
+        try:
+            path = unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest(400, "the path is not UTF-8 once percent-decoded") from None
+    return path, query
+
+
+HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+CONTENT_LENGTH_RE = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*\r?\n", re.IGNORECASE)
+EXPECT_CONTINUE_RE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue", re.IGNORECASE)
+HEAD_WAIT_LIMIT = 64 * 1024  # a head not ended within this many bytes is handed to the parser (and its limits)
+
+
+def request_arrived(data, start, max_body):
+    """Whether ``data[start:]`` holds a whole request head and its Content-Length body, or enough that the
+    parser will refuse it (a head over HEAD_WAIT_LIMIT, a length over ``max_body``), or the client waits for a
+    ``100 Continue`` before its body. Only a readiness guess, so that a worker never waits for a slow client: the
+    parser decides everything else (chunked bodies included)."""
+    end = HEAD_END_RE.search(data, start)
+    if end is None:
+        return len(data) - start > HEAD_WAIT_LIMIT
+    length = CONTENT_LENGTH_RE.search(data, start - 1 if start else 0, end.end())
+    if length is None:
+        return True
+    length = int(length.group(1))
+    return (length > max_body or len(data) - end.end() >= length
+            or EXPECT_CONTINUE_RE.search(data, start - 1 if start else 0, end.end()) is not None)
+
+
+def parse_request(stream, max_body):
+    """A whole request -> (RequestHead, body bytes or None if cut short), or None if no request came; BadRequest.
+
+    The server reads the head and body in two steps (a ``100 Continue`` may go between them); this is both."""
+    head = read_request_head(stream, max_body)
+    if head is None:
+        return None
+    split_target(head.target)
+    return head, read_body(stream, head, max_body)
+
+
+def encode_answer(status, body, content_type="application/json", extra_headers=(), trace_id="", connection=None,
+                 head_only=False):
+    """An answer's bytes: status line, headers and (unless for HEAD) the body. ``connection`` is ``"close"``,
+    ``"keep-alive"`` (the acknowledgement an HTTP/1.0 client needs) or None (HTTP/1.1's default)."""
+    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
+    if trace_id:
+        head.append(f"X-Trace-Id: {trace_id}\r\n")
+    for name, value in extra_headers:
+        head.append(f"{name}: {value}\r\n")
+    if connection:
+        head.append(f"Connection: {connection}\r\n")
+    head.append("\r\n")
+    data = "".join(head).encode("latin-1")
+    return data if head_only else data + body
+
+
+def json_bytes(record):
+    """A record as strict JSON. A peer may answer NaN or Infinity (Python's json reads them), which no other JSON
+    reader accepts: those values become null rather than make the whole answer invalid."""
+    try:
+        return json.dumps(record, allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(finite_only(record), allow_nan=False).encode()
+
+
+def finite_only(value):
+    """``value`` with every NaN or infinite float replaced by None (iteratively: a peer's JSON may be deep)."""
+    root = [value]
+    stack = [(root, 0)]
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            container[key] = None
+        elif isinstance(item, dict):
+            item = container[key] = dict(item)
+            stack.extend((item, name) for name in item)
+        elif isinstance(item, list):
+            item = container[key] = list(item)
+            stack.extend((item, index) for index in range(len(item)))
+    return root[0]
 
 
 # --- Route grammar -----------------------------------------------------------------------------------------
@@ -531,8 +832,10 @@ class DirectiveError(ValueError):
         self.name = name
 
 
-DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?")
-SIZE_RE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE)
+# re.ASCII: \d alone also matches other scripts' digits, which float() and int() would then read (``delay=٣s``).
+DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?", re.ASCII)
+SIZE_RE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE | re.ASCII)
+PROBABILITY_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(%?)", re.ASCII)
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -555,11 +858,8 @@ def parse_size(text):
 
 def parse_probability(text):
     """``0.25`` or ``25%`` (fortio's form) -> 0.25."""
-    number, percent = (text[:-1], True) if text.endswith("%") else (text, False)
-    try:
-        value = float(number) / (100 if percent else 1)
-    except ValueError:
-        raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)") from None
+    match = PROBABILITY_RE.fullmatch(text.strip())  # float() alone takes "nan", "1_0", "٣"
+    value = float(match.group(1)) / (100 if match.group(2) else 1) if match else -1.0
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)")
     return value
@@ -1577,8 +1877,11 @@ HTML_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-i
             "form-action 'self'; base-uri 'none'")
 
 
-def render_html(record, route, trace_ui_url=""):
-    """A self-contained page (inline CSS and JS, no other request) drawing the call tree as a waterfall."""
+def render_html(record, route, trace_ui_url="", query=None):
+    """A self-contained page (inline CSS and JS, no other request) drawing the call tree as a waterfall.
+
+    ``query`` is the route's query string (by default what follows the first "?" of ``route``)."""
+    query = route.partition("?")[2] if query is None else query
     esc = html.escape
     hops = walk_tree(record)
     total = max([hop.start + hop.elapsed for hop in hops] + [1e-9])
@@ -1616,8 +1919,14 @@ def render_html(record, route, trace_ui_url=""):
         title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status),
         elapsed=format_seconds(root.elapsed), hops=len(hops), failed=sum(hop.origin for hop in hops),
         trace=trace, ticks=ticks, rows="\n".join(rows),
-        json_link=esc("/" + route + ("&" if "?" in route else "?") + "view=json"),
-        tree_link=esc("/" + route + ("&" if "?" in route else "?") + "view=tree"))
+        json_link=esc(view_link(query, "json")), tree_link=esc(view_link(query, "tree")))
+
+
+def view_link(query, view):
+    """A link to another view of this page, relative: the query alone (``?delay=1s&view=json``), so the browser
+    keeps the path it asked for. A path written as "/" + route could read as ``//evil.example`` (off-site)."""
+    query = "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
+    return "?" + (query + "&" if query else "") + "view=" + view
 
 
 # The page: str.format fields in single braces, CSS and JS braces doubled.
@@ -2249,6 +2558,7 @@ class Node:
         self.pool = ConnectionPool()
         self.resolver = Resolver(config.peers, config.upstream_port)
         self.metrics = Metrics()
+        self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
         self.ready = True
         self.rng = random.Random()
@@ -2369,25 +2679,38 @@ class Node:
         return None
 
     def call_all(self, calls, request, trace, directives):
-        """Call every target; concurrently with ``parallel``. The records come back in route order."""
+        """Call every target; concurrently with ``parallel``. The records come back in route order.
+
+        Branches run on the node's fan-out pool (MAX_FANOUT_THREADS, shared by all requests); a branch that
+        finds no free thread runs on the request's own thread, after the others, so a busy pool slows a
+        fan-out down but never blocks it (nor deadlocks a node calling itself).
+        """
         if len(calls) == 1 or not directives.parallel:
             return [self.call(target, rest, request, trace, directives) for target, rest in calls]
         records = [None] * len(calls)
-
-        def run(index):
-            target, rest = calls[index]
-            try:
-                records[index] = self.call(target, rest, request, trace, directives)
-            except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
-                records[index] = caller_record(target, "", 502, f"internal error: {type(error).__name__}", 0.0)
-
-        threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(1, len(calls))]
-        for thread in threads:
-            thread.start()
-        run(0)
-        for thread in threads:
-            thread.join()
+        waits, inline = [], [0]
+        for index in range(1, len(calls)):
+            finished = threading.Event()
+            job = functools.partial(self.call_branch, calls, index, records, (request, trace, directives), finished)
+            if self.fanout.try_submit(job):
+                waits.append(finished)
+            else:
+                inline.append(index)
+        for index in inline:
+            self.call_branch(calls, index, records, (request, trace, directives))
+        for finished in waits:
+            finished.wait()
         return records
+
+    def call_branch(self, calls, index, records, context, finished=None):
+        target, rest = calls[index]
+        try:
+            records[index] = self.call(target, rest, *context)
+        except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
+            records[index] = caller_record(target, "", 502, f"internal error: {type(error).__name__}", 0.0)
+        finally:
+            if finished:
+                finished.set()
 
     def call(self, target, rest, request, trace, directives):
         peer, path = self.resolver.resolve(target, forward_route(rest), target.query())
@@ -2417,147 +2740,154 @@ class Node:
             return caller_record(target, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
 
 
-# --- HTTP handler and server -------------------------------------------------------------------------------
-# http.server's request parsing goes through email.feedparser and its answers through several small sends;
-# the handler below reads the request line and headers itself and writes each answer in one send.
+# --- HTTP handler ------------------------------------------------------------------------------------------
+# What a worker does with a connection that has bytes waiting: read one request with the wire section, turn it
+# into a Request, let the node answer it, write the answer in one send. Probes, scrapes and admin calls are never
+# refused; everything else is, with a 503, above MAX_CONCURRENCY requests in flight.
 
-MAX_REQUEST_LINE = 16 * 1024
-METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
-# Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
-REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
-REASONS = {status.value: status.phrase for status in HTTPStatus}
+class Handler:
+    """Serves the requests a connection has sent, one at a time, on the worker that the server handed it to."""
 
+    def __init__(self, server, conn, patient=False):
+        self.server = server
+        self.node = server.node
+        self.conn = conn
+        self.patient = patient  # wait for the whole request here (the poller has stopped), not on the poller
+        self.head = None
 
-class BadRequest(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    def serve(self):
+        """What to do with the connection next: ``keep`` (idle again), ``arriving`` (a request is slow to come:
+        the poller gathers the rest), ``linger`` (an error was answered: drain, then close), ``close`` or
+        ``reset`` (closed already)."""
+        while True:
+            result = self.serve_one()
+            if result != "keep":
+                return result
+            if not self.conn.reader.buffered and not self.next_request_soon():  # pipelined: served at once
+                return result
+            self.conn.first_byte = time.monotonic()
 
+    def next_request_soon(self):
+        """Whether this keep-alive client's next request starts within STAY_SECONDS, when the node is not busy:
+        serving it on the same worker saves two thread hand-offs through the poller (about a third of a simple
+        request's CPU). Busy (more than STAY_WORKERS workers at work, or work queued), every connection goes back
+        to the poller: fewer threads then compete for the interpreter, and probes stay fast."""
+        workers = self.server.workers
+        if self.patient or workers.queued or workers.threads - workers.waiting > STAY_WORKERS:
+            return False
+        poller = select.poll()
+        poller.register(self.conn.sock, select.POLLIN)
+        return bool(poller.poll(STAY_SECONDS * 1000))
 
-class Handler(BaseHTTPRequestHandler):
-    wbufsize = 0  # each answer is written with one sendall
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connection.settimeout(self.server.node.config.keepalive_timeout)
-
-    def handle_one_request(self):
-        node = self.server.node
+    def serve_one(self):
+        conn = self.conn
+        # KEEPALIVE_TIMEOUT bounds the whole request from its first byte (the socket timeout only bounds each
+        # read): a client trickling its request line, headers or body cannot hold a worker (slowloris).
+        remaining = conn.first_byte + self.node.config.keepalive_timeout - time.monotonic()
+        watch = DEADLINES.watch(conn.sock, max(remaining, 0.001))
         try:
+            if not self.patient and not self.request_arrived():
+                DEADLINES.release(watch)
+                return "arriving"
             request = self.read_request()
-        except (TimeoutError, ConnectionError, OSError):
-            self.close_connection = True
-            return
-        except BadRequest as error:  # answered, counted and logged like any request, then the connection closes
-            self.close_connection = True
-            outcome = error_outcome(node.config.host, error.status, str(error))
-            try:
-                self.write_answer(outcome, "")
-            except OSError:
-                pass
-            node.metrics.observe_request("-", str(error.status), 0.0)  # "-": a malformed method is no label value
-            self.log_access(None, outcome, 0.0)
-            return
-        if request is None:
-            self.close_connection = True
-            return
+        except BadRequest as error:
+            DEADLINES.release(watch)
+            return self.answer_malformed(error)
+        except OSError:  # a timeout or a reset: the client is gone, or too slow
+            DEADLINES.release(watch)
+            return "close"
+        if DEADLINES.release(watch) or request is None:
+            return "close"
+        return self.answer(request)
+
+    def request_arrived(self):
+        """Whether the whole request is here, after waiting QUICK_READ at most for each next piece. False: the
+        rest is slow to come, and the poller waits for it, not a worker (a client trickling its request holds
+        no thread). The usual request is all in the first read, which the poller saw waiting (so it does not
+        block, and the socket's timeout is changed only for slow clients: each change is two system calls)."""
+        reader, sock, max_body = self.conn.reader, self.conn.sock, self.node.config.max_body
+        if not reader.buffered and not reader._fill():
+            return True  # the client closed: the parser says what that was
+        if reader.arrived(max_body):
+            return True
+        sock.settimeout(QUICK_READ)
+        try:
+            while not reader.arrived(max_body):
+                if not reader._fill():
+                    return True
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            sock.settimeout(self.node.config.keepalive_timeout)
+
+    def read_request(self):
+        """The next request on the connection; None when the client closed it first."""
+        reader, max_body = self.conn.reader, self.node.config.max_body
+        head = read_request_head(reader, max_body)
+        if head is None:
+            return None
+        received, received_wall = time.perf_counter(), time.time()
+        self.head = head
+        path, query = split_target(head.target)
+        if head.expects_continue:
+            self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
+        body = read_body(reader, head, max_body)
+        if body is None:
+            return None
+        return Request(head.method, path, query, head.headers, body, received, received_wall)
+
+    def answer_malformed(self, error):
+        """Answered, counted and logged like any request; then a lingering close (unread input may follow)."""
+        node = self.node
+        outcome = error_outcome(node.config.host, error.status, str(error))
+        try:
+            self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record), connection="close"))
+        except OSError:
+            return "close"
+        node.metrics.observe_request("-", str(error.status), 0.0)  # "-": a malformed method is no label value
+        self.log_access(None, outcome, 0.0)
+        return "linger"
+
+    def answer(self, request):
+        node = self.node
         metrics = node.metrics
         with metrics.lock:
             metrics.in_flight += 1
             # Probes, scrapes and admin calls are always answered: a busy node must not look dead to the kubelet.
             busy = metrics.in_flight > node.config.max_concurrency and not is_operations_path(request.path)
         try:
-            if busy:
-                outcome = error_outcome(node.config.host, 503, "too many requests in flight "
-                                        f"(MAX_CONCURRENCY={node.config.max_concurrency})")
-                outcome.extra_headers = (("Retry-After", "1"),)
-            else:
-                try:
-                    outcome = self.dispatch(node, request)
-                except Exception as error:  # a bug: answer and log one line rather than drop the connection
-                    outcome = internal_error(node.config, error)
-                if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
-                    node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
+            outcome = self.refusal() if busy else self.outcome_for(request)
             if outcome.reset:
-                self.reset_connection()
+                result = self.reset_connection()
             else:
-                self.write_answer(outcome, request.method)
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-            outcome = Outcome(499)
+                result = self.write_answer(outcome, request.method)
+        except OSError:  # the client went away while the answer was written
+            result, outcome = "close", Outcome(499)
         finally:
             with metrics.lock:
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
         metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
         self.log_access(request, outcome, elapsed)
+        return result
 
-    def read_request(self):
-        """Read the request line, headers and body; None when the client closed the connection."""
-        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: an empty line before a request line is ignored
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if not line:
-            return None
-        received, received_wall = time.perf_counter(), time.time()
-        if len(line) > MAX_REQUEST_LINE:
-            raise BadRequest(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-        text = line.decode("latin-1").rstrip("\r\n")
-        if REQUEST_LINE_BAD_RE.search(text):
-            raise BadRequest(400, "control character in the request line")
-        try:
-            method, target, version = text.split(" ")
-        except ValueError:
-            raise BadRequest(400, "malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise BadRequest(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version!r}")
-        # The socket timeout bounds each read; this bounds the whole request, so a client trickling its headers
-        # or body a byte at a time cannot hold a thread for ever (slowloris).
-        watch = DEADLINES.watch(self.connection, self.server.node.config.keepalive_timeout)
-        try:
-            request = self.read_message(method, target, version, received, received_wall)
-        finally:
-            cut = DEADLINES.release(watch)
-        if cut:
-            raise TimeoutError("the request took longer than KEEPALIVE_TIMEOUT to arrive")
-        return request
+    def refusal(self):
+        config = self.node.config
+        outcome = error_outcome(config.host, 503,
+                                f"too many requests in flight (MAX_CONCURRENCY={config.max_concurrency})")
+        outcome.extra_headers = (("Retry-After", "1"),)
+        return outcome
 
-    def read_message(self, method, target, version, received, received_wall):
-        """The headers and body after a request line -> Request (None when the client went away)."""
+    def outcome_for(self, request):
+        node = self.node
         try:
-            headers = read_header_lines(self.rfile)
-        except HeaderError as error:
-            raise BadRequest(error.status, str(error)) from None
-        connection = headers.get("connection", "").lower()
-        self.close_connection = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-        if method not in METHODS:
-            raise BadRequest(501 if method.isupper() and method.isalpha() else 400,
-                             f"unsupported method {method!r}")
-        if headers.get("transfer-encoding"):
-            raise BadRequest(411, "chunked request bodies are not supported; send Content-Length")
-        length = headers.get("content-length", "0")
-        if not is_number(length):
-            raise BadRequest(400, "bad Content-Length")
-        max_body = self.server.node.config.max_body
-        if len(length) > 18 or int(length) > max_body:
-            raise BadRequest(413, f"Content-Length {length[:20]} is above MAX_BODY={max_body}")
-        length = int(length)
-        if length and headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:
-            return None
-        if target.startswith(("http://", "https://")):  # absolute form, as proxies send it
-            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-        path, _, query = target.partition("?")
-        path = path.partition("#")[0]
-        if "%" in path:
-            try:
-                path = unquote(path, errors="strict")
-            except UnicodeDecodeError:
-                raise BadRequest(400, "the path is not UTF-8 once percent-decoded") from None
-        return Request(method, path, query, headers, body, received, received_wall)
+            outcome = self.dispatch(node, request)
+        except Exception as error:  # a bug: answer and log one line rather than drop the connection
+            outcome = internal_error(node.config, error)
+        if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
+            node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
+        return outcome
 
     def dispatch(self, node, request):
         path = request.path
@@ -2584,7 +2914,7 @@ class Handler(BaseHTTPRequestHandler):
             outcome.text, outcome.content_type = render_tree(outcome.record), "text/plain; charset=utf-8"
         else:
             outcome.text = render_html(outcome.record, view_route(request.path, request.query),
-                                       node.config.trace_ui_url)
+                                       node.config.trace_ui_url, request.query)
             outcome.content_type = "text/html; charset=utf-8"
             outcome.extra_headers += (("Content-Security-Policy", HTML_CSP),)
         return outcome
@@ -2617,49 +2947,34 @@ class Handler(BaseHTTPRequestHandler):
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
-        if outcome.text is not None:
-            body = outcome.text.encode()
-        else:
-            body = json.dumps(outcome.record).encode()
-        if self.server.draining:
-            self.close_connection = True
-        head = [f"HTTP/1.1 {outcome.status} {REASONS.get(outcome.status, 'Unknown')}\r\n"
-                f"Content-Type: {outcome.content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
-        if outcome.trace_id:
-            head.append(f"X-Trace-Id: {outcome.trace_id}\r\n")
-        for name, value in outcome.extra_headers:
-            head.append(f"{name}: {value}\r\n")
-        if self.close_connection:
-            head.append("Connection: close\r\n")
-        head.append("\r\n")
-        data = "".join(head).encode("latin-1")
-        self.wfile.write(data if method == "HEAD" else data + body)
+        """One send; ``keep`` when the connection stays open for another request, else ``close``."""
+        head = self.head
+        keep = head.keep_alive and not self.server.draining
+        connection = None if keep and head.version == "HTTP/1.1" else ("keep-alive" if keep else "close")
+        body = outcome.text.encode() if outcome.text is not None else json_bytes(outcome.record)
+        self.conn.sock.sendall(encode_answer(outcome.status, body, outcome.content_type, outcome.extra_headers,
+                                             outcome.trace_id, connection, head_only=method == "HEAD"))
+        return "keep" if keep else "close"
 
     def reset_connection(self):
         """Close without answering, with an RST (what Envoy reports as an upstream reset)."""
-        self.close_connection = True
+        sock = self.conn.sock
         try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # Closed here: socketserver's shutdown(SHUT_WR) would otherwise send a FIN first, a clean close.
-            self.connection.close()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
         except OSError:
             pass
+        return "reset"
 
     def log_access(self, request, outcome, elapsed):
-        node = self.server.node
-        if node.config.log_level not in ("debug", "info"):
+        config = self.node.config
+        if config.log_level not in ("debug", "info"):
             return
-        path = request.path if request else "-"
-        log_line(node.config, {
-            "time": iso_time(time.time()), "host": node.config.host, "method": request.method if request else "-",
-            "path": path if path.isprintable() else ascii(path),  # no forged log lines
-            "status": outcome.status or "reset", "elapsed": round(elapsed, 6),
-            "trace_id": outcome.trace_id, "span_id": outcome.trace.span_id if outcome.trace else "",
-            "targets": list(outcome.targets)})
-
-    def log_message(self, format, *args):  # http.server's own messages: kept quiet but for real errors
-        pass
+        log_line(config, {
+            "time": iso_time(time.time()), "host": config.host, "method": request.method if request else "-",
+            "path": request.path if request else "-", "status": outcome.status or "reset",
+            "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
+            "span_id": outcome.trace.span_id if outcome.trace else "", "targets": list(outcome.targets)})
 
 
 def internal_error(config, error):
@@ -2670,8 +2985,18 @@ def internal_error(config, error):
     place = f"{os.path.basename(innermost.tb_frame.f_code.co_filename)}:{innermost.tb_lineno}"
     message = f"{type(error).__name__}: {error}"
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
-                      "error": ascii(message), "at": place})
+                      "error": message, "at": place})
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
+
+
+# A logfmt value that needs no quotes: printable ASCII but space, '"', '=' and '\'. Anything else is quoted
+# with JSON's escapes, so no value (a path with %20, quotes or CR LF) can forge a field or a line.
+LOGFMT_BARE_RE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
+
+
+def logfmt_value(value):
+    text = ",".join(value) if isinstance(value, list) else str(value)
+    return text if LOGFMT_BARE_RE.fullmatch(text) else json.dumps(text)
 
 
 def log_line(config, fields):
@@ -2683,12 +3008,7 @@ def log_line(config, fields):
         for key, value in fields.items():
             if value == "" or value is None or value == []:
                 continue
-            if key in ("time", "host"):
-                words.append(str(value))
-            elif isinstance(value, list):
-                words.append(f"{key}={','.join(value)}")
-            else:
-                words.append(f"{key}={value}")
+            words.append(logfmt_value(value) if key in ("time", "host") else f"{key}={logfmt_value(value)}")
         line = " ".join(words)
     try:
         os.write(1, (line + "\n").encode("utf-8", "replace"))
@@ -2696,27 +3016,549 @@ def log_line(config, fields):
         pass
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024
-    allow_reuse_address = True
+def listen(address, port):
+    """A listening socket on ``address``; ``::`` is dual-stack (IPv4 too) where the system allows it.
+    ConfigError, one line naming the port, for a port in use or an address this machine does not have."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    dual_stack = address == "::" and socket.has_dualstack_ipv6()
+    try:
+        sock = socket.create_server((address, port), family=family, backlog=1024, dualstack_ipv6=dual_stack)
+    except OSError as error:
+        where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+        raise ConfigError(f"cannot listen on {where}: {listen_problem(error, port)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def listen_problem(error, port):
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "that address is not one of this machine's (ADDRESS)"
+    if error.errno == errno.EACCES:
+        return f"not allowed to listen on port {port}"
+    return error.strerror or str(error)
+
+
+def connection_cap(configured):
+    """MAX_CONNECTIONS, lowered to fit the process's descriptor limit (with room for outbound connections)."""
+    try:
+        import resource  # here: only this needs it, and start-up time is measured
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return configured
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return min(configured, max(16, soft // 2))
+
+
+# --- HTTP server -------------------------------------------------------------------------------------------
+# A custom HTTP/1.1 server built for a node's three duties under load: never a thread per connection, probes
+# answered first, refusals cheap. One poller thread owns the listener and every idle connection (epoll, so any
+# number of descriptors); a connection whose first byte arrives is handed to a bounded pool of workers, or to a
+# small separate lane of its own when its request line (peeked, not read) is a probe or a scrape. A worker reads
+# one request with the HTTP/1.1 wire section above, answers it, serves any request already buffered behind it,
+# then gives the connection back to the poller. Idle connections close after KEEPALIVE_TIMEOUT, the oldest first
+# when MAX_CONNECTIONS is near; beyond it new ones wait in the listen backlog. Error answers end with a lingering
+# close done by the poller, so the client reads the 400 or 413 instead of a reset and no worker waits for it.
+
+PROBE_PREFIXES = tuple(f"{method} /{path}{end}".encode() for method in ("GET", "HEAD")
+                       for path in ("healthz", "readyz", "metrics") for end in (" ", "?"))
+PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
+LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
+LINGER_BYTES = 1024 * 1024  # and how much of it
+STAY_SECONDS = 0.005  # a worker waits this long for a keep-alive client's next request, when the node is not busy
+STAY_WORKERS = 32  # "not busy": at most this many workers at work
+QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
+REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
+
+
+class SocketReader:
+    """A socket's bytes with readline(limit) and read(n), buffered, and able to say whether bytes are waiting in
+    the buffer (the poller cannot see those: they already left the kernel). Lines are sliced from the last
+    chunk received at an offset, so reading a request's few lines copies each byte once."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+        self.position = 0
+
+    @property
+    def buffered(self):
+        """How many bytes were received and not yet read."""
+        return len(self.data) - self.position
+
+    def _fill(self):
+        return self.feed(self.sock.recv(65536))
+
+    def feed(self, chunk):
+        """Add bytes received elsewhere (by the poller); False for the empty read of a closed connection."""
+        self.data = self.data[self.position:] + chunk
+        self.position = 0
+        return bool(chunk)
+
+    def arrived(self, max_body):
+        return request_arrived(self.data, self.position, max_body)
+
+    def readline(self, limit):
+        while True:
+            end = self.data.find(b"\n", self.position, self.position + limit)
+            if end >= 0:
+                return self._take(end + 1 - self.position)
+            if self.buffered >= limit or not self._fill():
+                return self._take(min(limit, self.buffered))
+
+    def read(self, size):
+        """``size`` bytes, fewer if the stream ends first. A body's chunks are joined once, not copied per recv."""
+        if self.buffered >= size:
+            return self._take(size)
+        parts = [self._take(self.buffered)]
+        missing = size - len(parts[0])
+        while missing > 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            if len(chunk) > missing:  # the start of a pipelined request: it stays in the buffer
+                self.data, self.position = chunk, missing
+                chunk = chunk[:missing]
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)
+
+    def _take(self, size):
+        data = self.data[self.position:self.position + size]
+        self.position += size
+        return data
+
+
+class InboundConnection:
+    """One client connection: its socket, reader, and when it was last idle (for the poller)."""
+    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed")
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.address = address
+        self.reader = SocketReader(sock)
+        self.idle_since = time.monotonic()
+        self.first_byte = 0.0  # when the current request's first byte was seen
+        self.linger_until = 0.0
+        self.lingered = 0
+        self.routed = False  # served by the workers before: its next requests go to them without a peek
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class WorkerPool:
+    """At most ``max_threads`` threads, started when work waits and none is free, ended after ``idle_exit``
+    seconds without work. ``submit`` queues; ``try_submit`` refuses (False) when every thread is taken."""
+
+    def __init__(self, max_threads, name, idle_exit=30.0):
+        self.max_threads = max_threads
+        self.name = name
+        self.idle_exit = idle_exit
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = self.waiting = self.queued = 0
+
+    def submit(self, job):
+        self._submit(job, queue_when_full=True)
+
+    def try_submit(self, job):
+        return self._submit(job, queue_when_full=False)
+
+    def _submit(self, job, queue_when_full):
+        with self.lock:  # checked and counted at once: two try_submits never both take the last thread
+            if not queue_when_full and self.threads - self.waiting + self.queued >= self.max_threads:
+                return False
+            self.queued += 1
+            start = self.queued > self.waiting and self.threads < self.max_threads
+            if start:
+                self.threads += 1
+            self.jobs.put(job)
+        if start:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        return True
+
+    def _run(self):
+        while True:
+            with self.lock:
+                self.waiting += 1
+            try:
+                job = self.jobs.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self.lock:
+                    self.waiting -= 1
+                    if self.queued <= self.waiting:  # nothing unclaimed: this thread may go
+                        self.threads -= 1
+                        return
+                continue
+            with self.lock:
+                self.waiting -= 1
+                self.queued -= 1
+            job()
+
+
+def is_probe(first_bytes):
+    """A probe or scrape that arrived whole (a kubelet's is a few hundred bytes): one that trickles in goes to the
+    workers, so no client can hold the probe lane by sending ``GET /healthz`` a byte at a time."""
+    return first_bytes.startswith(PROBE_PREFIXES) and (b"\r\n\r\n" in first_bytes or b"\n\n" in first_bytes)
+
+
+class Poller:
+    """What ``selectors`` does for the server, plus the peer's half-close: on Linux, epoll with EPOLLRDHUP, so a
+    closed keep-alive connection is seen as closed without reading it (a mass disconnect costs no worker).
+    Elsewhere selectors' default, without that hint. ``select`` gives (data, hung up) pairs."""
+
+    def __init__(self):
+        self.epoll = select.epoll() if hasattr(select, "epoll") else None
+        self.selector = None if self.epoll else selectors.DefaultSelector()
+        self.data = {}  # fd -> what register() was given
+
+    def register(self, sock, data):
+        fd = sock.fileno()
+        if self.epoll:
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        else:
+            self.selector.register(sock, selectors.EVENT_READ)
+        self.data[fd] = data
+
+    def unregister(self, sock):
+        fd = sock.fileno()
+        del self.data[fd]
+        if self.epoll:
+            self.epoll.unregister(fd)
+        else:
+            self.poller.unregister(sock)
+
+    def select(self, timeout):
+        if self.epoll:
+            hangup = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+            return [(self.data[fd], bool(mask & hangup)) for fd, mask in self.epoll.poll(timeout)]
+        return [(self.data[key.fd], False) for key, _mask in self.selector.select(timeout)]
+
+    def close(self):
+        (self.epoll or self.selector).close()
+
+
+class Server:
+    """A node's listener, poller and workers. ``serve_forever`` runs the poller until ``shutdown``;
+    ``server_close`` closes the listener (requests in flight still finish on their workers)."""
 
     def __init__(self, node):
+        config = node.config
         self.node = node
         self.draining = False
-        super().__init__((node.config.address, node.config.port), Handler)
+        self.socket = listen(config.address, config.port)
+        self.server_address = self.socket.getsockname()
+        self.max_connections = connection_cap(config.max_connections)
+        self.workers = WorkerPool(config.max_concurrency + REFUSING_WORKERS, f"http-{config.host}")
+        self.probe_lane = WorkerPool(2, f"probes-{config.host}")
+        self.poller = Poller()
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.wake_write.setblocking(False)
+        self.given_back = collections.deque()  # connections workers are done with, for the poller
+        self.idle = {}  # fd -> InboundConnection waiting for a request, oldest first
+        self.lingering = {}  # fd -> InboundConnection being drained before its close, oldest first
+        self.arriving = {}  # fd -> InboundConnection whose request is slow to arrive, by its first byte
+        self.open = 0  # every connection accepted and not yet closed (poller's count)
+        self.active = 0  # connections with a request from its first byte to its answer
+        self.lock = threading.Lock()
+        self.accepting = False
+        self.stop_request = False
+        self.stopped = threading.Event()
+        self.stopped.set()
 
-    def server_bind(self):
-        # HTTPServer.server_bind looks up the machine's FQDN, which can stall start-up for seconds without DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    # The poller thread: the only one that touches ``poller``, ``idle``, ``arriving`` and ``lingering``.
+    def serve_forever(self, poll_interval=0.5):
+        self.stopped.clear()
+        self.poller.register(self.wake_read, "wake")
+        self.listen_on(True)
+        try:
+            while not self.stop_request:
+                events = self.poller.select(self.next_timeout(poll_interval))
+                now = time.monotonic()
+                for data, hung_up in events:
+                    if data == "listener":
+                        self.accept_all(now)
+                    elif data == "wake":
+                        self.take_given_back(now)
+                    elif data.sock.fileno() in self.lingering:
+                        self.drain_lingering(data)
+                    elif data.sock.fileno() in self.arriving:
+                        self.gather(data)
+                    else:
+                        self.on_readable(data, now, hung_up)
+                self.expire(now)
+                if not self.accepting and (self.open < self.max_connections or self.idle):
+                    self.listen_on(True)
+        finally:
+            self.close_all()
+            self.stopped.set()
 
-    def handle_error(self, request, client_address):
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return  # a client hanging up is not an error
-        log_line(self.node.config, {"time": iso_time(time.time()), "host": self.node.config.host,
-                                    "level": "error", "error": f"{type(error).__name__}: {error}"})
+    def next_timeout(self, poll_interval):
+        timeout = poll_interval
+        now = time.monotonic()
+        keepalive = self.node.config.keepalive_timeout
+        for table, due in ((self.idle, lambda c: c.idle_since + keepalive),
+                           (self.arriving, lambda c: c.first_byte + keepalive),
+                           (self.lingering, lambda c: c.linger_until)):
+            for conn in table.values():  # dicts keep insertion order: the first is the oldest
+                timeout = min(timeout, max(0.0, due(conn) - now))
+                break
+        return timeout
+
+    def listen_on(self, on):
+        if on != self.accepting and self.socket.fileno() >= 0:
+            if on:
+                self.poller.register(self.socket, "listener")
+            else:
+                self.poller.unregister(self.socket)
+            self.accepting = on
+
+    def accept_all(self, now):
+        for attempt in range(256):
+            # At the cap the connection idle longest makes room, but only for a client known to be waiting (the
+            # first accept of a wake-up); with none idle the rest wait in the listen backlog.
+            if self.open >= self.max_connections and (attempt or not self.evict_oldest_idle()):
+                if not self.idle:
+                    self.listen_on(False)
+                return
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors (EMFILE): free an idle one, or wait in the backlog
+                if not self.evict_oldest_idle():
+                    self.listen_on(False)
+                return
+            with self.lock:
+                self.open += 1
+            self.process_request(sock, address)
+
+    def process_request(self, sock, address):
+        """A new connection: set up, then idle until its first byte."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.node.config.keepalive_timeout)
+        except OSError:
+            pass
+        self.park(InboundConnection(sock, address))
+
+    def park(self, conn):
+        conn.idle_since = time.monotonic()
+        try:
+            self.poller.register(conn.sock, conn)
+        except (ValueError, OSError):  # closed meanwhile
+            self.forget(conn)
+            return
+        self.idle[conn.sock.fileno()] = conn
+
+    def on_readable(self, conn, now, hung_up=False):
+        fd = conn.sock.fileno()
+        self.poller.unregister(conn.sock)
+        del self.idle[fd]
+        conn.first_byte = now
+        if conn.routed and not hung_up:  # a keep-alive client of the workers: straight back to them (no peek)
+            self.dispatch(conn, self.workers)
+            return
+        # A new connection, or one that sent a probe: peek at its request line. Each peek lets go of the GIL,
+        # which under load costs a wait to get it back: so only these are peeked, not every keep-alive request.
+        try:
+            first = conn.sock.recv(PROBE_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self.park(conn)
+            return
+        except OSError:
+            first = b""
+        if not first:  # the client closed: no worker needed
+            self.forget(conn)
+            return
+        if is_probe(first):
+            self.dispatch(conn, self.probe_lane)
+        else:
+            conn.routed = True
+            self.dispatch(conn, self.workers)
+
+    def dispatch(self, conn, lane):
+        with self.lock:
+            self.active += 1  # in flight from its first byte: a drain waits for a request still arriving
+        lane.submit(functools.partial(self.serve_connection, conn))
+
+    def wait_for_rest(self, conn):
+        """A request a worker found slow to arrive: gathered here until whole, within KEEPALIVE_TIMEOUT of its
+        first byte (still counted in ``active``)."""
+        try:
+            self.poller.register(conn.sock, conn)
+        except (ValueError, OSError):
+            self.end_arriving(conn)
+            return
+        self.arriving[conn.sock.fileno()] = conn
+
+    def gather(self, conn):
+        try:
+            chunk = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not conn.reader.feed(chunk):  # the client gave up
+            self.drop_arriving(conn)
+        elif conn.reader.arrived(self.node.config.max_body):
+            del self.arriving[conn.sock.fileno()]
+            self.poller.unregister(conn.sock)
+            self.workers.submit(functools.partial(self.serve_connection, conn))  # counted in active already
+
+    def drop_arriving(self, conn):
+        del self.arriving[conn.sock.fileno()]
+        self.poller.unregister(conn.sock)
+        self.end_arriving(conn)
+
+    def end_arriving(self, conn):
+        self.forget(conn)
+        with self.lock:
+            self.active -= 1
+
+    def take_given_back(self, now):
+        try:
+            self.wake_read.recv(4096)
+        except OSError:
+            pass
+        while self.given_back:
+            conn, what = self.given_back.popleft()
+            if what == "arriving":
+                if self.stop_request:
+                    self.workers.submit(functools.partial(self.serve_connection, conn, True))
+                else:
+                    self.wait_for_rest(conn)
+            elif self.stop_request:
+                self.forget(conn)
+            elif what == "linger":
+                self.start_lingering(conn, now)
+            else:
+                self.park(conn)
+
+    def start_lingering(self, conn, now):
+        """Half-closed after an error answer: read and drop what the client still sends, briefly, then close."""
+        conn.linger_until = now + LINGER_SECONDS
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            self.poller.register(conn.sock, conn)
+        except (ValueError, OSError):
+            self.forget(conn)
+            return
+        self.lingering[conn.sock.fileno()] = conn
+
+    def drain_lingering(self, conn):
+        sock = conn.sock
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_BYTES:
+            self.stop_lingering(conn)
+
+    def stop_lingering(self, conn):
+        del self.lingering[conn.sock.fileno()]
+        self.poller.unregister(conn.sock)
+        self.forget(conn)
+
+    def expire(self, now):
+        """Close idle connections past KEEPALIVE_TIMEOUT and lingering ones past their bound (oldest first)."""
+        keepalive = self.node.config.keepalive_timeout
+        while self.idle:
+            conn = next(iter(self.idle.values()))
+            if conn.idle_since + keepalive > now:
+                break
+            self.drop_idle(conn)
+        while self.lingering:
+            conn = next(iter(self.lingering.values()))
+            if conn.linger_until > now:
+                break
+            self.stop_lingering(conn)
+        while self.arriving:  # too slow: cut at KEEPALIVE_TIMEOUT from the first byte, like on a worker
+            conn = next(iter(self.arriving.values()))
+            if conn.first_byte + keepalive > now:
+                break
+            self.drop_arriving(conn)
+
+    def evict_oldest_idle(self):
+        """Near MAX_CONNECTIONS: close the connection idle the longest; False if none is idle."""
+        if not self.idle:
+            return False
+        self.drop_idle(next(iter(self.idle.values())))
+        return True
+
+    def drop_idle(self, conn):
+        del self.idle[conn.sock.fileno()]
+        self.poller.unregister(conn.sock)
+        self.forget(conn)
+
+    def forget(self, conn):
+        conn.close()
+        with self.lock:
+            self.open -= 1
+
+    def close_all(self):
+        for conn in list(self.arriving.values()):  # requests still arriving: a drain waits for them, on workers
+            self.poller.unregister(conn.sock)
+            self.workers.submit(functools.partial(self.serve_connection, conn, True))
+        self.arriving.clear()
+        for table in (self.idle, self.lingering):
+            for conn in list(table.values()):
+                self.poller.unregister(conn.sock)
+                self.forget(conn)
+            table.clear()
+        self.listen_on(False)
+        self.poller.unregister(self.wake_read)
+
+    # Workers.
+    def serve_connection(self, conn, patient=False):
+        """On a worker: serve the requests this connection has sent, then give it back (or close it)."""
+        outcome = "close"
+        try:
+            outcome = Handler(self, conn, patient).serve()
+        except Exception as error:  # a bug in the handler: one log line, the connection closed, the worker lives
+            internal_error(self.node.config, error)
+        finally:
+            if outcome != "arriving":  # a request still arriving stays in flight
+                with self.lock:
+                    self.active -= 1
+        if outcome == "arriving" and self.stop_request:  # no poller to wait for the rest: wait here
+            self.serve_connection(conn, patient=True)
+            return
+        if outcome == "arriving" or (outcome in ("keep", "linger") and not self.stop_request):
+            self.given_back.append((conn, outcome))
+        else:
+            if outcome != "reset":  # a reset closed its socket already
+                conn.close()
+            with self.lock:
+                self.open -= 1
+        self.wake()
+
+    def wake(self):
+        try:
+            self.wake_write.send(b"x")
+        except OSError:  # the wake-up buffer is full (the poller will look anyway) or the server is closed
+            pass
+
+    # Control, as socketserver's servers have it.
+    def shutdown(self):
+        self.stop_request = True
+        self.wake()
+        self.stopped.wait()
+
+    def server_close(self):
+        self.socket.close()
+        self.poller.close()
+        for sock in (self.wake_read, self.wake_write):
+            sock.close()
 
 
 # --- Manifests ---------------------------------------------------------------------------------------------
@@ -3111,18 +3953,18 @@ def parse_node_spec(text):
 def start_node(config):
     """Bind a node's server and serve it on a daemon thread; returns the Server."""
     server = Server(Node(config))
-    # A short poll interval: on SIGTERM the listener closes within 0.1 s of SHUTDOWN_DELAY, not 0.5 s.
-    threading.Thread(target=server.serve_forever, args=(0.1,), name=f"serve-{config.host}", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name=f"serve-{config.host}", daemon=True).start()
     return server
 
 
 def startup_line(config):
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "event": "start",
-                      "listen": f"{config.address}:{config.port}", "version": config.version or None,
+                      "listen": (f"[{config.address}]:{config.port}" if ":" in config.address
+                                 else f"{config.address}:{config.port}"), "version": config.version or None,
                       "peers": ",".join(sorted(config.peers)) or None,
                       "defaults": ",".join(f"{k}={v}" for k, v in config.defaults.items()) or None,
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
-                      "max_concurrency": config.max_concurrency,
+                      "max_concurrency": config.max_concurrency, "max_connections": config.max_connections,
                       "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
                                  else "mesh-only"), "simplemesh": __version__})
 
@@ -3145,12 +3987,13 @@ def stop_signals():
 
 
 def wait_for_stop(servers, stop=None, internal=()):
-    """Block until ``stop`` is set (SIGTERM or SIGINT), then drain (SPEC 8) and return.
+    """Block until ``stop`` is set (SIGTERM or SIGINT), then drain (SPEC 8); the number of requests dropped.
 
     At once every node turns not ready and answers with ``Connection: close``; after SHUTDOWN_DELAY the listeners
-    of ``servers`` close; in-flight requests (a delay included) finish, up to SHUTDOWN_GRACE; then the ``internal``
-    servers close (a mesh's nodes, which the in-flight requests were still calling), each node's ``on_stop``
-    callables run (span export flushes there) and the connection pools close.
+    of ``servers`` close; requests in flight (counted from their first byte: an upload still arriving, a delay)
+    finish, up to SHUTDOWN_GRACE; then the ``internal`` servers close (a mesh's nodes, which the in-flight requests
+    were still calling), each node's ``on_stop`` callables run (span export flushes there) and the connection
+    pools close. Requests still in flight when the grace runs out are dropped, and logged.
     """
     stop = stop or stop_signals()
     while not stop.wait(3600):
@@ -3164,9 +4007,17 @@ def wait_for_stop(servers, stop=None, internal=()):
         server.shutdown()
         server.server_close()
     deadline = time.monotonic() + max(server.node.config.shutdown_grace for server in everything)
-    time.sleep(0.05)  # a connection accepted just before the close has its request read by now
-    while time.monotonic() < deadline and any(server.node.metrics.in_flight for server in everything):
+    while time.monotonic() < deadline and any(in_flight(server) for server in everything):
         time.sleep(0.02)
+    dropped = 0
+    for server in everything:
+        count = in_flight(server)
+        if count:
+            dropped += count
+            config = server.node.config
+            log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "warning",
+                              "event": "drop", "dropped": count,
+                              "error": f"SHUTDOWN_GRACE={config.shutdown_grace:g}s ran out with requests in flight"})
     for server in internal:
         server.shutdown()
         server.server_close()
@@ -3174,6 +4025,12 @@ def wait_for_stop(servers, stop=None, internal=()):
         for hook in server.node.on_stop:
             hook()
         server.node.pool.close()
+    return dropped
+
+
+def in_flight(server):
+    """Requests a server has not answered yet: from their first byte, or admitted (a probe's included)."""
+    return max(server.active, server.node.metrics.in_flight)
 
 
 def release_start_up_memory():
@@ -3201,8 +4058,7 @@ def command_serve(args, environ):
     server = start_node(config)
     startup_line(config)
     release_start_up_memory()
-    wait_for_stop([server], stop)
-    return 0
+    return 1 if wait_for_stop([server], stop) else 0  # dropped requests: the orchestrator should know
 
 
 DEFAULT_MESH = ("a", "b;delay=50ms", "c;delay=100ms..200ms", "d;error=0.1")
@@ -3213,11 +4069,14 @@ def command_mesh(args, environ):
         specs = [parse_node_spec(text) for text in (args.nodes or DEFAULT_MESH)]
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    base = Config.from_env(environ, address=args.address)
+    try:
+        base = Config.from_env(environ, address=listen_address(args.address))
+    except ValueError as error:
+        raise ConfigError(f"--address {args.address!r}: {error}") from None
     ports = {}
     for index, (name, _version, _directives) in enumerate(specs, start=1):
-        ports.setdefault(name, []).append(("127.0.0.1" if args.address == "0.0.0.0" else args.address,
-                                           args.port + index))
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.address, args.address)
+        ports.setdefault(name, []).append((local, args.port + index))
     peers = dict(base.peers)
     peers.update(ports)
     if base.tracing:  # each node of a local mesh is its own service in the trace backend
@@ -3235,13 +4094,15 @@ def command_mesh(args, environ):
             Directives.resolve(config, config.defaults, {})
             servers.append(start_node(config))
             startup_line(config)
-    except (OSError, DirectiveError) as error:
+    except (ConfigError, OSError, DirectiveError) as error:  # ConfigError: a port in use, which it names
         for server in servers:
+            server.shutdown()
             server.server_close()
         raise ConfigError(f"cannot start the mesh: {error}") from None
     names = [name for name, _version, _directives in specs]
     example = "/".join(dict.fromkeys(names))
-    host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1") else args.address
+    host = ("localhost" if args.address in ("0.0.0.0", "127.0.0.1", "::") else
+            f"[{args.address}]" if ":" in args.address else args.address)
     print(f"simple-mesh: gateway on http://{host}:{args.port}, nodes: "
           + ", ".join(f"{config.host}{'@' + config.version if config.version else ''}=:{config.port}"
                       for config in configs[1:]), flush=True)
@@ -3249,8 +4110,8 @@ def command_mesh(args, environ):
           f"       curl 'http://{host}:{args.port}/{names[0]}~{names[-1]}?parallel'\n"
           f"       curl http://{host}:{args.port}/metrics\n  Ctrl-C stops the mesh.", flush=True)
     release_start_up_memory()
-    wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
-    return 0
+    dropped = wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
+    return 1 if dropped else 0
 
 
 def command_manifests(args, environ):

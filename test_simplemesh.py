@@ -72,7 +72,7 @@ class Mesh:
             self.servers[name] = server
             self.peers[name] = [(address, server.server_address[1])]
         for server in self.servers.values():
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
 
     def port(self, name):
         return self.servers[name].server_address[1]
@@ -203,6 +203,117 @@ class ConfigTest(unittest.TestCase):
 # --- Route grammar --------------------------------------------------------------------------------------------
 
 T = sm.Target
+
+
+# --- HTTP/1.1 wire ----------------------------------------------------------------------------------------------
+
+def parse_raw(data, max_body=100):
+    """Raw request bytes -> ("ok", method, path, query, body, keep_alive) or ("error", status, message) or None."""
+    import io
+    try:
+        parsed = sm.parse_request(io.BytesIO(data), max_body)
+        if parsed is None:
+            return None
+        head, body = parsed
+        path, query = sm.split_target(head.target)
+        return ("ok", head.method, path, query, body, head.keep_alive)
+    except sm.BadRequest as error:
+        return ("error", error.status, str(error))
+
+
+class WireTest(unittest.TestCase):
+    """The HTTP/1.1 wire, byte by byte: raw request in, the parsed request or the exact error out."""
+
+    CASES = [  # (raw bytes, expected)
+        (b"GET /a/b?x=1 HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/a/b", "x=1", b"", True)),
+        (b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/", "", b"", True)),  # a stray CRLF first
+        (b"GET /%2F%2Fevil HTTP/1.1\nHost: a\n\n", ("ok", "GET", "///evil", "", b"", True)),  # bare LF
+        (b"GET http://a/b/c?q HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", "GET", "/b/c", "q", b"", True)),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", ("ok", "GET", "/", "", b"", False)),
+        (b"GET / HTTP/1.0\r\n\r\n", ("ok", "GET", "/", "", b"", False)),  # no Host needed in 1.0
+        (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", ("ok", "GET", "/", "", b"", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", ("ok", "POST", "/", "", b"abc", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+         ("ok", "POST", "/", "", b"abc", True)),  # identical repeats are one length
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n"
+         b"x-trailer: t\r\n\r\n", ("ok", "POST", "/", "", b"abcde", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+         ("ok", "POST", "/", "", b"0123456789", True)),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab", ("ok", "POST", "/", "", None, True)),  # cut
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", ("ok", "POST", "/", "", None, True)),
+        (b"", None),
+        (b"GET / HTTP/1.1\r\n\r\n", ("error", 400, "an HTTP/1.1 request needs a Host header")),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ("error", 400, "more than one Host header")),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", ("error", 400, "more than one Host header")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n", ("error", 400, "empty Transfer-Encoding")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+         ("error", 400, "unsupported Transfer-Encoding 'gzip' (only chunked)")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+         ("error", 400, "unsupported Transfer-Encoding 'gzip, chunked' (only chunked)")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+         ("error", 400, "both Transfer-Encoding and Content-Length")),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+         ("error", 400, "Transfer-Encoding in an HTTP/1.0 request")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", ("error", 400, "bad chunk size")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\xd9\xa3\r\n", ("error", 400, "bad chunk size")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+         ("error", 400, "chunk data not followed by CRLF")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n" + b"x" * 64 + b"\r\n41\r\n",
+         ("error", 413, "chunked body above MAX_BODY=100")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n", ("error", 413, "Content-Length 101 is above MAX_BODY=100")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xd9\xa3\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", ("error", 400, "bad Content-Length")),
+        (b"GET / HTTP/2.0\r\n\r\n", ("error", 505, "unsupported protocol 'HTTP/2.0'")),
+        (b"GET / FOO\r\n\r\n", ("error", 400, "unsupported protocol 'FOO'")),
+        (b"GET  / HTTP/1.1\r\n\r\n", ("error", 400, "malformed request line")),
+        (b"GET /\x00 HTTP/1.1\r\n\r\n", ("error", 400, "control character in the request line")),
+        (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 501, "unsupported method 'BREW'")),
+        (b"get / HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "unsupported method 'get'")),
+        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "the request target must start with /")),
+        (b"GET /%ff HTTP/1.1\r\nHost: a\r\n\r\n", ("error", 400, "the path is not UTF-8 once percent-decoded")),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", ("error", 400, "malformed header line")),
+        (b"GET /" + b"a" * sm.MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n",
+         ("error", 414, f"request line longer than {sm.MAX_REQUEST_LINE} bytes")),
+    ]
+
+    def test_raw_requests(self):
+        for data, expected in self.CASES:
+            with self.subTest(data=data[:90]):
+                self.assertEqual(parse_raw(data), expected)
+
+    def test_when_a_request_has_arrived(self):
+        """The readiness guess that lets a worker hand a slow client back to the poller."""
+        for data, arrived in ((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True), (b"GET / HTTP/1.1\r\nHost: a\r\n", False),
+                              (b"G", False), (b"GET / HTTP/1.1\nHost: a\n\n", True),
+                              (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcd", False),
+                              (b"POST / HTTP/1.1\r\ncontent-length:5\r\n\r\nabcde", True),
+                              (b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", True),  # a 413 at once
+                              (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n", True),
+                              (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n", True),
+                              (b"GET / HTTP/1.1\r\nx: " + b"v" * sm.HEAD_WAIT_LIMIT, True)):  # the parser refuses it
+            with self.subTest(data=data[:60]):
+                self.assertIs(sm.request_arrived(data, 0, 100), arrived)
+        pipelined = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab"
+        self.assertFalse(sm.request_arrived(pipelined, pipelined.index(b"POST"), 100))
+        self.assertTrue(sm.request_arrived(pipelined + b"c", pipelined.index(b"POST"), 100))
+
+    def test_expect_continue_only_for_http_1_1_with_a_body(self):
+        import io
+        for data, expected in ((b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", True),
+                               (b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", False),
+                               (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", False)):
+            with self.subTest(data=data):
+                self.assertIs(bool(sm.read_request_head(io.BytesIO(data), 10).expects_continue), expected)
+
+    def test_answers_are_strict_json_and_say_how_the_connection_goes_on(self):
+        data = sm.json_bytes({"a": [1.5, float("nan"), {"b": float("inf")}], "c": -float("inf")})
+        self.assertEqual(json.loads(data, parse_constant=lambda name: self.fail(name)),
+                         {"a": [1.5, None, {"b": None}], "c": None})
+        answer = sm.encode_answer(200, b"{}", connection="keep-alive", extra_headers=(("Retry-After", "1"),))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"))
+        self.assertIn(b"\r\nRetry-After: 1\r\nConnection: keep-alive\r\n\r\n{}", answer)
+        self.assertTrue(sm.encode_answer(200, b"{}", head_only=True).endswith(b"\r\n\r\n"))
 
 
 class RouteGrammarTest(unittest.TestCase):
@@ -379,7 +490,7 @@ class CapturingPeer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.address = ("127.0.0.1", self.server.server_address[1])
 
     def close(self):
@@ -1089,7 +1200,7 @@ class OTLPReceiver:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def tracing(self, **overrides):
@@ -1392,6 +1503,28 @@ class NodeOverHttpTest(unittest.TestCase):
         self.assertLess(parallel, 0.8)
         self.assertGreater(sequential, 1.2)
 
+    def test_parallel_fan_out_shares_a_bounded_pool(self):
+        """20 parallel fan-outs at once use MAX_FANOUT_THREADS threads in all; branches beyond run on their own
+        request's thread, so every request still gets its whole tree."""
+        with Mesh({"a": {}, "b": {"delay": "0.1"}}, max_fanout_threads=4) as mesh:
+            peak = []
+
+            pool = mesh.node("a").fanout
+
+            def fanout_threads():  # this node's (other tests' nodes named a may still have theirs)
+                return pool.threads
+
+            with concurrent.futures.ThreadPoolExecutor(20) as clients:
+                answers = [clients.submit(mesh.request, "a", "/b~b~b~b?parallel") for _ in range(20)]
+                while not all(answer.done() for answer in answers):
+                    peak.append(fanout_threads())
+                    time.sleep(0.01)
+            for answer in answers:
+                status, _h, record = answer.result()
+                self.assertEqual((status, [child["host"] for child in record["next_node"]]), (200, ["b"] * 4))
+            self.assertLessEqual(max(peak), 4)
+            self.assertEqual(max(peak), 4)  # and it was used
+
     def test_directives_apply_to_their_hop_only(self):
         with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
             started = time.perf_counter()
@@ -1525,7 +1658,7 @@ class NodeOverHttpTest(unittest.TestCase):
                 pass
 
         other = HTTPServer(("127.0.0.1", 0), Envoyish)
-        threading.Thread(target=other.serve_forever, daemon=True).start()
+        threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
         try:
             with Mesh({"a": {}}) as mesh:
                 mesh.peers["envoy"] = [("127.0.0.1", other.server_address[1])]
@@ -1781,7 +1914,7 @@ def fuzz_requests(rng, count):
                                          "headers", "view", "x", ""]) + rng.choice(["", "="]) +
                              "".join(rng.choice("0123456789.:,ms-kKgx%~ \x00é") for _ in range(rng.randint(0, 8)))
                              for _ in range(rng.randint(1, 4)))
-            yield "query", f"GET /b?{query} HTTP/1.1\r\n\r\n".encode("utf-8")
+            yield "query", f"GET /b?{query} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
         elif kind == 2:  # header names and values of any bytes, or too many, or too long
             choice = rng.random()
             if choice < 0.1:
@@ -1793,15 +1926,15 @@ def fuzz_requests(rng, count):
                 value = bytes(rng.randrange(256) for _ in range(rng.randint(0, 12)))
                 headers = rng.choice([b"x-request-id", b"traceparent", b"b3", b"baggage", name]) + b": " + \
                     value.replace(b"\n", b"\r") + b"\r\n"
-            yield "header", b"GET /b HTTP/1.1\r\n" + headers + b"\r\n"
+            yield "header", b"GET /b HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
         elif kind == 3:  # methods and protocol versions
             method = rng.choice(methods)
             version = rng.choice(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 ", "http/1.1", "", "FOO"])
-            yield "method", f"{method} /b {version}\r\n\r\n".encode("utf-8")
+            yield "method", f"{method} /b {version}\r\nHost: a\r\n\r\n".encode("utf-8")
         elif kind == 4:  # bodies: lengths that lie, are huge, negative, or chunked
             length = rng.choice(["0", "3", "10", "-1", "abc", "1048577", "9" * 30, "4, 4", "²", " 3"])
             extra = rng.choice([b"", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n"])
-            yield "body", (f"POST /b HTTP/1.1\r\nContent-Length: {length}\r\n".encode("utf-8") + extra +
+            yield "body", (f"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\n".encode("utf-8") + extra +
                            b"\r\nabc")
         elif kind == 5:  # a valid request with random bytes replaced, inserted or removed
             data = bytearray(base)
@@ -1819,7 +1952,7 @@ def fuzz_requests(rng, count):
             size = rng.randint(100, 4000)
             route = rng.choice(["a~" * size + "a", "a/" * size, "(" * size + "a" + ")" * size,
                                 "(a~b)/" * (size // 6), "a;delay=1ms" * (size // 10), "b:" + "1" * size])
-            yield "enormous", f"GET /{route} HTTP/1.1\r\n\r\n".encode("utf-8")
+            yield "enormous", f"GET /{route} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
         else:  # raw bytes, not HTTP at all
             yield "bytes", bytes(rng.randrange(256) for _ in range(rng.randint(1, 80)))
 
@@ -1838,6 +1971,16 @@ def failure_origins(record):
     if not failed:
         return [record.get("status")] if record.get("status", 200) >= 400 else []
     return [code for child in failed for code in failure_origins(child)]
+
+
+def logfmt_fields(line):
+    """A logfmt line -> {key: [values]} (bare words under ""), quoted values read as JSON strings."""
+    fields = {}
+    for match in re.finditer(r'(?:([^\s=]+)=)?("(?:[^"\\]|\\.)*"|\S+)', line):
+        key, value = match.group(1) or "", match.group(2)
+        value = json.loads(value) if value.startswith('"') else value
+        fields.setdefault(key, []).append(value)
+    return {key: values[0] if key == "path" else values for key, values in fields.items()}
 
 
 class RobustFuzzLiveNodeTest(unittest.TestCase):
@@ -1890,11 +2033,17 @@ class RobustFuzzLiveNodeTest(unittest.TestCase):
         self.addCleanup(node.kill)
         for path in ("/%0d%0a2026-01-01T00:00:00Z%20forged%20method=GET", "/b%0a", "/%1b[31mred"):
             self.assertEqual(http_request(("127.0.0.1", port), path)[0], 400)
+        forged = '/c%20status=200%20trace_id=forged%20x="%20y=\\'
+        self.assertEqual(http_request(("127.0.0.1", port), forged)[0], 400)
         self.assertEqual(node.stop(), 0)
         lines = node.logs()[0].splitlines()
-        self.assertEqual(len(lines), 4, lines)  # the start-up line and one per request
+        self.assertEqual(len(lines), 5, lines)  # the start-up line and one per request
         self.assertTrue(all(line.isprintable() for line in lines), lines)
-        self.assertIn("path='/\\r\\n2026-01-01T00:00:00Z forged method=GET'", lines[1])
+        self.assertIn('path="/\\r\\n2026-01-01T00:00:00Z forged method=GET"', lines[1])
+        fields = logfmt_fields(lines[4])
+        self.assertEqual(fields["path"], urllib.parse.unquote(forged))
+        self.assertEqual((fields["status"], fields["method"]), (["400"], ["GET"]))
+        self.assertNotIn("forged", fields["trace_id"])
 
 
 class RobustInternalErrorTest(unittest.TestCase):
@@ -2160,33 +2309,35 @@ class RobustLimitsTest(unittest.TestCase):
             self.assertEqual(status, 413)
             self.assertIn("MAX_BODY=100", answer["error"])
 
-    def test_idle_keepalive_connections_time_out_and_free_their_threads(self):
+    def test_idle_keepalive_connections_time_out_and_hold_no_thread(self):
         with Mesh({"a": {}}, keepalive_timeout=0.3) as mesh:
+            mesh.request("a", "/")  # the first worker is started
             before = threading.active_count()
             socks = []
             for index in range(20):
                 sock = socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5)
                 socks.append(sock)
                 if index % 2:  # half idle after an answer, half stuck mid-request-line (slowloris)
-                    sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
                     self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
                 else:
                     sock.sendall(b"GET /")
-            time.sleep(0.2)
-            self.assertGreaterEqual(threading.active_count(), before + 20)
-            time.sleep(0.5)
+            time.sleep(0.1)
+            self.assertLessEqual(threading.active_count(), before + 20)  # the slow ones hold a worker each, at most
+            busy = threading.active_count()
+            socks += [socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) for _ in range(100)]
+            time.sleep(0.05)
+            self.assertLessEqual(threading.active_count(), busy)  # a connection with nothing to read costs no thread
+            time.sleep(0.6)
             for sock in socks:
                 self.assertEqual(sock.recv(65536), b"", "the node kept an idle connection open")
                 sock.close()
-            deadline = time.monotonic() + 2
-            while threading.active_count() > before and time.monotonic() < deadline:
-                time.sleep(0.02)
-            self.assertLessEqual(threading.active_count(), before)
+            self.assertEqual(mesh.servers["a"].active, 0)
 
     def test_a_client_trickling_its_request_is_cut_at_the_keepalive_timeout(self):
         with Mesh({"a": {}}, keepalive_timeout=0.5) as mesh:
-            for head, trickle in ((b"GET / HTTP/1.1\r\n", b"x-slow: 1\r\n"),
-                                  (b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n", b"x")):
+            for head, trickle in ((b"", b"G"), (b"GET / HTTP/1.1\r\nHost: a\r\n", b"x-slow: 1\r\n"),
+                                  (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n", b"x")):
                 with self.subTest(trickle=trickle), \
                         socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
                     started = time.monotonic()
@@ -2199,18 +2350,68 @@ class RobustLimitsTest(unittest.TestCase):
                                 raise ConnectionResetError("closed")
                     self.assertLess(time.monotonic() - started, 1.0)
 
+    def test_max_connections_closes_the_oldest_idle_first_then_leaves_the_rest_in_the_backlog(self):
+        request = b"GET /?delay=%s HTTP/1.1\r\nHost: a\r\n\r\n"
+        with Mesh({"a": {}}, max_connections=4) as mesh:
+            port = mesh.port("a")
+            idle = []
+            for _ in range(4):  # idle in this order
+                idle += open_clients(port, 1, request % b"0")
+                time.sleep(0.02)
+            newest = open_clients(port, 1, request % b"0")[0]  # answered: the oldest idle connection made room
+            self.assertEqual(idle[0].recv(100), b"")
+            for sock in idle[1:]:
+                sock.setblocking(False)
+                with self.assertRaises(BlockingIOError):  # still open
+                    sock.recv(100)
+            for sock in idle + [newest]:
+                sock.close()
+            time.sleep(0.1)
+            threads = threading.active_count()
+            busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+            for sock in busy:
+                sock.sendall(request % b"400ms")
+            time.sleep(0.1)
+            started = time.monotonic()
+            late = open_clients(port, 1, request % b"0")[0]  # waits in the listen backlog, is not refused
+            waited = time.monotonic() - started
+            self.assertGreater(waited, 0.2)
+            self.assertLessEqual(threading.active_count(), threads + 4)
+            for sock in busy + [late]:
+                sock.close()
+
+    def test_clients_trickling_their_requests_hold_no_worker(self):
+        """Slowloris: 30 clients each sending a request a piece at a time, with 6 workers in all: a normal request
+        is still answered at once, the slow ones are served once whole, and the node has no thread per client."""
+        with Mesh({"a": {}}, max_concurrency=2, keepalive_timeout=5) as mesh:
+            port = mesh.port("a")
+            slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
+            for index, sock in enumerate(slow):
+                sock.sendall(b"GET / HTTP/1.1\r\n" if index % 2 else
+                             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+            time.sleep(0.3)  # every worker has seen them and handed them back
+            started = time.monotonic()
+            self.assertEqual(mesh.request("a", "/?delay=0", timeout=5)[0], 200)
+            self.assertLess(time.monotonic() - started, 0.5)
+            self.assertLessEqual(mesh.servers["a"].workers.threads, 6)
+            self.assertEqual(len(mesh.servers["a"].arriving), 30)
+            for index, sock in enumerate(slow):  # one at a time: MAX_CONCURRENCY=2
+                sock.sendall(b"Host: a\r\n\r\n" if index % 2 else b"cd")
+                self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
+                sock.close()
+
     def test_header_limits(self):
         with Mesh({"a": {}}) as mesh:
             port = mesh.port("a")
-            many = b"".join(b"x-h%d: v\r\n" % n for n in range(sm.MAX_HEADERS))
-            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\n" + many + b"\r\n")[0], 200)
-            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\n" + many + b"x: y\r\n\r\n")[0], 431)
+            many = b"".join(b"x-h%d: v\r\n" % n for n in range(sm.MAX_HEADERS - 1))  # and Host
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n")[0], 200)
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"x: y\r\n\r\n")[0], 431)
             line = b"x: " + b"v" * (sm.MAX_HEADER_LINE - 5) + b"\r\n"
-            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\n" + line + b"\r\n")[0], 200)
-            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nx" + line + b"\r\n")[0], 431)
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n")[0], 200)
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nx" + line + b"\r\n")[0], 431)
             target = b"/" + b"a" * (sm.MAX_REQUEST_LINE - 16)
-            self.assertEqual(raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\n\r\n")[0], 400)  # bad name
-            self.assertEqual(raw_exchange(port, b"GET " + target + b"aa HTTP/1.1\r\n\r\n")[0], 414)
+            self.assertEqual(raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")[0], 400)  # bad name
+            self.assertEqual(raw_exchange(port, b"GET " + target + b"aa HTTP/1.1\r\nHost: a\r\n\r\n")[0], 414)
 
     def test_directive_caps_and_route_limits(self):
         with Mesh({"a": {}, "b": {}}, max_delay=0.05, max_size=2048, max_cpu=0.01, max_timeout=1.0,
@@ -2229,6 +2430,176 @@ class RobustLimitsTest(unittest.TestCase):
                     self.assertEqual(got, status, answer)
                     if rule:
                         self.assertIn(rule, json.dumps(answer))
+
+
+class RobustHttpRulesTest(unittest.TestCase):
+    """RFC 9110/9112 on a live node with a raw-socket client: what each client behaviour gets."""
+
+    def test_host_and_transfer_encoding_rules(self):
+        with Mesh({"a": {}}) as mesh:
+            port = mesh.port("a")
+            for request, status in ((b"GET / HTTP/1.1\r\n\r\n", 400),
+                                    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+                                    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n", 400),
+                                    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br\r\n\r\n", 400),
+                                    (b"GET / HTTP/1.0\r\n\r\n", 200)):
+                with self.subTest(request=request):
+                    got, headers, body, _seconds = raw_exchange(port, request)
+                    self.assertEqual(got, status)
+                    if status == 400:
+                        self.assertEqual(headers["connection"], "close")
+                        self.assertIn("error", json.loads(body))
+
+    def test_a_chunked_body_is_accepted_and_forwarded_with_a_content_length(self):
+        seen = []
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+
+        def peer():  # reads one request as bytes, the body by its Content-Length, and answers it
+            sock, _ = listener.accept()
+            with sock:
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 10:
+                    data += sock.recv(65536)
+                seen.append(data)
+                sock.sendall(answer_bytes(b'{"host": "p", "status": 200}'))
+
+        threading.Thread(target=peer, daemon=True).start()
+        with Mesh({"a": {}}, max_body=10) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", listener.getsockname()[1])]
+            request = (b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+                       b"\r\n4\r\nchun\r\n6\r\nked!!!\r\n0\r\n\r\n")
+            status, _headers, body, _seconds = raw_exchange(mesh.port("a"), request)
+            self.assertEqual((status, json.loads(body)["next_node"][0]["host"]), (200, "p"))
+            too_big = b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nchunk!\r\n5\r\nabcde\r\n0\r\n\r\n"
+            self.assertEqual(raw_exchange(mesh.port("a"), too_big)[0], 413)
+        head, _, body = b"".join(seen).partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 10\r\n", head + b"\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(body, b"chunked!!!")
+
+    def test_http_1_0_keep_alive_is_acknowledged_and_gets_no_100_continue(self):
+        with Mesh({"a": {}}) as mesh, socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+            for _ in range(2):  # the same connection serves twice
+                sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                answer = sock.recv(65536)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+                self.assertIn(b"\r\nConnection: keep-alive\r\n", answer)
+            sock.sendall(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            time.sleep(0.2)
+            sock.sendall(b"hi")
+            answer = sock.recv(65536)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)  # not "100 Continue" first
+            self.assertIn(b"\r\nConnection: close\r\n", answer)
+
+    def test_an_error_answer_survives_unread_input(self):
+        """A lingering close: the client that sends a body the node refuses still reads the 413 (no RST)."""
+        with Mesh({"a": {}}, max_body=1000) as mesh:
+            for attempt in range(5):
+                with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
+                    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
+                    time.sleep(0.05)  # the node answered and closed its side
+                    try:
+                        sock.sendall(b"x" * 300000)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    answer = b""
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:100])
+
+    def test_forward_headers_never_names_a_hop_by_hop_or_framing_header(self):
+        for name in ("content-length", "Connection", "transfer-encoding", "te", "host", "proxy-authorization",
+                     "upgrade", "keep-alive", "trailer"):
+            with self.subTest(name=name), self.assertRaises(sm.ConfigError) as caught:
+                sm.Config.from_env({"FORWARD_HEADERS": f"end-user,{name}"})
+            self.assertIn(name.lower(), str(caught.exception))
+        self.assertEqual(sm.Config.from_env({"FORWARD_HEADERS": "end-user x-tenant"}).forward_headers,
+                         ("end-user", "x-tenant"))
+        result = run_cli("serve", env={"FORWARD_HEADERS": "content-length", "PATH": os.environ.get("PATH", "")})
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("FORWARD_HEADERS='content-length'", result.stderr)
+
+
+class RobustStartUpTest(unittest.TestCase):
+    """A port in use or a bad address: one clear line and exit code 2; IPv6 and dual-stack listening."""
+
+    def test_port_in_use_and_bad_address_in_serve_and_mesh(self):
+        with socket.socket() as taken:
+            port = free_port_run(2) + 1  # the mesh's gateway takes the port before, its node a this one
+            taken.bind(("127.0.0.1", port))
+            taken.listen(1)
+            env = {"PATH": os.environ.get("PATH", ""), "HOST": "a"}
+            for args, extra, words in (
+                    (("serve",), {"PORT": str(port), "ADDRESS": "127.0.0.1"}, f"port {port} is already in use"),
+                    (("mesh", "--port", str(port - 1), "--address", "127.0.0.1", "a"), {},
+                     f"port {port} is already in use"),
+                    (("serve",), {"PORT": "0", "ADDRESS": "not an address"}, "ADDRESS='not an address'"),
+                    (("serve",), {"PORT": "0", "ADDRESS": "192.0.2.1"}, "not one of this machine's"),
+                    (("mesh", "--address", "nowhere", "a"), {}, "--address 'nowhere'")):
+                with self.subTest(args=args, env=extra):
+                    result = run_cli(*args, env={**env, **extra})
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    self.assertIn(words, result.stderr)
+                    self.assertNotIn("Traceback", result.stderr)
+
+    def test_dual_stack_listening(self):
+        if not socket.has_ipv6:
+            self.fail("no IPv6 on this machine")
+        config = sm.Config(host="a", port=0, address="::", log_level="warning")
+        server = sm.start_node(config)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        port = server.server_address[1]
+        self.assertEqual(http_request(("::1", port), "/healthz")[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_request(("127.0.0.1", port), "/healthz")[0], 200)
+        with Mesh({"a": {}, "b": {}}, address="::1") as mesh:
+            status, _headers, answer = mesh.request("a", "/b")
+            self.assertEqual((status, hosts(answer)), (200, ["a", [["b", []]]]))
+
+
+class RobustOutputHygieneTest(unittest.TestCase):
+    """Answers are strict JSON, HTML links stay on the node, numbers are ASCII digits."""
+
+    def test_a_peer_nan_does_not_make_the_answer_invalid_json(self):
+        peer = BadPeer(lambda sock: sock.sendall(answer_bytes(b'{"host": "p", "status": 200, "elapsed_time": NaN, '
+                                                              b'"x": [Infinity, -Infinity]}')))
+        self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", peer.port)]
+            status, _headers, body, _seconds = raw_exchange(mesh.port("a"), b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+            answer = json.loads(body, parse_constant=lambda name: self.fail(f"{name} in the answer"))
+            self.assertEqual((status, answer["next_node"][0]["x"]), (200, [None, None]))
+
+    def test_html_links_are_relative(self):
+        with Mesh({"a": {}}) as mesh:
+            for path in ("/%2F%2Fevil.example", "/%2F%2Fevil.example?delay=1ms", "//evil.example"):
+                with self.subTest(path=path):
+                    _status, _headers, page = mesh.request("a", path + ("&" if "?" in path else "?") + "view=html")
+                    links = re.findall(r'<a href="([^"]*)"', page)
+                    self.assertTrue(links)
+                    for link in links:
+                        self.assertTrue(link.startswith("?"), link)
+                        self.assertNotIn("view=html", link)
+            _status, _headers, page = mesh.request("a", "/?delay=1ms&view=html")
+            self.assertIn('href="?delay=1ms&amp;view=json"', page)
+
+    def test_only_ascii_digits(self):
+        with Mesh({"a": {}}) as mesh:
+            for query in ("delay=%D9%A3s", "error=%D9%A3", "size=%D9%A3k", "status=%D9%A3%D9%A0%D9%A3",
+                          "error=nan", "error=1_0", "delay=%EF%BC%91s"):
+                with self.subTest(query=query):
+                    status, _headers, answer = mesh.request("a", "/?" + query)
+                    self.assertEqual(status, 400, answer)
+        for env in ({"PORT": "\u0669\u0660\u0669\u0660"}, {"MAX_CALLS": "1_0"}, {"MAX_BODY": "\u0661k"}):
+            with self.subTest(env=env), self.assertRaises(sm.ConfigError):
+                sm.Config.from_env(env)
 
 
 class RobustOutboundSafetyTest(unittest.TestCase):
@@ -2275,15 +2646,15 @@ class RobustOutboundSafetyTest(unittest.TestCase):
         with Mesh({"a": {}}, forward_headers=("end-user",)) as mesh:
             mesh.peers["p"] = [("127.0.0.1", peer.port)]
             port = mesh.port("a")
-            for request in (b"GET /p HTTP/1.1\r\nx-request-id: a\rInjected: 1\r\n\r\n",
-                            b"GET /p HTTP/1.1\r\nend-user: a\x00b\r\n\r\n",
-                            b"GET /p HTTP/1.1\r\nbaggage: a\r\n injected: 1\r\n\r\n",
-                            b"GET /p;delay=%0d%0aInjected:1 HTTP/1.1\r\n\r\n",
-                            b"GET /p%0d%0aInjected:%201 HTTP/1.1\r\n\r\n"):
+            for request in (b"GET /p HTTP/1.1\r\nHost: a\r\nx-request-id: a\rInjected: 1\r\n\r\n",
+                            b"GET /p HTTP/1.1\r\nHost: a\r\nend-user: a\x00b\r\n\r\n",
+                            b"GET /p HTTP/1.1\r\nHost: a\r\nbaggage: a\r\n injected: 1\r\n\r\n",
+                            b"GET /p;delay=%0d%0aInjected:1 HTTP/1.1\r\nHost: a\r\n\r\n",
+                            b"GET /p%0d%0aInjected:%201 HTTP/1.1\r\nHost: a\r\n\r\n"):
                 with self.subTest(request=request):
                     self.assertEqual(raw_exchange(port, request)[0], 400)
             self.assertEqual(seen, [], "a request with a control character reached the peer")
-            self.assertEqual(raw_exchange(port, b"GET /p HTTP/1.1\r\nend-user: j\xe9 \t x\r\n\r\n")[0], 200)
+            self.assertEqual(raw_exchange(port, b"GET /p HTTP/1.1\r\nHost: a\r\nend-user: j\xe9 \t x\r\n\r\n")[0], 200)
 
 
 class RobustShutdownTest(unittest.TestCase):
@@ -2340,18 +2711,38 @@ class RobustShutdownTest(unittest.TestCase):
         self.assertEqual((slow_status, hosts(answer)), (200, ["gateway", [["a", [["b", []]]]]]))
         self.assertEqual(err, "")
 
+    def test_a_request_still_arriving_counts_as_in_flight(self):
+        import signal
+        port = free_port()
+        env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_GRACE": "5"}
+        process = NodeProcess("serve", env=env, port=port)
+        self.addCleanup(process.kill)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+            time.sleep(0.2)
+            process.process.send_signal(signal.SIGTERM)
+            time.sleep(0.8)  # the drain waits for the rest of the body, well past the old 0.2 s
+            sock.sendall(b"world")
+            answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertEqual(process.process.wait(5), 0)
+
     def test_grace_period_bounds_the_drain(self):
         import signal
         port = free_port()
         env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_GRACE": "0.5"}
         process = NodeProcess("serve", env=env, port=port)
         self.addCleanup(process.kill)
-        threading.Thread(target=lambda: raw_exchange(port, b"GET /?delay=10s HTTP/1.1\r\n\r\n", timeout=15),
+        threading.Thread(target=lambda: raw_exchange(port, b"GET /?delay=10s HTTP/1.1\r\nHost: a\r\n\r\n", timeout=15),
                          daemon=True).start()
         time.sleep(0.2)
         started = time.monotonic()
-        self.assertEqual(process.stop(signal.SIGTERM), 0)
+        self.assertEqual(process.stop(signal.SIGTERM), 1)  # a request was dropped: not a clean exit
         self.assertLess(time.monotonic() - started, 2.0)
+        out, err = process.logs()
+        self.assertRegex(out, r"level=warning event=drop dropped=1 error=\"SHUTDOWN_GRACE=0.5s ran out")
+        self.assertEqual(err, "")
 
     def test_on_stop_hooks_run_after_the_drain(self):
         stop = threading.Event()
@@ -2408,6 +2799,132 @@ def process_status(pid):
             name, _, value = line.partition(":")
             fields[name] = value.split()
     return int(fields["Threads"][0]), int(fields["VmRSS"][0]) * 1024
+
+
+def open_clients(port, count, request=None, batch=100):
+    """``count`` connections to a node; with ``request``, each sends it once and reads the answer (keep-alive),
+    ``batch`` connections at a time."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        socks.append(sock)
+    for start in range(0, count if request else 0, batch):
+        for sock in socks[start:start + batch]:
+            sock.sendall(request)
+        for sock in socks[start:start + batch]:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+    return socks
+
+
+def probe_latency(port, paths=("/healthz", "/readyz", "/metrics")):
+    """The slowest of one request to each probe path, each on a new connection: (seconds, statuses)."""
+    slowest, statuses = 0.0, []
+    for path in paths:
+        started = time.monotonic()
+        statuses.append(http_request(("127.0.0.1", port), path, timeout=10)[0])
+        slowest = max(slowest, time.monotonic() - started)
+    return slowest, statuses
+
+
+def closed_loop(port, path, connections, seconds):
+    """``connections`` clients each sending ``path`` again as soon as its answer arrived, for ``seconds``:
+    {status: answers}. One thread and a poll loop, so the client is not what limits the rate."""
+    request = f"GET {path} HTTP/1.1\r\nHost: n\r\n\r\n".encode()
+    poller = select.poll()
+    socks, buffers = {}, {}
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        socks[sock.fileno()], buffers[sock.fileno()] = sock, b""
+        poller.register(sock, select.POLLIN)
+        sock.send(request)
+    counts = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for fd, _event in poller.poll(100):
+            data = buffers[fd] + socks[fd].recv(65536)
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"Content-Length: (\d+)", head) if sep else None
+            if not length or len(body) < int(length.group(1)):
+                buffers[fd] = data
+                continue
+            buffers[fd] = body[int(length.group(1)):]
+            status = int(head.split(b" ", 2)[1])
+            counts[status] = counts.get(status, 0) + 1
+            socks[fd].send(request)
+    for sock in socks.values():
+        sock.close()
+    return counts
+
+
+class RobustCrowdTest(unittest.TestCase):
+    """Issue 11: a crowd of connections costs no thread each, probes are answered first, overload keeps the
+    goodput. Figures printed; bounded in time (each part a few seconds), loopback only."""
+
+    def setUp(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 6000 <= hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (6000, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+    def node(self, **env):
+        port = free_port()
+        node = NodeProcess("serve", env={"HOST": "n", "PORT": str(port), "ADDRESS": "127.0.0.1",
+                                         "LOG_LEVEL": "warning", **env}, port=port)
+        self.addCleanup(node.kill)
+        return node, port
+
+    def test_thousands_of_idle_connections_hold_no_threads_and_probes_survive_a_mass_disconnect(self):
+        node, port = self.node()
+        idle_threads = process_status(node.process.pid)[0]
+        socks = open_clients(port, 5000, b"GET / HTTP/1.1\r\nHost: n\r\n\r\n", batch=20)  # workers' clients
+        threads, rss = process_status(node.process.pid)
+        self.assertLessEqual(threads, idle_threads + 64)  # workers for 20 requests at once (+ those lingering)
+        slowest_open, statuses = probe_latency(port)
+        self.assertEqual(statuses, [200, 200, 200])
+        for sock in socks:
+            sock.close()
+        slowest_after, statuses = probe_latency(port)  # right after 5,000 keep-alive clients left at once
+        self.assertEqual(statuses, [200, 200, 200])
+        self.assertLess(max(slowest_open, slowest_after), 1.0)
+        print(f"\ncrowd: 5000 idle keep-alive connections: {threads} threads (idle node {idle_threads}), "
+              f"RSS {rss >> 20} MiB; slowest probe {slowest_open * 1000:.0f} ms, right after they all closed "
+              f"{slowest_after * 1000:.0f} ms", file=sys.stderr)
+
+    def test_probes_are_answered_within_a_second_at_1024_busy_connections(self):
+        node, port = self.node()
+        results = {}
+        load = threading.Thread(target=lambda: results.update(closed_loop(port, "/?delay=20ms", 1024, 4.0)))
+        load.start()
+        time.sleep(1.0)
+        latencies = []
+        while load.is_alive() and len(latencies) < 20:
+            slowest, statuses = probe_latency(port)
+            self.assertEqual(statuses, [200, 200, 200])
+            latencies.append(slowest)
+            time.sleep(0.1)
+        load.join()
+        threads = process_status(node.process.pid)[0]
+        self.assertGreater(sum(results.values()), 1000)
+        self.assertLess(max(latencies), 1.0, latencies)
+        print(f"\ncrowd: 1024 busy connections: {sum(results.values())} answers in 4 s {results}, "
+              f"{len(latencies)} probe rounds, slowest {max(latencies) * 1000:.0f} ms, {threads} threads",
+              file=sys.stderr)
+
+    def test_goodput_at_four_times_max_concurrency(self):
+        node, port = self.node(MAX_CONCURRENCY="64")
+        at_limit = closed_loop(port, "/?delay=300ms", 64, 3.0)
+        overload = closed_loop(port, "/?delay=300ms", 256, 3.0)
+        sustainable = at_limit.get(200, 0) / 3.0
+        goodput = overload.get(200, 0) / 3.0
+        self.assertGreater(sustainable, 64 / 0.3 * 0.6)
+        self.assertGreater(goodput, sustainable * 0.75, (at_limit, overload))
+        self.assertEqual(set(overload) - {200, 503}, set())
+        print(f"\ncrowd: MAX_CONCURRENCY=64, 300 ms requests: {sustainable:.0f}/s at 64 connections, "
+              f"{goodput:.0f}/s 200s at 256 ({overload.get(503, 0) / 3.0:.0f}/s 503s)", file=sys.stderr)
 
 
 class RobustSoakTest(unittest.TestCase):
