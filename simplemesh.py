@@ -1003,49 +1003,13 @@ class TraceContext:
 
 
 # --- Outbound calls ----------------------------------------------------------------------------------------
-# SPEC 1, 3. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
+# SPEC 1, 3, 8. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
 # A call never raises: whatever happens (refused, reset, timeout, garbage) becomes a record in the caller's tree.
-
-class Response(http.client.HTTPResponse):
-    """http.client's response, but its headers are read without the email parser (a tenth of a hop's CPU).
-
-    begin() keeps http.client's own rules for status lines, 1xx answers, chunked bodies and keep-alive.
-    """
-
-    def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            try:
-                headers = read_header_lines(self.fp)
-            except HeaderError as error:
-                raise http.client.HTTPException(str(error)) from None
-            if status != http.client.CONTINUE:
-                break
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = headers
-        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        length = headers.get("content-length")
-        self.length = int(length) if length and is_number(length) and not self.chunked else None
-        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-class Connection(http.client.HTTPConnection):
-    response_class = Response
-
+# The answer reader below is our own, not http.client's: it skips every interim 1xx answer, refuses conflicting
+# framing at once, never takes a short read for a whole body, and says how many bytes came. A connection goes
+# back to the pool only after a complete, well-framed answer with nothing after it. Names are resolved on a
+# small pool of threads, so the call's deadline bounds getaddrinfo too, and the address actually connected to
+# is checked against the reach rule (loopback, link-local, unspecified, multicast), so DNS cannot get round it.
 
 class Headers(dict):
     """HTTP headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
@@ -1078,7 +1042,7 @@ class HeaderError(ValueError):
 def read_header_lines(stream):
     """Read header lines up to the blank line into Headers; HeaderError on malformed or oversized ones.
 
-    Used for requests (by the handler) and for answers (by Response), so both sides apply the same rules.
+    Used for requests (by the handler) and for answers (by read_answer), so both sides apply the same rules.
     """
     headers = Headers()
     for _ in range(MAX_HEADERS + 1):
@@ -1098,50 +1062,307 @@ def read_header_lines(stream):
     raise HeaderError(f"more than {MAX_HEADERS} headers", 431)
 
 
+class AnswerError(Exception):
+    """A peer's answer that cannot be taken as one: not HTTP, badly framed, cut short or over the budget.
+
+    ``received``: answer bytes that had arrived (0 with ``closed``: the peer closed before answering at all).
+    """
+
+    def __init__(self, message, received=0, status=None, closed=False, over_budget=False):
+        super().__init__(message)
+        self.received = received
+        self.status = status  # the status line's code, once read
+        self.closed = closed
+        self.over_budget = over_budget
+
+
+class Answer:
+    """A peer's final answer, whole: status, headers, body, and whether its connection may be used again."""
+    __slots__ = ("status", "reason", "headers", "body", "reusable")
+
+    def __init__(self, status, reason, headers, body, reusable):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.reusable = reusable
+
+
+class SocketReader:
+    """Buffered reads from a socket: ``readline(limit)`` and ``read(size)`` (at most ``size`` bytes; b"" only at
+    the end of the stream), counting the bytes received so a failure knows whether any answer byte came."""
+    __slots__ = ("sock", "buffer", "received", "eof")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+        self.received = 0
+        self.eof = False
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            self.eof = True
+        self.received += len(data)
+        self.buffer += data
+        return data
+
+    def readline(self, limit):
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start, limit)
+            if end >= 0:
+                cut = end + 1
+                break
+            start = len(self.buffer)
+            if start >= limit or self.eof or not self._fill():
+                cut = min(limit, len(self.buffer))
+                break
+        line, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return line
+
+    def read(self, size):
+        if not self.buffer and (self.eof or not self._fill()):
+            return b""
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
+CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n")
+MAX_INTERIM_ANSWERS = 32
+READ_PIECE = 64 * 1024
+
+
+def read_answer(reader, method, charge=None):
+    """Read one final answer from ``reader`` (a SocketReader): interim 1xx answers skipped, the body framed by
+    Content-Length, chunked coding or the close. ``charge(nbytes) -> bool`` is told of body bytes as they come
+    (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
+        version, status, reason = _status_line(reader)
+        try:
+            headers = read_header_lines(reader)
+        except HeaderError as error:
+            raise AnswerError(f"bad header block in a {status} answer: {error}", reader.received, status) from None
+        if reader.eof:
+            raise AnswerError(f"closed mid-answer, in the headers of a {status} answer", reader.received, status)
+        if status == 101:
+            raise AnswerError("answered 101 Switching Protocols, but no upgrade was asked for", reader.received, 101)
+        if status >= 200:
+            break
+    else:
+        raise AnswerError(f"more than {MAX_INTERIM_ANSWERS} interim 1xx answers", reader.received)
+    try:
+        framing, length = answer_framing(status, method, headers)
+    except ValueError as error:
+        raise AnswerError(str(error), reader.received, status) from None
+    body = _read_body(reader, framing, length, charge or (lambda nbytes: True), status)
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens and (version == b"1" or "keep-alive" in tokens)
+    return Answer(status, reason, headers, body, keep_alive and framing != "close")
+
+
+def _status_line(reader):
+    line = reader.readline(MAX_HEADER_LINE + 1)
+    if not line:
+        raise AnswerError("connection closed before an answer", reader.received, closed=reader.received == 0)
+    match = STATUS_LINE_RE.fullmatch(line)
+    if not match:
+        if not line.endswith(b"\n") and len(line) <= MAX_HEADER_LINE:
+            raise AnswerError("closed mid-answer, in the status line", reader.received)
+        raise AnswerError(f"the answer is not HTTP/1.x: {_printable(line[:40].decode('latin-1'))!r}", reader.received)
+    return match.group(1), int(match.group(2)), (match.group(3) or b"").decode("latin-1").strip()
+
+
+def answer_framing(status, method, headers):
+    """How an answer's body is delimited (RFC 9112 6.3): ("none", 0), ("length", n), ("chunked", None) or
+    ("close", None). ValueError for framing no client can trust: differing or invalid Content-Lengths, both
+    Transfer-Encoding and Content-Length, an empty Transfer-Encoding."""
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "none", 0
+    coding = headers.get("transfer-encoding")
+    length = headers.get("content-length")
+    if coding is not None:
+        if length is not None:
+            raise ValueError("the answer has both Transfer-Encoding and Content-Length")
+        codings = [item.strip().lower() for item in coding.split(",")]
+        if not all(codings):
+            raise ValueError(f"bad Transfer-Encoding {coding!r}")
+        return ("chunked", None) if codings[-1] == "chunked" else ("close", None)
+    if length is None:
+        return "close", None
+    values = {item.strip() for item in length.split(",")}  # "10, 10": one length sent twice, joined
+    if len(values) > 1:
+        raise ValueError(f"differing Content-Length headers ({length})")
+    value = values.pop()
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+    return "length", int(value)
+
+
+def _read_body(reader, framing, length, charge, status):
+    if framing == "none":
+        return b""
+    if framing == "length":
+        if not charge(length):
+            raise AnswerError(f"an answer of {length} bytes", reader.received, status, over_budget=True)
+        return _read_exactly(reader, length, status, f"after {{}} of {length} bytes")
+    if framing == "chunked":
+        return _read_chunked(reader, charge, status)
+    pieces = []
+    while True:
+        piece = reader.read(READ_PIECE)
+        if not piece:
+            return b"".join(pieces)
+        if not charge(len(piece)):
+            raise AnswerError("an answer read to its close", reader.received, status, over_budget=True)
+        pieces.append(piece)
+
+
+def _read_exactly(reader, size, status, cut, before=0):
+    pieces, got = [], 0
+    while got < size:
+        piece = reader.read(min(size - got, READ_PIECE))
+        if not piece:
+            raise AnswerError("closed mid-answer " + cut.format(before + got), reader.received, status)
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _read_chunked(reader, charge, status):
+    pieces, got = [], 0
+    while True:
+        line = reader.readline(1024)
+        match = CHUNK_SIZE_RE.fullmatch(line)
+        if not match:
+            if reader.eof and not line.endswith(b"\n"):
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError(f"bad chunk size line {_printable(line[:40].decode('latin-1'))!r}", reader.received,
+                              status)
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        if not charge(size):
+            raise AnswerError("a chunked answer", reader.received, status, over_budget=True)
+        pieces.append(_read_exactly(reader, size, status, "after {} bytes of a chunked answer", got))
+        got += size
+        if reader.readline(3) not in (b"\r\n", b"\n"):
+            if reader.eof:
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError("a chunk is not followed by CRLF", reader.received, status)
+    try:
+        read_header_lines(reader)  # trailers: read and dropped
+    except HeaderError as error:
+        raise AnswerError(f"bad trailer: {error}", reader.received, status) from None
+    if reader.eof:
+        raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+    return b"".join(pieces)
+
+
+def request_bytes(method, path, host_header, headers, body):
+    """One request's bytes, sent in one send: request line, Host, the given headers, Content-Length, body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Connection:
+    """One keep-alive TCP connection to a peer, with its reader. ``fresh`` until it is taken from the pool."""
+    __slots__ = ("sock", "reader", "fresh")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = SocketReader(sock)
+        self.fresh = True
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class ConnectionPool:
-    """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back.
+    """Idle keep-alive connections by peer address. A connection is taken out while in use, then put back.
 
     Each peer's idle connections are a stack, most recently used on top. One idle for longer than ``max_idle``
     is closed rather than reused: servers close idle connections on their own timers (simplemesh after
-    KEEPALIVE_TIMEOUT, 75 s), and reusing one just as its server closes it fails the call.
+    KEEPALIVE_TIMEOUT, 75 s), and reusing one just as its server closes it fails the call. A reaper thread,
+    running only while something is idle, closes every peer's expired connections and those their peer has
+    closed (no CLOSE_WAIT sockets pile up for a peer never called again).
     """
 
-    def __init__(self, max_idle_per_peer=256, max_idle=30.0):
-        self.idle = {}  # (host, port) -> [(connection, idle since), ...]
+    def __init__(self, connect=None, max_idle_per_peer=256, max_idle=30.0):
+        self.connect = connect or (lambda peer, deadline: connect_to(peer.address, deadline))
+        self.idle = {}  # address -> [(connection, idle since), ...]
         self.lock = threading.Lock()
         self.max_idle_per_peer = max_idle_per_peer
         self.max_idle = max_idle
+        self.reaping = False
+        self.closed = threading.Event()
 
-    def take(self, address, timeout):
+    def take(self, peer, deadline):
+        """An idle connection to ``peer`` that is still open, else a new one (CallFailed or OSError)."""
         while True:
             with self.lock:
-                stack = self.idle.get(address)
+                stack = self.idle.get(peer.address)
                 connection, since = stack.pop() if stack else (None, 0.0)
             if connection is None:
-                return Connection(address[0], address[1], timeout=timeout)
+                return self.connect(peer, deadline)
             if time.monotonic() - since < self.max_idle and _still_open(connection.sock):  # outside the lock
-                connection.sock.settimeout(timeout)
+                connection.fresh = False
                 return connection
             connection.close()
 
     def give_back(self, address, connection):
-        now = time.monotonic()
         with self.lock:
             stack = self.idle.setdefault(address, [])
-            expired = 0
-            while expired < len(stack) and now - stack[expired][1] >= self.max_idle:
-                expired += 1  # the bottom of the stack: connections no burst has needed for a while
-            stale = [old for old, _since in stack[:expired]]
-            del stack[:expired]
             if len(stack) < self.max_idle_per_peer:
-                stack.append((connection, now))
+                stack.append((connection, time.monotonic()))
                 connection = None
-        for old in stale:
-            old.close()
+            start_reaper = not self.reaping and not self.closed.is_set()
+            self.reaping = self.reaping or start_reaper
         if connection is not None:
             connection.close()
+        if start_reaper:
+            threading.Thread(target=self.reap, name="pool-reaper", daemon=True).start()
+
+    def reap(self):
+        """Sweep every ``max_idle / 4`` (at most 1 s) while connections are idle; stop when none are."""
+        while not self.closed.wait(min(1.0, self.max_idle / 4)):
+            if not self.sweep():
+                with self.lock:
+                    if not any(self.idle.values()):
+                        self.reaping = False
+                        return
+
+    def sweep(self):
+        """Close the idle connections that expired or that their peer closed; the number still idle."""
+        now = time.monotonic()
+        dead = []
+        with self.lock:
+            for address in list(self.idle):
+                keep = []
+                for connection, since in self.idle[address]:
+                    alive = now - since < self.max_idle and _still_open(connection.sock)
+                    (keep.append((connection, since)) if alive else dead.append(connection))
+                if keep:
+                    self.idle[address] = keep
+                else:
+                    del self.idle[address]
+            left = sum(len(stack) for stack in self.idle.values())
+        for connection in dead:
+            connection.close()
+        return left
+
+    def count(self):
+        with self.lock:
+            return sum(len(stack) for stack in self.idle.values())
 
     def close(self):
+        self.closed.set()
         with self.lock:
             for stack in self.idle.values():
                 for connection, _since in stack:
@@ -1150,33 +1371,97 @@ class ConnectionPool:
 
 
 def _still_open(sock):
-    """False when the peer has closed an idle connection (it is readable: EOF or stray bytes)."""
+    """False when the peer has closed an idle connection, or sent bytes nobody asked for. poll(), not select():
+    select() fails for descriptors above 1,024."""
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class Peer:
-    """Where one call goes: the address to connect to and the Host header the mesh routes by."""
-    __slots__ = ("address", "host_header", "url")
+    """Where one call goes: the address to connect to, the Host header the mesh routes by, and whether the
+    addresses it resolves to must pass the reach rule (not for PEERS names, nor with ALLOW_IP_TARGETS=true)."""
+    __slots__ = ("address", "host_header", "url", "guarded")
 
-    def __init__(self, address, host_header, url):
+    def __init__(self, address, host_header, url, guarded=False):
         self.address = address
         self.host_header = host_header
         self.url = url
+        self.guarded = guarded
+
+
+def address_kind(ip):
+    """"loopback", "link-local", "unspecified" or "multicast" for an address a node refuses to call by default
+    (SPEC 8), else None. IPv4, IPv6, and IPv4 inside IPv6 (::ffff:127.0.0.1)."""
+    ip = ip.partition("%")[0]  # an IPv6 scope
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, ValueError):
+        return None
+    if len(packed) == 16:
+        if packed[:12] == b"\0" * 10 + b"\xff\xff":
+            packed = packed[12:]
+        elif packed == b"\0" * 16:
+            return "unspecified"
+        elif packed == b"\0" * 15 + b"\1":
+            return "loopback"
+        elif packed[0] == 0xfe and packed[1] & 0xc0 == 0x80:
+            return "link-local"
+        elif packed[0] == 0xff:
+            return "multicast"
+        else:
+            return None
+    first = packed[0]
+    if first == 127:
+        return "loopback"
+    if first == 0:
+        return "unspecified"  # 0.0.0.0/8, "this network": connecting there reaches this machine
+    if first == 169 and packed[1] == 254:
+        return "link-local"  # the cloud metadata address 169.254.169.254 among them
+    if 224 <= first <= 239:
+        return "multicast"
+    return None
+
+
+class _Lookup:
+    """One name resolution in progress or done; ``expires`` is set when it ends."""
+    __slots__ = ("done", "addresses", "error", "expires")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.addresses = None
+        self.error = None
+        self.expires = math.inf
 
 
 class Resolver:
-    """Names to addresses: the PEERS map first (a local mesh), else the name itself on UPSTREAM_PORT (DNS)."""
+    """Names to addresses: the PEERS map first (a local mesh), else the name itself on UPSTREAM_PORT (DNS).
 
-    def __init__(self, peers, upstream_port):
+    getaddrinfo() ignores every socket timeout, so it runs on a few threads of the resolver's own and a call
+    waits for it only until its deadline. Answers are cached for ``ttl`` seconds (failures for ``negative_ttl``),
+    in at most ``cache_size`` entries; calls to one name share one lookup in flight. ``getaddrinfo`` can be
+    replaced (tests simulate slow or lying resolvers with it).
+    """
+
+    def __init__(self, peers, upstream_port, allow_ip_targets=False, getaddrinfo=socket.getaddrinfo,
+                 workers=4, cache_size=1024, ttl=5.0, negative_ttl=1.0):
         self.peers = peers
         self.upstream_port = upstream_port
+        self.allow_ip_targets = allow_ip_targets
+        self.getaddrinfo = getaddrinfo
+        self.workers = workers
+        self.cache_size = cache_size
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.turn = {}
+        self.cache = {}  # (host, port) -> _Lookup
+        self.jobs = queue.SimpleQueue()
+        self.threads = 0
         self.lock = threading.Lock()
 
     def resolve(self, target, rest_text, query):
@@ -1190,16 +1475,118 @@ class Resolver:
             address = (target.name, target.port or self.upstream_port)
         path = "/" + rest_text + ("?" + query if query else "")
         host_header = target.address_text()
-        return Peer(address, host_header, f"http://{host_header}{path}"), path
+        guarded = not addresses and not self.allow_ip_targets
+        return Peer(address, host_header, f"http://{host_header}{path}", guarded), path
+
+    def connect(self, peer, deadline):
+        """A new Connection to ``peer`` by ``deadline``: resolved, each address checked, connected."""
+        infos = self.lookup(peer.address[0], peer.address[1], deadline)
+        if peer.guarded:
+            refused = [(sockaddr[0], address_kind(sockaddr[0])) for _family, sockaddr in infos]
+            infos = [info for info, (_ip, kind) in zip(infos, refused) if kind is None]
+            if not infos:
+                ip, kind = refused[0]
+                raise CallFailed(f"target {peer.host_header!r} resolves to {ip}, a {kind} address; set "
+                                 f"ALLOW_IP_TARGETS=true or name it in PEERS to allow it", 403, rule="ALLOW_IP_TARGETS")
+        return connect_to(peer.address, deadline, infos)
+
+    def lookup(self, host, port, deadline):
+        """[(family, sockaddr), ...] for host:port; TimeoutError at the deadline, socket.gaierror if unknown."""
+        numeric = _numeric_address(host, port)
+        if numeric:
+            return numeric
+        key = (host, port)
+        with self.lock:
+            entry = self.cache.get(key)
+            if entry is None or entry.expires <= time.monotonic():
+                self.cache.pop(key, None)  # inserted last: the cache is evicted oldest first
+                entry = self.cache[key] = _Lookup()
+                while len(self.cache) > self.cache_size:
+                    del self.cache[next(iter(self.cache))]
+                self.jobs.put((entry, host, port))
+                if self.threads < self.workers:
+                    self.threads += 1
+                    threading.Thread(target=self.run, name="resolver", daemon=True).start()
+        if not entry.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"resolving {host!r}")
+        if entry.error is not None:
+            raise entry.error
+        return entry.addresses
+
+    def run(self):
+        while True:
+            entry, host, port = self.jobs.get()
+            try:
+                infos = self.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                entry.addresses = [(family, sockaddr) for family, _type, _proto, _name, sockaddr in infos]
+                if not entry.addresses:
+                    raise socket.gaierror(socket.EAI_NONAME, "no address")
+                entry.expires = time.monotonic() + self.ttl
+            except Exception as error:  # gaierror, or anything a replaced getaddrinfo raises
+                entry.error = error if isinstance(error, OSError) else socket.gaierror(socket.EAI_FAIL, str(error))
+                entry.expires = time.monotonic() + self.negative_ttl
+            entry.done.set()
+
+
+def _numeric_address(host, port):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return [(family, (host, port) if family == socket.AF_INET else (host, port, 0, 0))]
+    return None
+
+
+def connect_to(address, deadline, infos=None):
+    """A Connection to the first of ``infos`` (or the numeric ``address``) that accepts before ``deadline``."""
+    infos = infos or _numeric_address(*address) or [(socket.AF_UNSPEC, address)]
+    error = None
+    for family, sockaddr in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("connecting")
+        if family == socket.AF_UNSPEC:  # a name with no resolver: the standard library's resolution
+            return Connection(_nodelay(socket.create_connection(sockaddr, remaining)))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(sockaddr)
+            return Connection(_nodelay(sock))
+        except OSError as failure:
+            sock.close()
+            error = failure
+    raise error
+
+
+def _nodelay(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class CallFailed(Exception):
-    """A call that got no simplemesh answer; ``status`` is what the caller records (502, or 504 for a timeout)."""
+    """A call that got no answer; ``status`` is what the caller records (502, 504 for a timeout, 403 for a target
+    refused once resolved, with ``rule``); ``code`` is the HTTP status received, if any."""
 
-    def __init__(self, message, status=502, code=None):
+    def __init__(self, message, status=502, code=None, rule=None):
         super().__init__(message)
         self.status = status
-        self.code = code  # the HTTP status received, if any
+        self.code = code
+        self.rule = rule
+
+
+class UpstreamBudget:
+    """The default downstream body budget: MAX_UPSTREAM_BODY bytes for one call. call_peer() only needs
+    ``charge(nbytes) -> bool`` (False: over) and ``limit`` (its name, for the error)."""
+    __slots__ = ("left", "limit")
+
+    def __init__(self, max_bytes):
+        self.left = max_bytes
+        self.limit = f"MAX_UPSTREAM_BODY={max_bytes}"
+
+    def charge(self, nbytes):
+        self.left -= nbytes
+        return self.left >= 0
 
 
 class Deadlines:
@@ -1210,7 +1597,7 @@ class Deadlines:
     """
 
     def __init__(self):
-        self.watched = {}  # id(entry) -> entry: [deadline, socket or http.client connection, expired]
+        self.watched = {}  # id(entry) -> entry: [deadline, socket or connection, expired]
         self.wake = threading.Condition(threading.Lock())  # not the default RLock: cheaper, and never re-entered
         self.next_check = 0.0
         self.thread = None
@@ -1253,93 +1640,151 @@ class Deadlines:
 
 
 DEADLINES = Deadlines()
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 
-def call_peer(pool, peer, path, method, body, headers, timeout, max_answer):
-    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all.
+def call_peer(pool, peer, path, method, body, headers, timeout, budget):
+    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all
+    (name resolution and connecting included). ``budget.charge(nbytes)`` is told of answer bytes as they come.
 
+    A reused connection that the peer closed before sending any byte (the race with its idle timer: a clean
+    close, or a broken pipe while sending) is retried once on a new connection, for idempotent methods only.
+    A reset after the request arrived (ECONNRESET, what the ``reset`` directive sends) is never retried.
     Raises CallFailed, never anything else: whatever the peer does becomes a record in the caller's tree.
     """
-    connection = pool.take(peer.address, timeout)
-    watch = DEADLINES.watch(connection, timeout)
+    deadline = time.monotonic() + timeout
     try:
-        status, content_type, data, reusable = _exchange(connection, peer, path, method, body, headers, max_answer)
+        request = request_bytes(method, path, peer.host_header, headers, body)
+    except UnicodeEncodeError:
+        raise CallFailed("a header value cannot be sent as latin-1") from None
+    retry = method in IDEMPOTENT_METHODS
+    while True:
+        try:
+            connection = pool.take(peer, deadline)
+        except CallFailed:
+            raise
+        except Exception as error:
+            raise _call_failure(error, peer, timeout, budget) from None
+        try:
+            answer = _exchange(connection, request, method, budget, deadline)
+        except _Retry:
+            if retry:
+                retry = False
+                continue
+            raise CallFailed("connection closed before an answer") from None
+        except CallFailed:
+            raise
+        except Exception as error:
+            raise _call_failure(error, peer, timeout, budget) from None
+        if answer.reusable and not connection.reader.buffer:  # nothing after the answer: clean for the next one
+            pool.give_back(peer.address, connection)
+        else:
+            connection.close()
+        return answer.status, answer.headers.get("content-type", ""), answer.body
+
+
+class _Retry(Exception):
+    """A reused connection the peer had closed: nothing was answered, the request may go again."""
+
+
+def _exchange(connection, request, method, budget, deadline):
+    """Send ``request`` and read the answer on ``connection``, closing it on any failure."""
+    sending = True
+    watch = DEADLINES.watch(connection, max(0.0, deadline - time.monotonic()))
+    try:
+        connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        connection.sock.sendall(request)
+        sending = False
+        answer = read_answer(connection.reader, method, budget.charge)
     except Exception as error:
         expired = DEADLINES.release(watch)
         connection.close()
-        if expired or isinstance(error, TimeoutError):
-            raise CallFailed(f"timeout after {timeout:g}s", 504) from None
-        if isinstance(error, CallFailed):
-            raise
-        raise _call_failure(error, peer) from None
+        if expired:
+            raise TimeoutError("deadline") from None
+        closed_early = ((sending and isinstance(error, (BrokenPipeError, ConnectionResetError)))
+                        or (isinstance(error, AnswerError) and error.closed))
+        if closed_early and not connection.fresh:
+            raise _Retry() from None
+        raise
     if DEADLINES.release(watch):
         connection.close()
-        raise CallFailed(f"timeout after {timeout:g}s", 504)
-    if reusable:
-        pool.give_back(peer.address, connection)
-    else:
-        connection.close()
-    return status, content_type, data
+        raise TimeoutError("deadline")
+    return answer
 
 
-def _exchange(connection, peer, path, method, body, headers, max_answer):
-    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    connection.putheader("Host", peer.host_header)
-    for name, value in headers.items():
-        connection.putheader(name, value)
-    if body or method in ("POST", "PUT", "PATCH"):
-        connection.putheader("Content-Length", str(len(body)))
-    connection.endheaders(body or None)
-    response = connection.getresponse()
-    length = response.getheader("content-length")
-    if length and is_number(length) and (len(length) > 18 or int(length) > max_answer):
-        raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}", code=response.status)
-    data = response.read(max_answer + 1)  # nothing for HEAD, but reading it frees the connection for reuse
-    if len(data) > max_answer:
-        raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
-    reusable = not response.will_close and not response.fp
-    return response.status, response.getheader("content-type", ""), data, reusable
-
-
-def _call_failure(error, peer):
+def _call_failure(error, peer, timeout, budget):
     """The CallFailed for an exception raised by a call (the peer refused, reset, or answered garbage)."""
+    if isinstance(error, TimeoutError):
+        return CallFailed(f"timeout after {timeout:g}s", 504)
+    if isinstance(error, AnswerError):
+        if error.over_budget:
+            return CallFailed(f"{error} is above {getattr(budget, 'limit', 'the answer budget')} bytes",
+                              code=error.status)
+        return CallFailed(str(error), code=error.status)
     if isinstance(error, ConnectionRefusedError):
         return CallFailed("connection refused")
     if isinstance(error, socket.gaierror):
         return CallFailed(f"cannot resolve {peer.address[0]!r}: {error.strerror}")
-    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+    if isinstance(error, (ConnectionResetError, BrokenPipeError)):
         return CallFailed("connection reset before an answer")
-    if isinstance(error, http.client.IncompleteRead):
-        return CallFailed(f"connection closed mid-answer, after {len(error.partial)} bytes")
-    if isinstance(error, (http.client.BadStatusLine, http.client.LineTooLong)):
-        return CallFailed(f"the answer is not HTTP: {type(error).__name__}: {str(error)[:100]}")
     return CallFailed(f"{type(error).__name__}: {str(error)[:200]}")
 
 
-def caller_record(target, url, status, error, elapsed, timeout=False):
+def caller_record(name, url, status, error, elapsed, timeout=False, **extra):
     """The record a caller writes for a call that got no simplemesh answer (SPEC 3): it never leaves the tree."""
-    record = {"host": target.name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
+    record = {"host": name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
     if error:
         record["error"] = error
     if timeout:
         record["timeout"] = True  # this call timed out: the caller answers 504, not 502
+    record.update(extra)
     return record
 
 
-def child_record(target, url, status, content_type, data, method, elapsed):
-    """The record of one call: the callee's own answer when it gave one, else one written by the caller."""
+EXCERPT_LENGTH = 200
+
+
+def child_record(name, url, status, content_type, data, method, elapsed):
+    """The record of one answer: the callee's own when it is a simplemesh record; an answer in the original
+    FastAPI design's shape nested as its tree; anything else a foreign record written by the caller, with the
+    real status, type, size and an excerpt. Only the status says whether the call failed."""
     if method == "HEAD":
-        return caller_record(target, url, status, f"answered {status}" if status >= 400 else "", elapsed)
-    if "json" in content_type:
-        try:
-            answer = json.loads(data)
-        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-            answer = None
-        if isinstance(answer, dict) and "host" in answer:
+        return caller_record(name, url, status, f"answered {status}" if status >= 400 else "", elapsed)
+    answer = _json_object(content_type, data)
+    if answer is not None and isinstance(answer.get("host"), str):
+        record_status = answer.get("status")
+        if isinstance(record_status, int) and not isinstance(record_status, bool):
             return answer
-    snippet = data[:200].decode("utf-8", "replace").strip()
-    return caller_record(target, url, status,
-                         f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else ""), elapsed)
+        if record_status is None and isinstance(answer.get("next_node", []), list) and "elapsed_time" in answer:
+            return _seed_record(answer, status)
+    excerpt = _printable(data[:EXCERPT_LENGTH].decode("utf-8", "replace")).strip()
+    error = f"answered {status}, not a simplemesh answer" + (f": {excerpt}" if excerpt else "") if status >= 400 \
+        else ""
+    return caller_record(name, url, status, error, elapsed, foreign=True, content_type=content_type,
+                         size=len(data), excerpt=excerpt)
+
+
+def _json_object(content_type, data):
+    if "json" not in content_type:
+        return None
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _seed_record(answer, status):
+    """A record of the original FastAPI design (host, elapsed_time, next_node, no status): its tree as it came,
+    with the HTTP status the caller saw; the records under it have no status of their own."""
+    record = {"host": answer["host"], "status": status, "design": "fastapi"}
+    record.update((key, value) for key, value in answer.items() if key not in record)
+    return record
+
+
+def _printable(text):
+    """``text`` with control characters as spaces: a peer's bytes must not drive a terminal or break a line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
 
 
 # --- The answer and its views ------------------------------------------------------------------------------
@@ -2244,8 +2689,8 @@ class Node:
         self.config = config
         self.defaults = dict(config.defaults)
         self.base_directives = Directives.resolve(config, self.defaults, {})
-        self.pool = ConnectionPool()
-        self.resolver = Resolver(config.peers, config.upstream_port)
+        self.resolver = Resolver(config.peers, config.upstream_port, config.allow_ip_targets)
+        self.pool = ConnectionPool(self.resolver.connect)
         self.metrics = Metrics()
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
         self.ready = True
@@ -2377,7 +2822,7 @@ class Node:
             try:
                 records[index] = self.call(target, rest, request, trace, directives)
             except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
-                records[index] = caller_record(target, "", 502, f"internal error: {type(error).__name__}", 0.0)
+                records[index] = caller_record(target.name, "", 502, f"internal error: {type(error).__name__}", 0.0)
 
         threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(1, len(calls))]
         for thread in threads:
@@ -2398,13 +2843,13 @@ class Node:
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, self.config.max_upstream_body)
+                directives.timeout, UpstreamBudget(self.config.max_upstream_body))
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:
                 self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, status, "",
                                                       started_ns, time.time_ns())))
-            return child_record(target, peer.url, status, content_type, data, request.method, elapsed)
+            return child_record(target.name, peer.url, status, content_type, data, request.method, elapsed)
         except CallFailed as failure:
             elapsed = time.perf_counter() - started
             code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
@@ -2412,7 +2857,9 @@ class Node:
             if trace.sampled:
                 self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, failure.status,
                                                       str(failure), started_ns, time.time_ns())))
-            return caller_record(target, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
+            extra = {"rule": failure.rule} if failure.rule else {}
+            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+                                 **extra)
 
 
 # --- HTTP handler and server -------------------------------------------------------------------------------
