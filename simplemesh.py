@@ -1138,6 +1138,7 @@ def read_answer(reader, method, charge=None):
     """Read one final answer from ``reader`` (a SocketReader): interim 1xx answers skipped, the body framed by
     Content-Length, chunked coding or the close. ``charge(nbytes) -> bool`` is told of body bytes as they come
     (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
+    reader.received = len(reader.buffer)  # bytes of this answer: a keep-alive reader has read others before
     for _ in range(MAX_INTERIM_ANSWERS + 1):
         version, status, reason = _status_line(reader)
         try:
@@ -1927,7 +1928,9 @@ def walk_tree(record):
                   status=status if isinstance(status, int) and not isinstance(status, bool) else None,
                   elapsed=max(0.0, _number(item.get("elapsed_time"))), delay=max(0.0, _number(item.get("delay"))),
                   error=str(item.get("error") or ""))
-        hop.failed = hop.status is None or hop.status >= 400
+        # A record with no status is failed only when it says why (a simplemesh record always has one; the
+        # records nested under an answer of the original FastAPI design have none, and did not fail).
+        hop.failed = hop.status >= 400 if hop.status is not None else bool(hop.error)
         if parent >= 0:
             above = hops[parent]
             epoch = _epoch(item.get("start_time"))
@@ -1966,10 +1969,32 @@ ANSI = {"ok": "\033[32m", "client": "\033[33m", "fail": "\033[31m", "bold": "\03
         "reset": "\033[0m"}
 
 
-def _status_class(status):
-    if status is None or status >= 500:
+def _status_class(status, failed=True):
+    if status is None:
+        return "fail" if failed else "ok"
+    if status >= 500:
         return "fail"
     return "client" if status >= 400 else "ok"
+
+
+def _status_text(status):
+    return "---" if status is None else str(status)
+
+
+def hop_note(hop):
+    """What the tree and the waterfall say of a hop that answered without being a simplemesh node, else ""."""
+    record = hop.record
+    if record.get("design") == "fastapi":
+        return "FastAPI design"
+    if record.get("foreign") is not True:
+        return ""
+    size = record.get("size")
+    note = f"not simplemesh: {_printable(str(record.get('content_type') or 'no content type'))[:60]}"
+    note += f", {size} B" if isinstance(size, int) and not isinstance(size, bool) else ""
+    excerpt = record.get("excerpt")
+    if isinstance(excerpt, str) and excerpt and not hop.failed:  # a failed hop's error has it already
+        note += f": {_printable(excerpt)[:60]}"
+    return note
 
 
 def render_tree(record, color=False):
@@ -1977,26 +2002,30 @@ def render_tree(record, color=False):
     hops = walk_tree(record)
     paint = (lambda text, *styles: "".join(ANSI[s] for s in styles) + text + ANSI["reset"]) if color else \
         (lambda text, *styles: text)
-    labels = [_tree_prefix(hop) + hop.host for hop in hops]
+    labels = [_tree_prefix(hop) + _printable(hop.host) for hop in hops]
     width = max(len(label) for label in labels)
     times = [format_seconds(hop.elapsed) for hop in hops]
     time_width = max(len(text) for text in times)
     root = hops[0]
     lines = []
     if isinstance(record, dict) and record.get("trace_id"):
-        lines.append(paint(f"trace {record['trace_id']}", "dim"))
+        lines.append(paint(f"trace {_printable(str(record['trace_id']))}", "dim"))
     for hop, label, elapsed in zip(hops, labels, times):
-        status = "---" if hop.status is None else str(hop.status)
+        status = _status_text(hop.status)
         notes = []
         if hop.delay:
             notes.append(f"delay {format_seconds(hop.delay)}")
         cpu = hop.record.get("cpu") if isinstance(hop.record, dict) else None
         if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0:
             notes.append(f"cpu {format_seconds(_number(cpu))}")
+        note = hop_note(hop)
+        if note:
+            notes.append(note)
         if hop.failed:
-            mark = "✗ " + (hop.error or ("reset" if hop.status is None else f"status {hop.status}"))
+            mark = "✗ " + _printable(hop.error or f"status {hop.status}")
             notes.append(paint(mark, "fail", "bold") if hop.origin else paint(mark, "dim"))
-        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status))}  {elapsed:>{time_width}}"
+        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status, hop.failed))}  "
+                f"{elapsed:>{time_width}}"
                 + ("  " + "  ".join(notes) if notes else ""))
         lines.append(line.rstrip())
     origins = [hop for hop in hops if hop.origin]
@@ -2034,29 +2063,32 @@ def render_html(record, route, trace_ui_url=""):
     for hop in hops:
         left, width = 100 * hop.start / total, max(100 * hop.elapsed / total, 0.2)
         delay = min(100.0, 100 * hop.delay / hop.elapsed) if hop.elapsed else 0.0
-        label = format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+        note = hop_note(hop)
+        label = (format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+                 + (f" · {note}" if note else ""))
         if left + width <= 65:  # the label goes after the bar, before it, or on a bar too wide for either
             side = f"left:{left + width:.3f}%"
         elif left >= 35:
             side = f"right:{100 - left:.3f}%"
         else:
             side = f"left:{left:.3f}%;color:#fff"
-        classes = " ".join(["hop", _status_class(hop.status)] + ["failed"] * hop.failed + ["origin"] * hop.origin)
+        classes = " ".join(["hop", _status_class(hop.status, hop.failed)] + ["failed"] * hop.failed
+                           + ["origin"] * hop.origin)
         guides = "".join(f'<i class="g{" end" if last else ""}"></i>' for last in hop.last)
         details = "".join(f"<dt>{esc(str(key))}</dt><dd>{esc(str(value))}</dd>"
                           for key, value in hop.record.items() if key not in ("next_node", "padding", "headers"))
         rows.append(
             f'<div class="{classes}" data-index="{hop.index}" data-parent="{hop.parent}" data-depth="{hop.depth}" '
-            f'data-host="{esc(hop.host)}" data-status="{hop.status or ""}">'
-            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{hop.status or "reset"}</span>'
+            f'data-host="{esc(hop.host)}" data-status="{"" if hop.status is None else hop.status}">'
+            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{_status_text(hop.status)}</span>'
             f'</div><div class="lane"><div class="bar" style="left:{left:.3f}%;width:{width:.3f}%"'
             f'{" title=estimated" if hop.estimated else ""}><div class="delay" style="width:{delay:.1f}%"></div>'
             f'</div><span class="label" style="{side}">{esc(label)}</span></div>'
             f'<dl class="details" hidden>{details}</dl></div>')
     ticks = "".join(f'<span style="left:{25 * i}%">{format_seconds(total * i / 4)}</span>' for i in range(5))
-    status = "reset" if root.status is None else root.status
+    status = _status_text(root.status)
     return HTML_PAGE.format(
-        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status),
+        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status, root.failed),
         elapsed=format_seconds(root.elapsed), hops=len(hops), failed=sum(hop.origin for hop in hops),
         trace=trace, ticks=ticks, rows="\n".join(rows),
         json_link=esc("/" + route + ("&" if "?" in route else "?") + "view=json"),
@@ -3648,36 +3680,52 @@ def use_color(stream, environ):
 
 
 def command_call(args, environ):
-    """One request; the answer drawn as a tree. Exit 0 when the root answered < 400, 1 when it failed,
-    2 when there was no answer at all."""
+    """One request; the answer drawn as a tree (an answer that is not a simplemesh record is drawn as one foreign
+    hop). Exit 0 when the root answered < 400, 1 when it did not, 2 when there was no answer at all."""
     scheme, host, port, path = split_url(args.url)
     headers = request_headers(args.header)
-    connection = open_connection(scheme, host, port, args.timeout)
+    method = args.method.upper()
+    started = time.perf_counter()
     try:
-        connection.request(args.method.upper(), path, body=args.data.encode() if args.data else None,
-                           headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-    except (OSError, http.client.HTTPException) as error:
+        answer = fetch(scheme, host, port, method, path, headers, args.data.encode() if args.data else b"",
+                       args.timeout)
+    except (OSError, AnswerError) as error:
         print(f"simplemesh call: no answer from {host}:{port}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    finally:
-        connection.close()
-    status = response.status
+    status, data = answer.status, answer.body
     if args.json:
         sys.stdout.write(data.decode("utf-8", "replace") + ("" if data.endswith(b"\n") else "\n"))
         return 0 if status < 400 else 1
-    try:
-        record = json.loads(data) if "json" in (response.getheader("content-type") or "") else None
-    except ValueError:
-        record = None
-    if isinstance(record, dict) and "host" in record:
-        sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
-    else:
-        snippet = data[:500].decode("utf-8", "replace").strip()
-        print(f"{status} {response.reason} from {host}:{port}, not a simplemesh answer"
-              + (f":\n{snippet}" if snippet else ""))
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    record = child_record(where, f"{scheme}://{where}{path}", status, answer.headers.get("content-type", ""), data,
+                          method, time.perf_counter() - started)
+    sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
     return 0 if status < 400 else 1
+
+
+def fetch(scheme, host, port, method, path, headers, body, timeout):
+    """One request on a connection of its own -> the whole final Answer (interim 1xx answers skipped), within
+    ``timeout`` in all. OSError or AnswerError when there is none."""
+    sock = socket.create_connection((host, port), timeout)
+    try:
+        if scheme == "https":
+            import ssl  # only here: most runs never need it
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        host_header = next((value for name, value in headers.items() if name.lower() == "host"), None)
+        if host_header is None:
+            host_header = (f"[{host}]" if ":" in host else host) + ("" if port == (443 if scheme == "https" else 80)
+                                                                      else f":{port}")
+        headers = {name: value for name, value in headers.items() if name.lower() != "host"}
+        watch = DEADLINES.watch(sock, timeout)
+        try:
+            sock.sendall(request_bytes(method, path, host_header, headers, body))
+            answer = read_answer(SocketReader(sock), method)
+        finally:
+            if DEADLINES.release(watch):
+                raise TimeoutError(f"no whole answer within {timeout:g}s")
+        return answer
+    finally:
+        sock.close()
 
 
 class LatencyHistogram:
