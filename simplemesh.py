@@ -1017,10 +1017,6 @@ class Headers(dict):
     def get(self, name, default=None):
         return dict.get(self, name.lower(), default)
 
-    def get_all(self, name, default=None):  # what http.client's getheader() asks for
-        value = dict.get(self, name.lower())
-        return default if value is None else [value]
-
 
 MAX_HEADER_LINE = 16 * 1024
 MAX_HEADERS = 100
@@ -1320,7 +1316,7 @@ class ConnectionPool:
     def give_back(self, address, connection):
         with self.lock:
             stack = self.idle.setdefault(address, [])
-            if len(stack) < self.max_idle_per_peer:
+            if len(stack) < self.max_idle_per_peer and not self.closed.is_set():
                 stack.append((connection, time.monotonic()))
                 connection = None
             start_reaper = not self.reaping and not self.closed.is_set()
