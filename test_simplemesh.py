@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 
 import simplemesh as sm
@@ -911,6 +912,24 @@ class TestPeerAnswers(unittest.TestCase):
                          [(200, 1), (200, 2), (200, 3)])
         self.assertEqual(len(peer.requests), 5)  # 1, then 2 and 3 each sent twice: on the old and a new connection
 
+    def test_the_race_with_an_idle_timer_is_retried(self):
+        def answer_then_idle_close(sock, n):
+            sock.sendall(record_bytes({"connection": len(peer.connections)}))
+            time.sleep(0.05)
+            return False  # closed while idle in the caller's pool
+
+        peer = BadPeer(answer_then_idle_close, keep_alive=True)
+        self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", peer.port)]
+            # the peer's close arriving just after the pool's check: the request goes out on a closed connection
+            with unittest.mock.patch.object(sm, "_still_open", lambda sock: True):
+                self.assertEqual(mesh.request("a", "/p")[0], 200)
+                time.sleep(0.3)
+                self.assertEqual(mesh.node("a").pool.count(), 1)
+                status, _h, answer = mesh.request("a", "/p")
+        self.assertEqual((status, answer["next_node"][0]["connection"]), (200, 2))
+
     def test_no_retry_for_post_nor_after_a_reset(self):
         def close_after_first(sock, n):
             return sock.sendall(record_bytes({})) if n == 0 else False
@@ -962,6 +981,10 @@ class TestPeerAnswers(unittest.TestCase):
                          (502, 403, "RBAC: access denied", 19))
         self.assertEqual(child["error"], "answered 403, not a simplemesh answer: RBAC: access denied")
         self.assertIn("✗ answered 403, not a simplemesh answer: RBAC: access denied", sm.render_tree(answer))
+        page = sm.render_html(answer, "p")
+        self.assertIn('class="hop client failed origin" data-index="1" data-parent="0" data-depth="1" data-host="p" '
+                      'data-status="403"', page)
+        self.assertIn("answered 403, not a simplemesh answer: RBAC: access denied", page)
 
     def test_an_answer_of_the_original_fastapi_design_nests_as_its_tree(self):
         seed = {"host": "p", "elapsed_time": 0.25, "next_node": [
