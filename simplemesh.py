@@ -1717,7 +1717,7 @@ def _call_failure(error, peer, timeout, budget):
         if error.over_budget:
             return CallFailed(f"{error} is above {getattr(budget, 'limit', 'the answer budget')} bytes",
                               code=error.status)
-        return CallFailed(str(error), code=error.status)
+        return CallFailed(str(error))  # no code: metrics count it as an error, not as the status it began with
     if isinstance(error, ConnectionRefusedError):
         return CallFailed("connection refused")
     if isinstance(error, socket.gaierror):
