@@ -330,7 +330,7 @@ MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
 REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
-CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n")  # extensions are ignored
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 # A node writes these itself on every call (framing, connection management, the target's name), so they are never
 # copied from a request: FORWARD_HEADERS naming one is refused at start-up, as are the proxy-* headers.
@@ -344,6 +344,78 @@ class BadRequest(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class SocketReader:
+    """A socket's bytes, buffered, for both sides of the wire: ``readline(limit)``, and ``read(size)`` (``size``
+    bytes, fewer only when the stream ends). ``buffered`` says whether bytes are waiting here (a poller cannot see
+    those: they already left the kernel); ``received`` counts the bytes of the current message and ``eof`` says
+    the peer closed, so a failure can tell "closed before answering" from "cut short". Lines are sliced from the
+    last chunk received at an offset, so reading a request's few lines copies each byte once."""
+    __slots__ = ("sock", "data", "position", "received", "eof")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+        self.position = 0
+        self.received = 0
+        self.eof = False
+
+    @property
+    def buffered(self):
+        """How many bytes were received and not yet read."""
+        return len(self.data) - self.position
+
+    def fill(self):
+        """Receive once more; False when the peer has closed."""
+        return False if self.eof else self.feed(self.sock.recv(65536))
+
+    def feed(self, chunk):
+        """Add bytes received elsewhere (by the poller); False for the empty read of a closed connection."""
+        self.data = self.data[self.position:] + chunk
+        self.position = 0
+        self.received += len(chunk)
+        self.eof = not chunk
+        return bool(chunk)
+
+    def arrived(self, max_body):
+        return request_arrived(self.data, self.position, max_body)
+
+    def readline(self, limit):
+        while True:
+            end = self.data.find(b"\n", self.position, self.position + limit)
+            if end >= 0:
+                return self._take(end + 1 - self.position)
+            if self.buffered >= limit or not self.fill():
+                return self._take(min(limit, self.buffered))
+
+    def read(self, size):
+        """A body's chunks are joined once, not copied per recv."""
+        if self.buffered >= size:
+            return self._take(size)
+        parts = [self._take(self.buffered)]
+        missing = size - len(parts[0])
+        while missing > 0 and not self.eof:
+            chunk = self.sock.recv(65536)
+            self.received += len(chunk)
+            self.eof = not chunk
+            if len(chunk) > missing:  # the start of the next message: it stays in the buffer
+                self.data, self.position = chunk, missing
+                chunk = chunk[:missing]
+            parts.append(chunk)
+            missing -= len(chunk)
+        return b"".join(parts)
+
+    def read_some(self, size):
+        """At most ``size`` bytes, what has come; b"" only when the stream has ended (a body read to the close)."""
+        if not self.buffered and not self.fill():
+            return b""
+        return self._take(min(size, self.buffered))
+
+    def _take(self, size):
+        data = self.data[self.position:self.position + size]
+        self.position += size
+        return data
 
 
 class RequestHead:
@@ -465,10 +537,10 @@ def read_chunked_body(stream, max_body):
             if len(line) > MAX_CHUNK_LINE:
                 raise BadRequest(400, f"chunk size line longer than {MAX_CHUNK_LINE} bytes")
             return None
-        size_text = line.split(b";", 1)[0].strip(b" \t\r\n")
-        if not CHUNK_SIZE_RE.fullmatch(size_text):
+        match = CHUNK_SIZE_RE.fullmatch(line)
+        if not match:
             raise BadRequest(400, "bad chunk size")
-        size = int(size_text, 16)
+        size = int(match.group(1), 16)
         if size == 0:
             break
         total += size
@@ -1305,59 +1377,19 @@ class TraceContext:
 
 
 # --- Outbound calls ----------------------------------------------------------------------------------------
-# SPEC 1, 3. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
+# SPEC 1, 3, 8. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
 # A call never raises: whatever happens (refused, reset, timeout, garbage) becomes a record in the caller's tree.
-
-class Response(http.client.HTTPResponse):
-    """http.client's response, but its headers are read without the email parser (a tenth of a hop's CPU).
-
-    begin() keeps http.client's own rules for status lines, 1xx answers, chunked bodies and keep-alive.
-    """
-
-    def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            try:
-                headers = read_header_lines(self.fp)
-            except HeaderError as error:
-                raise http.client.HTTPException(str(error)) from None
-            if status != http.client.CONTINUE:
-                break
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = headers
-        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        length = headers.get("content-length")
-        self.length = int(length) if length and is_number(length) and not self.chunked else None
-        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-class Connection(http.client.HTTPConnection):
-    response_class = Response
-
+# The answer reader below is our own, not http.client's: it skips every interim 1xx answer, refuses conflicting
+# framing at once, never takes a short read for a whole body, and says how many bytes came. A connection goes
+# back to the pool only after a complete, well-framed answer with nothing after it. Names are resolved on a
+# small pool of threads, so the call's deadline bounds getaddrinfo too, and the address actually connected to
+# is checked against the reach rule (loopback, link-local, unspecified, multicast), so DNS cannot get round it.
 
 class Headers(dict):
     """HTTP headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
 
     def get(self, name, default=None):
         return dict.get(self, name.lower(), default)
-
-    def get_all(self, name, default=None):  # what http.client's getheader() asks for
-        value = dict.get(self, name.lower())
-        return default if value is None else [value]
 
 
 MAX_HEADER_LINE = 16 * 1024
@@ -1380,7 +1412,7 @@ class HeaderError(ValueError):
 def read_header_lines(stream):
     """Read header lines up to the blank line into Headers; HeaderError on malformed or oversized ones.
 
-    Used for requests (by the handler) and for answers (by Response), so both sides apply the same rules.
+    Used for requests (by the handler) and for answers (by read_answer), so both sides apply the same rules.
     """
     headers = Headers()
     for _ in range(MAX_HEADERS + 1):
@@ -1400,50 +1432,267 @@ def read_header_lines(stream):
     raise HeaderError(f"more than {MAX_HEADERS} headers", 431)
 
 
+class AnswerError(Exception):
+    """A peer's answer that cannot be taken as one: not HTTP, badly framed, cut short or over the budget.
+
+    ``received``: answer bytes that had arrived (0 with ``closed``: the peer closed before answering at all).
+    """
+
+    def __init__(self, message, received=0, status=None, closed=False, over_budget=False):
+        super().__init__(message)
+        self.received = received
+        self.status = status  # the status line's code, once read
+        self.closed = closed
+        self.over_budget = over_budget
+
+
+class Answer:
+    """A peer's final answer, whole: status, headers, body, and whether its connection may be used again."""
+    __slots__ = ("status", "reason", "headers", "body", "reusable")
+
+    def __init__(self, status, reason, headers, body, reusable):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.reusable = reusable
+
+
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
+MAX_INTERIM_ANSWERS = 32
+READ_PIECE = 64 * 1024
+
+
+def read_answer(reader, method, charge=None):
+    """Read one final answer from ``reader`` (a SocketReader): interim 1xx answers skipped, the body framed by
+    Content-Length, chunked coding or the close. ``charge(nbytes) -> bool`` is told of body bytes as they come
+    (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
+    reader.received = reader.buffered  # bytes of this answer: a keep-alive reader has read others before
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
+        version, status, reason = _status_line(reader)
+        try:
+            headers = read_header_lines(reader)
+        except HeaderError as error:
+            raise AnswerError(f"bad header block in a {status} answer: {error}", reader.received, status) from None
+        if reader.eof:
+            raise AnswerError(f"closed mid-answer, in the headers of a {status} answer", reader.received, status)
+        if status == 101:
+            raise AnswerError("answered 101 Switching Protocols, but no upgrade was asked for", reader.received, 101)
+        if status >= 200:
+            break
+    else:
+        raise AnswerError(f"more than {MAX_INTERIM_ANSWERS} interim 1xx answers", reader.received)
+    try:
+        framing, length = answer_framing(status, method, headers)
+    except ValueError as error:
+        raise AnswerError(str(error), reader.received, status) from None
+    body = _read_body(reader, framing, length, charge or (lambda nbytes: True), status)
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens and (version == b"1" or "keep-alive" in tokens)
+    return Answer(status, reason, headers, body, keep_alive and framing != "close")
+
+
+def _status_line(reader):
+    line = reader.readline(MAX_HEADER_LINE + 1)
+    if not line:
+        raise AnswerError("connection closed before an answer", reader.received, closed=reader.received == 0)
+    match = STATUS_LINE_RE.fullmatch(line)
+    if not match:
+        if not line.endswith(b"\n") and len(line) <= MAX_HEADER_LINE:
+            raise AnswerError("closed mid-answer, in the status line", reader.received)
+        raise AnswerError(f"the answer is not HTTP/1.x: {_printable(line[:40].decode('latin-1'))!r}", reader.received)
+    return match.group(1), int(match.group(2)), (match.group(3) or b"").decode("latin-1").strip()
+
+
+def answer_framing(status, method, headers):
+    """How an answer's body is delimited (RFC 9112 6.3): ("none", 0), ("length", n), ("chunked", None) or
+    ("close", None). ValueError for framing no client can trust: differing or invalid Content-Lengths, both
+    Transfer-Encoding and Content-Length, an empty Transfer-Encoding."""
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "none", 0
+    coding = headers.get("transfer-encoding")
+    length = headers.get("content-length")
+    if coding is not None:
+        if length is not None:
+            raise ValueError("the answer has both Transfer-Encoding and Content-Length")
+        codings = [item.strip().lower() for item in coding.split(",")]
+        if not all(codings):
+            raise ValueError(f"bad Transfer-Encoding {coding!r}")
+        return ("chunked", None) if codings[-1] == "chunked" else ("close", None)
+    if length is None:
+        return "close", None
+    values = {item.strip() for item in length.split(",")}  # "10, 10": one length sent twice, joined
+    if len(values) > 1:
+        raise ValueError(f"differing Content-Length headers ({length})")
+    value = values.pop()
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+    return "length", int(value)
+
+
+def _read_body(reader, framing, length, charge, status):
+    if framing == "none":
+        return b""
+    if framing == "length":
+        if not charge(length):
+            raise AnswerError(f"an answer of {length} bytes", reader.received, status, over_budget=True)
+        return _read_exactly(reader, length, status, f"after {{}} of {length} bytes")
+    if framing == "chunked":
+        return _read_chunked(reader, charge, status)
+    pieces = []
+    while True:
+        piece = reader.read_some(READ_PIECE)
+        if not piece:
+            return b"".join(pieces)
+        if not charge(len(piece)):
+            raise AnswerError("an answer read to its close", reader.received, status, over_budget=True)
+        pieces.append(piece)
+
+
+def _read_exactly(reader, size, status, cut, before=0):
+    pieces, got = [], 0
+    while got < size:
+        piece = reader.read(min(size - got, READ_PIECE))
+        if not piece:
+            raise AnswerError("closed mid-answer " + cut.format(before + got), reader.received, status)
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _read_chunked(reader, charge, status):
+    pieces, got = [], 0
+    while True:
+        line = reader.readline(1024)
+        match = CHUNK_SIZE_RE.fullmatch(line)
+        if not match:
+            if reader.eof and not line.endswith(b"\n"):
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError(f"bad chunk size line {_printable(line[:40].decode('latin-1'))!r}", reader.received,
+                              status)
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        if not charge(size):
+            raise AnswerError("a chunked answer", reader.received, status, over_budget=True)
+        pieces.append(_read_exactly(reader, size, status, "after {} bytes of a chunked answer", got))
+        got += size
+        if reader.readline(3) not in (b"\r\n", b"\n"):
+            if reader.eof:
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError("a chunk is not followed by CRLF", reader.received, status)
+    try:
+        read_header_lines(reader)  # trailers: read and dropped
+    except HeaderError as error:
+        raise AnswerError(f"bad trailer: {error}", reader.received, status) from None
+    if reader.eof:
+        raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+    return b"".join(pieces)
+
+
+def request_bytes(method, path, host_header, headers, body):
+    """One request's bytes, sent in one send: request line, Host, the given headers, Content-Length, body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Connection:
+    """One keep-alive TCP connection to a peer, with its reader. ``fresh`` until it is taken from the pool."""
+    __slots__ = ("sock", "reader", "fresh")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = SocketReader(sock)
+        self.fresh = True
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class ConnectionPool:
-    """Idle keep-alive connections by (host, port). A connection is taken out while in use, then put back.
+    """Idle keep-alive connections by peer address. A connection is taken out while in use, then put back.
 
     Each peer's idle connections are a stack, most recently used on top. One idle for longer than ``max_idle``
     is closed rather than reused: servers close idle connections on their own timers (simplemesh after
-    KEEPALIVE_TIMEOUT, 75 s), and reusing one just as its server closes it fails the call.
+    KEEPALIVE_TIMEOUT, 75 s), and reusing one just as its server closes it fails the call. A reaper thread,
+    running only while something is idle, closes every peer's expired connections and those their peer has
+    closed (no CLOSE_WAIT sockets pile up for a peer never called again).
     """
 
-    def __init__(self, max_idle_per_peer=256, max_idle=30.0):
-        self.idle = {}  # (host, port) -> [(connection, idle since), ...]
+    def __init__(self, connect=None, max_idle_per_peer=256, max_idle=30.0):
+        self.connect = connect or (lambda peer, deadline: connect_to(peer.address, deadline))
+        self.idle = {}  # address -> [(connection, idle since), ...]
         self.lock = threading.Lock()
         self.max_idle_per_peer = max_idle_per_peer
         self.max_idle = max_idle
+        self.reaping = False
+        self.closed = threading.Event()
 
-    def take(self, address, timeout):
+    def take(self, peer, deadline):
+        """An idle connection to ``peer`` that is still open, else a new one (CallFailed or OSError)."""
         while True:
             with self.lock:
-                stack = self.idle.get(address)
+                stack = self.idle.get(peer.address)
                 connection, since = stack.pop() if stack else (None, 0.0)
             if connection is None:
-                return Connection(address[0], address[1], timeout=timeout)
+                return self.connect(peer, deadline)
             if time.monotonic() - since < self.max_idle and _still_open(connection.sock):  # outside the lock
-                connection.sock.settimeout(timeout)
+                connection.fresh = False
                 return connection
             connection.close()
 
     def give_back(self, address, connection):
-        now = time.monotonic()
         with self.lock:
             stack = self.idle.setdefault(address, [])
-            expired = 0
-            while expired < len(stack) and now - stack[expired][1] >= self.max_idle:
-                expired += 1  # the bottom of the stack: connections no burst has needed for a while
-            stale = [old for old, _since in stack[:expired]]
-            del stack[:expired]
-            if len(stack) < self.max_idle_per_peer:
-                stack.append((connection, now))
+            if len(stack) < self.max_idle_per_peer and not self.closed.is_set():
+                stack.append((connection, time.monotonic()))
                 connection = None
-        for old in stale:
-            old.close()
+            start_reaper = not self.reaping and not self.closed.is_set()
+            self.reaping = self.reaping or start_reaper
         if connection is not None:
             connection.close()
+        if start_reaper:
+            threading.Thread(target=self.reap, name="pool-reaper", daemon=True).start()
+
+    def reap(self):
+        """Sweep every ``max_idle / 4`` (at most 1 s) while connections are idle; stop when none are."""
+        while not self.closed.wait(min(1.0, self.max_idle / 4)):
+            if not self.sweep():
+                with self.lock:
+                    if not any(self.idle.values()):
+                        self.reaping = False
+                        return
+
+    def sweep(self):
+        """Close the idle connections that expired or that their peer closed; the number still idle."""
+        now = time.monotonic()
+        dead = []
+        with self.lock:
+            for address in list(self.idle):
+                keep = []
+                for connection, since in self.idle[address]:
+                    alive = now - since < self.max_idle and _still_open(connection.sock)
+                    (keep.append((connection, since)) if alive else dead.append(connection))
+                if keep:
+                    self.idle[address] = keep
+                else:
+                    del self.idle[address]
+            left = sum(len(stack) for stack in self.idle.values())
+        for connection in dead:
+            connection.close()
+        return left
+
+    def count(self):
+        with self.lock:
+            return sum(len(stack) for stack in self.idle.values())
 
     def close(self):
+        self.closed.set()
         with self.lock:
             for stack in self.idle.values():
                 for connection, _since in stack:
@@ -1452,33 +1701,97 @@ class ConnectionPool:
 
 
 def _still_open(sock):
-    """False when the peer has closed an idle connection (it is readable: EOF or stray bytes)."""
+    """False when the peer has closed an idle connection, or sent bytes nobody asked for. poll(), not select():
+    select() fails for descriptors above 1,024."""
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class Peer:
-    """Where one call goes: the address to connect to and the Host header the mesh routes by."""
-    __slots__ = ("address", "host_header", "url")
+    """Where one call goes: the address to connect to, the Host header the mesh routes by, and whether the
+    addresses it resolves to must pass the reach rule (not for PEERS names, nor with ALLOW_IP_TARGETS=true)."""
+    __slots__ = ("address", "host_header", "url", "guarded")
 
-    def __init__(self, address, host_header, url):
+    def __init__(self, address, host_header, url, guarded=False):
         self.address = address
         self.host_header = host_header
         self.url = url
+        self.guarded = guarded
+
+
+def address_kind(ip):
+    """"loopback", "link-local", "unspecified" or "multicast" for an address a node refuses to call by default
+    (SPEC 8), else None. IPv4, IPv6, and IPv4 inside IPv6 (::ffff:127.0.0.1)."""
+    ip = ip.partition("%")[0]  # an IPv6 scope
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, ValueError):
+        return None
+    if len(packed) == 16:
+        if packed[:12] == b"\0" * 10 + b"\xff\xff":
+            packed = packed[12:]
+        elif packed == b"\0" * 16:
+            return "unspecified"
+        elif packed == b"\0" * 15 + b"\1":
+            return "loopback"
+        elif packed[0] == 0xfe and packed[1] & 0xc0 == 0x80:
+            return "link-local"
+        elif packed[0] == 0xff:
+            return "multicast"
+        else:
+            return None
+    first = packed[0]
+    if first == 127:
+        return "loopback"
+    if first == 0:
+        return "unspecified"  # 0.0.0.0/8, "this network": connecting there reaches this machine
+    if first == 169 and packed[1] == 254:
+        return "link-local"  # the cloud metadata address 169.254.169.254 among them
+    if 224 <= first <= 239:
+        return "multicast"
+    return None
+
+
+class _Lookup:
+    """One name resolution in progress or done; ``expires`` is set when it ends."""
+    __slots__ = ("done", "addresses", "error", "expires")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.addresses = None
+        self.error = None
+        self.expires = math.inf
 
 
 class Resolver:
-    """Names to addresses: the PEERS map first (a local mesh), else the name itself on UPSTREAM_PORT (DNS)."""
+    """Names to addresses: the PEERS map first (a local mesh), else the name itself on UPSTREAM_PORT (DNS).
 
-    def __init__(self, peers, upstream_port):
+    getaddrinfo() ignores every socket timeout, so it runs on a few threads of the resolver's own and a call
+    waits for it only until its deadline. Answers are cached for ``ttl`` seconds (failures for ``negative_ttl``),
+    in at most ``cache_size`` entries; calls to one name share one lookup in flight. ``getaddrinfo`` can be
+    replaced (tests simulate slow or lying resolvers with it).
+    """
+
+    def __init__(self, peers, upstream_port, allow_ip_targets=False, getaddrinfo=socket.getaddrinfo,
+                 workers=4, cache_size=1024, ttl=5.0, negative_ttl=1.0):
         self.peers = peers
         self.upstream_port = upstream_port
+        self.allow_ip_targets = allow_ip_targets
+        self.getaddrinfo = getaddrinfo
+        self.workers = workers
+        self.cache_size = cache_size
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.turn = {}
+        self.cache = {}  # (host, port) -> _Lookup
+        self.jobs = queue.SimpleQueue()
+        self.threads = 0
         self.lock = threading.Lock()
 
     def resolve(self, target, rest_text, query):
@@ -1492,16 +1805,118 @@ class Resolver:
             address = (target.name, target.port or self.upstream_port)
         path = "/" + rest_text + ("?" + query if query else "")
         host_header = target.address_text()
-        return Peer(address, host_header, f"http://{host_header}{path}"), path
+        guarded = not addresses and not self.allow_ip_targets
+        return Peer(address, host_header, f"http://{host_header}{path}", guarded), path
+
+    def connect(self, peer, deadline):
+        """A new Connection to ``peer`` by ``deadline``: resolved, each address checked, connected."""
+        infos = self.lookup(peer.address[0], peer.address[1], deadline)
+        if peer.guarded:
+            refused = [(sockaddr[0], address_kind(sockaddr[0])) for _family, sockaddr in infos]
+            infos = [info for info, (_ip, kind) in zip(infos, refused) if kind is None]
+            if not infos:
+                ip, kind = refused[0]
+                raise CallFailed(f"target {peer.host_header!r} resolves to {ip}, a {kind} address; set "
+                                 f"ALLOW_IP_TARGETS=true or name it in PEERS to allow it", 403, rule="ALLOW_IP_TARGETS")
+        return connect_to(peer.address, deadline, infos)
+
+    def lookup(self, host, port, deadline):
+        """[(family, sockaddr), ...] for host:port; TimeoutError at the deadline, socket.gaierror if unknown."""
+        numeric = _numeric_address(host, port)
+        if numeric:
+            return numeric
+        key = (host, port)
+        with self.lock:
+            entry = self.cache.get(key)
+            if entry is None or entry.expires <= time.monotonic():
+                self.cache.pop(key, None)  # inserted last: the cache is evicted oldest first
+                entry = self.cache[key] = _Lookup()
+                while len(self.cache) > self.cache_size:
+                    del self.cache[next(iter(self.cache))]
+                self.jobs.put((entry, host, port))
+                if self.threads < self.workers:
+                    self.threads += 1
+                    threading.Thread(target=self.run, name="resolver", daemon=True).start()
+        if not entry.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"resolving {host!r}")
+        if entry.error is not None:
+            raise entry.error
+        return entry.addresses
+
+    def run(self):
+        while True:
+            entry, host, port = self.jobs.get()
+            try:
+                infos = self.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                entry.addresses = [(family, sockaddr) for family, _type, _proto, _name, sockaddr in infos]
+                if not entry.addresses:
+                    raise socket.gaierror(socket.EAI_NONAME, "no address")
+                entry.expires = time.monotonic() + self.ttl
+            except Exception as error:  # gaierror, or anything a replaced getaddrinfo raises
+                entry.error = error if isinstance(error, OSError) else socket.gaierror(socket.EAI_FAIL, str(error))
+                entry.expires = time.monotonic() + self.negative_ttl
+            entry.done.set()
+
+
+def _numeric_address(host, port):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return [(family, (host, port) if family == socket.AF_INET else (host, port, 0, 0))]
+    return None
+
+
+def connect_to(address, deadline, infos=None):
+    """A Connection to the first of ``infos`` (or the numeric ``address``) that accepts before ``deadline``."""
+    infos = infos or _numeric_address(*address) or [(socket.AF_UNSPEC, address)]
+    error = None
+    for family, sockaddr in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("connecting")
+        if family == socket.AF_UNSPEC:  # a name with no resolver: the standard library's resolution
+            return Connection(_nodelay(socket.create_connection(sockaddr, remaining)))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(sockaddr)
+            return Connection(_nodelay(sock))
+        except OSError as failure:
+            sock.close()
+            error = failure
+    raise error
+
+
+def _nodelay(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class CallFailed(Exception):
-    """A call that got no simplemesh answer; ``status`` is what the caller records (502, or 504 for a timeout)."""
+    """A call that got no answer; ``status`` is what the caller records (502, 504 for a timeout, 403 for a target
+    refused once resolved, with ``rule``); ``code`` is the HTTP status received, if any."""
 
-    def __init__(self, message, status=502, code=None):
+    def __init__(self, message, status=502, code=None, rule=None):
         super().__init__(message)
         self.status = status
-        self.code = code  # the HTTP status received, if any
+        self.code = code
+        self.rule = rule
+
+
+class UpstreamBudget:
+    """The default downstream body budget: MAX_UPSTREAM_BODY bytes for one call. call_peer() only needs
+    ``charge(nbytes) -> bool`` (False: over) and ``limit`` (its name, for the error)."""
+    __slots__ = ("left", "limit")
+
+    def __init__(self, max_bytes):
+        self.left = max_bytes
+        self.limit = f"MAX_UPSTREAM_BODY={max_bytes}"
+
+    def charge(self, nbytes):
+        self.left -= nbytes
+        return self.left >= 0
 
 
 class Deadlines:
@@ -1512,7 +1927,7 @@ class Deadlines:
     """
 
     def __init__(self):
-        self.watched = {}  # id(entry) -> entry: [deadline, socket or http.client connection, expired]
+        self.watched = {}  # id(entry) -> entry: [deadline, socket or connection, expired]
         self.wake = threading.Condition(threading.Lock())  # not the default RLock: cheaper, and never re-entered
         self.next_check = 0.0
         self.thread = None
@@ -1555,93 +1970,151 @@ class Deadlines:
 
 
 DEADLINES = Deadlines()
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 
-def call_peer(pool, peer, path, method, body, headers, timeout, max_answer):
-    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all.
+def call_peer(pool, peer, path, method, body, headers, timeout, budget):
+    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all
+    (name resolution and connecting included). ``budget.charge(nbytes)`` is told of answer bytes as they come.
 
+    A reused connection that the peer closed before sending any byte (the race with its idle timer: a clean
+    close, or a broken pipe while sending) is retried once on a new connection, for idempotent methods only.
+    A reset after the request arrived (ECONNRESET, what the ``reset`` directive sends) is never retried.
     Raises CallFailed, never anything else: whatever the peer does becomes a record in the caller's tree.
     """
-    connection = pool.take(peer.address, timeout)
-    watch = DEADLINES.watch(connection, timeout)
+    deadline = time.monotonic() + timeout
     try:
-        status, content_type, data, reusable = _exchange(connection, peer, path, method, body, headers, max_answer)
+        request = request_bytes(method, path, peer.host_header, headers, body)
+    except UnicodeEncodeError:
+        raise CallFailed("a header value cannot be sent as latin-1") from None
+    retry = method in IDEMPOTENT_METHODS
+    while True:
+        try:
+            connection = pool.take(peer, deadline)
+        except CallFailed:
+            raise
+        except Exception as error:
+            raise _call_failure(error, peer, timeout, budget) from None
+        try:
+            answer = _exchange(connection, request, method, budget, deadline)
+        except _Retry:
+            if retry:
+                retry = False
+                continue
+            raise CallFailed("connection closed before an answer") from None
+        except CallFailed:
+            raise
+        except Exception as error:
+            raise _call_failure(error, peer, timeout, budget) from None
+        if answer.reusable and not connection.reader.buffered:  # nothing after the answer: clean for the next one
+            pool.give_back(peer.address, connection)
+        else:
+            connection.close()
+        return answer.status, answer.headers.get("content-type", ""), answer.body
+
+
+class _Retry(Exception):
+    """A reused connection the peer had closed: nothing was answered, the request may go again."""
+
+
+def _exchange(connection, request, method, budget, deadline):
+    """Send ``request`` and read the answer on ``connection``, closing it on any failure."""
+    sending = True
+    watch = DEADLINES.watch(connection, max(0.0, deadline - time.monotonic()))
+    try:
+        connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        connection.sock.sendall(request)
+        sending = False
+        answer = read_answer(connection.reader, method, budget.charge)
     except Exception as error:
         expired = DEADLINES.release(watch)
         connection.close()
-        if expired or isinstance(error, TimeoutError):
-            raise CallFailed(f"timeout after {timeout:g}s", 504) from None
-        if isinstance(error, CallFailed):
-            raise
-        raise _call_failure(error, peer) from None
+        if expired:
+            raise TimeoutError("deadline") from None
+        closed_early = ((sending and isinstance(error, (BrokenPipeError, ConnectionResetError)))
+                        or (isinstance(error, AnswerError) and error.closed))
+        if closed_early and not connection.fresh:
+            raise _Retry() from None
+        raise
     if DEADLINES.release(watch):
         connection.close()
-        raise CallFailed(f"timeout after {timeout:g}s", 504)
-    if reusable:
-        pool.give_back(peer.address, connection)
-    else:
-        connection.close()
-    return status, content_type, data
+        raise TimeoutError("deadline")
+    return answer
 
 
-def _exchange(connection, peer, path, method, body, headers, max_answer):
-    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    connection.putheader("Host", peer.host_header)
-    for name, value in headers.items():
-        connection.putheader(name, value)
-    if body or method in ("POST", "PUT", "PATCH"):
-        connection.putheader("Content-Length", str(len(body)))
-    connection.endheaders(body or None)
-    response = connection.getresponse()
-    length = response.getheader("content-length")
-    if length and is_number(length) and (len(length) > 18 or int(length) > max_answer):
-        raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}", code=response.status)
-    data = response.read(max_answer + 1)  # nothing for HEAD, but reading it frees the connection for reuse
-    if len(data) > max_answer:
-        raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
-    reusable = not response.will_close and not response.fp
-    return response.status, response.getheader("content-type", ""), data, reusable
-
-
-def _call_failure(error, peer):
+def _call_failure(error, peer, timeout, budget):
     """The CallFailed for an exception raised by a call (the peer refused, reset, or answered garbage)."""
+    if isinstance(error, TimeoutError):
+        return CallFailed(f"timeout after {timeout:g}s", 504)
+    if isinstance(error, AnswerError):
+        if error.over_budget:
+            return CallFailed(f"{error} is above {getattr(budget, 'limit', 'the answer budget')} bytes",
+                              code=error.status)
+        return CallFailed(str(error))  # no code: metrics count it as an error, not as the status it began with
     if isinstance(error, ConnectionRefusedError):
         return CallFailed("connection refused")
     if isinstance(error, socket.gaierror):
         return CallFailed(f"cannot resolve {peer.address[0]!r}: {error.strerror}")
-    if isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+    if isinstance(error, (ConnectionResetError, BrokenPipeError)):
         return CallFailed("connection reset before an answer")
-    if isinstance(error, http.client.IncompleteRead):
-        return CallFailed(f"connection closed mid-answer, after {len(error.partial)} bytes")
-    if isinstance(error, (http.client.BadStatusLine, http.client.LineTooLong)):
-        return CallFailed(f"the answer is not HTTP: {type(error).__name__}: {str(error)[:100]}")
     return CallFailed(f"{type(error).__name__}: {str(error)[:200]}")
 
 
-def caller_record(target, url, status, error, elapsed, timeout=False):
+def caller_record(name, url, status, error, elapsed, timeout=False, **extra):
     """The record a caller writes for a call that got no simplemesh answer (SPEC 3): it never leaves the tree."""
-    record = {"host": target.name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
+    record = {"host": name, "url": url, "status": status, "elapsed_time": round(elapsed, 6)}
     if error:
         record["error"] = error
     if timeout:
         record["timeout"] = True  # this call timed out: the caller answers 504, not 502
+    record.update(extra)
     return record
 
 
-def child_record(target, url, status, content_type, data, method, elapsed):
-    """The record of one call: the callee's own answer when it gave one, else one written by the caller."""
+EXCERPT_LENGTH = 200
+
+
+def child_record(name, url, status, content_type, data, method, elapsed):
+    """The record of one answer: the callee's own when it is a simplemesh record; an answer in the original
+    FastAPI design's shape nested as its tree; anything else a foreign record written by the caller, with the
+    real status, type, size and an excerpt. Only the status says whether the call failed."""
     if method == "HEAD":
-        return caller_record(target, url, status, f"answered {status}" if status >= 400 else "", elapsed)
-    if "json" in content_type:
-        try:
-            answer = json.loads(data)
-        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-            answer = None
-        if isinstance(answer, dict) and "host" in answer:
+        return caller_record(name, url, status, f"answered {status}" if status >= 400 else "", elapsed)
+    answer = _json_object(content_type, data)
+    if answer is not None and isinstance(answer.get("host"), str):
+        record_status = answer.get("status")
+        if isinstance(record_status, int) and not isinstance(record_status, bool):
             return answer
-    snippet = data[:200].decode("utf-8", "replace").strip()
-    return caller_record(target, url, status,
-                         f"answered {status} without a simplemesh answer" + (f": {snippet}" if snippet else ""), elapsed)
+        if record_status is None and isinstance(answer.get("next_node", []), list) and "elapsed_time" in answer:
+            return _seed_record(answer, status)
+    excerpt = _printable(data[:EXCERPT_LENGTH].decode("utf-8", "replace")).strip()
+    error = f"answered {status}, not a simplemesh answer" + (f": {excerpt}" if excerpt else "") if status >= 400 \
+        else ""
+    return caller_record(name, url, status, error, elapsed, foreign=True, content_type=content_type,
+                         size=len(data), excerpt=excerpt)
+
+
+def _json_object(content_type, data):
+    if "json" not in content_type:
+        return None
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _seed_record(answer, status):
+    """A record of the original FastAPI design (host, elapsed_time, next_node, no status): its tree as it came,
+    with the HTTP status the caller saw; the records under it have no status of their own."""
+    record = {"host": answer["host"], "status": status, "design": "fastapi"}
+    record.update((key, value) for key, value in answer.items() if key not in record)
+    return record
+
+
+def _printable(text):
+    """``text`` with control characters as spaces: a peer's bytes must not drive a terminal or break a line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
 
 
 # --- The answer and its views ------------------------------------------------------------------------------
@@ -1784,7 +2257,9 @@ def walk_tree(record):
                   status=status if isinstance(status, int) and not isinstance(status, bool) else None,
                   elapsed=max(0.0, _number(item.get("elapsed_time"))), delay=max(0.0, _number(item.get("delay"))),
                   error=str(item.get("error") or ""))
-        hop.failed = hop.status is None or hop.status >= 400
+        # A record with no status is failed only when it says why (a simplemesh record always has one; the
+        # records nested under an answer of the original FastAPI design have none, and did not fail).
+        hop.failed = hop.status >= 400 if hop.status is not None else bool(hop.error)
         if parent >= 0:
             above = hops[parent]
             epoch = _epoch(item.get("start_time"))
@@ -1823,10 +2298,32 @@ ANSI = {"ok": "\033[32m", "client": "\033[33m", "fail": "\033[31m", "bold": "\03
         "reset": "\033[0m"}
 
 
-def _status_class(status):
-    if status is None or status >= 500:
+def _status_class(status, failed=True):
+    if status is None:
+        return "fail" if failed else "ok"
+    if status >= 500:
         return "fail"
     return "client" if status >= 400 else "ok"
+
+
+def _status_text(status):
+    return "---" if status is None else str(status)
+
+
+def hop_note(hop):
+    """What the tree and the waterfall say of a hop that answered without being a simplemesh node, else ""."""
+    record = hop.record
+    if record.get("design") == "fastapi":
+        return "FastAPI design"
+    if record.get("foreign") is not True:
+        return ""
+    size = record.get("size")
+    note = f"not simplemesh: {_printable(str(record.get('content_type') or 'no content type'))[:60]}"
+    note += f", {size} B" if isinstance(size, int) and not isinstance(size, bool) else ""
+    excerpt = record.get("excerpt")
+    if isinstance(excerpt, str) and excerpt and not hop.failed:  # a failed hop's error has it already
+        note += f": {_printable(excerpt)[:60]}"
+    return note
 
 
 def render_tree(record, color=False):
@@ -1834,26 +2331,30 @@ def render_tree(record, color=False):
     hops = walk_tree(record)
     paint = (lambda text, *styles: "".join(ANSI[s] for s in styles) + text + ANSI["reset"]) if color else \
         (lambda text, *styles: text)
-    labels = [_tree_prefix(hop) + hop.host for hop in hops]
+    labels = [_tree_prefix(hop) + _printable(hop.host) for hop in hops]
     width = max(len(label) for label in labels)
     times = [format_seconds(hop.elapsed) for hop in hops]
     time_width = max(len(text) for text in times)
     root = hops[0]
     lines = []
     if isinstance(record, dict) and record.get("trace_id"):
-        lines.append(paint(f"trace {record['trace_id']}", "dim"))
+        lines.append(paint(f"trace {_printable(str(record['trace_id']))}", "dim"))
     for hop, label, elapsed in zip(hops, labels, times):
-        status = "---" if hop.status is None else str(hop.status)
+        status = _status_text(hop.status)
         notes = []
         if hop.delay:
             notes.append(f"delay {format_seconds(hop.delay)}")
         cpu = hop.record.get("cpu") if isinstance(hop.record, dict) else None
         if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0:
             notes.append(f"cpu {format_seconds(_number(cpu))}")
+        note = hop_note(hop)
+        if note:
+            notes.append(note)
         if hop.failed:
-            mark = "✗ " + (hop.error or ("reset" if hop.status is None else f"status {hop.status}"))
+            mark = "✗ " + _printable(hop.error or f"status {hop.status}")
             notes.append(paint(mark, "fail", "bold") if hop.origin else paint(mark, "dim"))
-        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status))}  {elapsed:>{time_width}}"
+        line = (f"{label:<{width}}  {paint(f'{status:>3}', _status_class(hop.status, hop.failed))}  "
+                f"{elapsed:>{time_width}}"
                 + ("  " + "  ".join(notes) if notes else ""))
         lines.append(line.rstrip())
     origins = [hop for hop in hops if hop.origin]
@@ -1894,29 +2395,32 @@ def render_html(record, route, trace_ui_url="", query=None):
     for hop in hops:
         left, width = 100 * hop.start / total, max(100 * hop.elapsed / total, 0.2)
         delay = min(100.0, 100 * hop.delay / hop.elapsed) if hop.elapsed else 0.0
-        label = format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+        note = hop_note(hop)
+        label = (format_seconds(hop.elapsed) + (f" · {hop.error}" if hop.failed and hop.error else "")
+                 + (f" · {note}" if note else ""))
         if left + width <= 65:  # the label goes after the bar, before it, or on a bar too wide for either
             side = f"left:{left + width:.3f}%"
         elif left >= 35:
             side = f"right:{100 - left:.3f}%"
         else:
             side = f"left:{left:.3f}%;color:#fff"
-        classes = " ".join(["hop", _status_class(hop.status)] + ["failed"] * hop.failed + ["origin"] * hop.origin)
+        classes = " ".join(["hop", _status_class(hop.status, hop.failed)] + ["failed"] * hop.failed
+                           + ["origin"] * hop.origin)
         guides = "".join(f'<i class="g{" end" if last else ""}"></i>' for last in hop.last)
         details = "".join(f"<dt>{esc(str(key))}</dt><dd>{esc(str(value))}</dd>"
                           for key, value in hop.record.items() if key not in ("next_node", "padding", "headers"))
         rows.append(
             f'<div class="{classes}" data-index="{hop.index}" data-parent="{hop.parent}" data-depth="{hop.depth}" '
-            f'data-host="{esc(hop.host)}" data-status="{hop.status or ""}">'
-            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{hop.status or "reset"}</span>'
+            f'data-host="{esc(hop.host)}" data-status="{"" if hop.status is None else hop.status}">'
+            f'<div class="name">{guides}<b>{esc(hop.host)}</b><span class="code">{_status_text(hop.status)}</span>'
             f'</div><div class="lane"><div class="bar" style="left:{left:.3f}%;width:{width:.3f}%"'
             f'{" title=estimated" if hop.estimated else ""}><div class="delay" style="width:{delay:.1f}%"></div>'
             f'</div><span class="label" style="{side}">{esc(label)}</span></div>'
             f'<dl class="details" hidden>{details}</dl></div>')
     ticks = "".join(f'<span style="left:{25 * i}%">{format_seconds(total * i / 4)}</span>' for i in range(5))
-    status = "reset" if root.status is None else root.status
+    status = _status_text(root.status)
     return HTML_PAGE.format(
-        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status),
+        title=esc(f"{status} /{route}"), route=esc(route), status=status, cls=_status_class(root.status, root.failed),
         elapsed=format_seconds(root.elapsed), hops=len(hops), failed=sum(hop.origin for hop in hops),
         trace=trace, ticks=ticks, rows="\n".join(rows),
         json_link=esc(view_link(query, "json")), tree_link=esc(view_link(query, "tree")))
@@ -2555,8 +3059,8 @@ class Node:
         self.config = config
         self.defaults = dict(config.defaults)
         self.base_directives = Directives.resolve(config, self.defaults, {})
-        self.pool = ConnectionPool()
-        self.resolver = Resolver(config.peers, config.upstream_port)
+        self.resolver = Resolver(config.peers, config.upstream_port, config.allow_ip_targets)
+        self.pool = ConnectionPool(self.resolver.connect)
         self.metrics = Metrics()
         self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
@@ -2707,7 +3211,7 @@ class Node:
         try:
             records[index] = self.call(target, rest, *context)
         except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
-            records[index] = caller_record(target, "", 502, f"internal error: {type(error).__name__}", 0.0)
+            records[index] = caller_record(target.name, "", 502, f"internal error: {type(error).__name__}", 0.0)
         finally:
             if finished:
                 finished.set()
@@ -2723,13 +3227,13 @@ class Node:
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, self.config.max_upstream_body)
+                directives.timeout, UpstreamBudget(self.config.max_upstream_body))
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:
                 self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, status, "",
                                                       started_ns, time.time_ns())))
-            return child_record(target, peer.url, status, content_type, data, request.method, elapsed)
+            return child_record(target.name, peer.url, status, content_type, data, request.method, elapsed)
         except CallFailed as failure:
             elapsed = time.perf_counter() - started
             code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
@@ -2737,7 +3241,9 @@ class Node:
             if trace.sampled:
                 self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, failure.status,
                                                       str(failure), started_ns, time.time_ns())))
-            return caller_record(target, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
+            extra = {"rule": failure.rule} if failure.rule else {}
+            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+                                 **extra)
 
 
 # --- HTTP handler ------------------------------------------------------------------------------------------
@@ -2806,14 +3312,14 @@ class Handler:
         no thread). The usual request is all in the first read, which the poller saw waiting (so it does not
         block, and the socket's timeout is changed only for slow clients: each change is two system calls)."""
         reader, sock, max_body = self.conn.reader, self.conn.sock, self.node.config.max_body
-        if not reader.buffered and not reader._fill():
+        if not reader.buffered and not reader.fill():
             return True  # the client closed: the parser says what that was
         if reader.arrived(max_body):
             return True
         sock.settimeout(QUICK_READ)
         try:
             while not reader.arrived(max_body):
-                if not reader._fill():
+                if not reader.fill():
                     return True
             return True
         except TimeoutError:
@@ -3071,64 +3577,6 @@ STAY_SECONDS = 0.005  # a worker waits this long for a keep-alive client's next 
 STAY_WORKERS = 32  # "not busy": at most this many workers at work
 QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
 REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
-
-
-class SocketReader:
-    """A socket's bytes with readline(limit) and read(n), buffered, and able to say whether bytes are waiting in
-    the buffer (the poller cannot see those: they already left the kernel). Lines are sliced from the last
-    chunk received at an offset, so reading a request's few lines copies each byte once."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.data = b""
-        self.position = 0
-
-    @property
-    def buffered(self):
-        """How many bytes were received and not yet read."""
-        return len(self.data) - self.position
-
-    def _fill(self):
-        return self.feed(self.sock.recv(65536))
-
-    def feed(self, chunk):
-        """Add bytes received elsewhere (by the poller); False for the empty read of a closed connection."""
-        self.data = self.data[self.position:] + chunk
-        self.position = 0
-        return bool(chunk)
-
-    def arrived(self, max_body):
-        return request_arrived(self.data, self.position, max_body)
-
-    def readline(self, limit):
-        while True:
-            end = self.data.find(b"\n", self.position, self.position + limit)
-            if end >= 0:
-                return self._take(end + 1 - self.position)
-            if self.buffered >= limit or not self._fill():
-                return self._take(min(limit, self.buffered))
-
-    def read(self, size):
-        """``size`` bytes, fewer if the stream ends first. A body's chunks are joined once, not copied per recv."""
-        if self.buffered >= size:
-            return self._take(size)
-        parts = [self._take(self.buffered)]
-        missing = size - len(parts[0])
-        while missing > 0:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            if len(chunk) > missing:  # the start of a pipelined request: it stays in the buffer
-                self.data, self.position = chunk, missing
-                chunk = chunk[:missing]
-            parts.append(chunk)
-            missing -= len(chunk)
-        return b"".join(parts)
-
-    def _take(self, size):
-        data = self.data[self.position:self.position + size]
-        self.position += size
-        return data
 
 
 class InboundConnection:
@@ -4164,36 +4612,52 @@ def use_color(stream, environ):
 
 
 def command_call(args, environ):
-    """One request; the answer drawn as a tree. Exit 0 when the root answered < 400, 1 when it failed,
-    2 when there was no answer at all."""
+    """One request; the answer drawn as a tree (an answer that is not a simplemesh record is drawn as one foreign
+    hop). Exit 0 when the root answered < 400, 1 when it did not, 2 when there was no answer at all."""
     scheme, host, port, path = split_url(args.url)
     headers = request_headers(args.header)
-    connection = open_connection(scheme, host, port, args.timeout)
+    method = args.method.upper()
+    started = time.perf_counter()
     try:
-        connection.request(args.method.upper(), path, body=args.data.encode() if args.data else None,
-                           headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-    except (OSError, http.client.HTTPException) as error:
+        answer = fetch(scheme, host, port, method, path, headers, args.data.encode() if args.data else b"",
+                       args.timeout)
+    except (OSError, AnswerError) as error:
         print(f"simplemesh call: no answer from {host}:{port}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    finally:
-        connection.close()
-    status = response.status
+    status, data = answer.status, answer.body
     if args.json:
         sys.stdout.write(data.decode("utf-8", "replace") + ("" if data.endswith(b"\n") else "\n"))
         return 0 if status < 400 else 1
-    try:
-        record = json.loads(data) if "json" in (response.getheader("content-type") or "") else None
-    except ValueError:
-        record = None
-    if isinstance(record, dict) and "host" in record:
-        sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
-    else:
-        snippet = data[:500].decode("utf-8", "replace").strip()
-        print(f"{status} {response.reason} from {host}:{port}, not a simplemesh answer"
-              + (f":\n{snippet}" if snippet else ""))
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    record = child_record(where, f"{scheme}://{where}{path}", status, answer.headers.get("content-type", ""), data,
+                          method, time.perf_counter() - started)
+    sys.stdout.write(render_tree(record, color=use_color(sys.stdout, environ)))
     return 0 if status < 400 else 1
+
+
+def fetch(scheme, host, port, method, path, headers, body, timeout):
+    """One request on a connection of its own -> the whole final Answer (interim 1xx answers skipped), within
+    ``timeout`` in all. OSError or AnswerError when there is none."""
+    sock = socket.create_connection((host, port), timeout)
+    try:
+        if scheme == "https":
+            import ssl  # only here: most runs never need it
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        host_header = next((value for name, value in headers.items() if name.lower() == "host"), None)
+        if host_header is None:
+            host_header = (f"[{host}]" if ":" in host else host) + ("" if port == (443 if scheme == "https" else 80)
+                                                                      else f":{port}")
+        headers = {name: value for name, value in headers.items() if name.lower() != "host"}
+        watch = DEADLINES.watch(sock, timeout)
+        try:
+            sock.sendall(request_bytes(method, path, host_header, headers, body))
+            answer = read_answer(SocketReader(sock), method)
+        finally:
+            if DEADLINES.release(watch):
+                raise TimeoutError(f"no whole answer within {timeout:g}s")
+        return answer
+    finally:
+        sock.close()
 
 
 class LatencyHistogram:

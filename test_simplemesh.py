@@ -12,6 +12,7 @@ import gzip
 import http.client
 import http.server
 import importlib
+import itertools
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 
 import simplemesh as sm
@@ -754,6 +756,503 @@ class TestSamplers(unittest.TestCase):
 
 
 # --- Outbound calls -------------------------------------------------------------------------------------------
+
+class ScriptedSocket:
+    """What SocketReader reads from: ``raw`` handed out ``piece`` bytes at a time (short reads), then the end."""
+
+    def __init__(self, raw, piece=7):
+        self.raw = raw
+        self.piece = piece
+
+    def recv(self, size):
+        data, self.raw = self.raw[:min(size, self.piece)], self.raw[min(size, self.piece):]
+        return data
+
+
+def read_raw(raw, method="GET", budget=None, piece=7):
+    """(status, body, reusable, bytes left unread) of one answer, or the AnswerError's message."""
+    reader = sm.SocketReader(ScriptedSocket(raw, piece))
+    try:
+        answer = sm.read_answer(reader, method, budget)
+    except sm.AnswerError as error:
+        return str(error)
+    return answer.status, answer.body, answer.reusable, reader.buffered + len(reader.sock.raw)
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\n"
+
+
+class TestAnswerReader(unittest.TestCase):
+    """Raw answer bytes in, the parsed answer or the exact error out (SPEC 3: every peer behaviour recorded as
+    what it was). Fed 7 bytes at a time, so no short read can pass for a whole body."""
+
+    TABLE = [
+        # (what, raw bytes, method, expected (status, body, reusable, left) or error message)
+        ("length", OK_HEAD + b"Content-Length: 5\r\n\r\nhello", "GET", (200, b"hello", True, 0)),
+        ("no reason phrase", b"HTTP/1.1 204\r\n\r\n", "GET", (204, b"", True, 0)),
+        ("interim answers skipped", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + OK_HEAD
+         + b"Content-Length: 2\r\n\r\nok", "GET", (200, b"ok", True, 0)),
+        ("the next answer stays unread", OK_HEAD + b"Content-Length: 2\r\n\r\nok" + OK_HEAD, "GET",
+         (200, b"ok", True, len(OK_HEAD))),
+        ("101 without an upgrade", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "GET",
+         "answered 101 Switching Protocols, but no upgrade was asked for"),
+        ("endless interim answers", b"HTTP/1.1 103 Early Hints\r\n\r\n" * 40, "GET",
+         "more than 32 interim 1xx answers"),
+        ("identical duplicate Content-Length", OK_HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+         "GET", (200, b"ok", True, 0)),
+        ("one header, a list", OK_HEAD + b"Content-Length: 2, 2\r\n\r\nok", "GET", (200, b"ok", True, 0)),
+        ("differing Content-Length", OK_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nokk", "GET",
+         "differing Content-Length headers (2, 3)"),
+        ("negative Content-Length", OK_HEAD + b"Content-Length: -1\r\n\r\n", "GET", "invalid Content-Length '-1'"),
+        ("non-ASCII digits", OK_HEAD + "Content-Length: ٣\r\n\r\n".encode(), "GET",
+         "invalid Content-Length '\u00d9\u00a3'"),
+        ("empty Content-Length", OK_HEAD + b"Content-Length:\r\n\r\n", "GET", "invalid Content-Length ''"),
+        ("cut short", OK_HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 25, "GET",
+         "closed mid-answer after 25 of 1000 bytes"),
+        ("chunked", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n"
+         b"Trailer-Field: x\r\n\r\n", "GET", (200, b"hello world", True, 0)),
+        ("chunked, cut in a chunk", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nA\r\n012",
+         "GET", "closed mid-answer after 8 bytes of a chunked answer"),
+        ("chunked, no last chunk", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", "GET",
+         "closed mid-answer after 5 bytes of a chunked answer"),
+        ("chunked, no end of trailers", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n", "GET",
+         "closed mid-answer after 2 bytes of a chunked answer"),
+        ("bad chunk size", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "GET",
+         "bad chunk size line 'zz  '"),
+        ("chunk without CRLF", OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhiXX0\r\n\r\n", "GET",
+         "a chunk is not followed by CRLF"),
+        ("both framings", OK_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", "GET",
+         "the answer has both Transfer-Encoding and Content-Length"),
+        ("empty Transfer-Encoding", OK_HEAD + b"Transfer-Encoding:\r\n\r\n", "GET", "bad Transfer-Encoding ''"),
+        ("other coding: read to the close", OK_HEAD + b"Transfer-Encoding: gzip\r\n\r\nabc", "GET",
+         (200, b"abc", False, 0)),
+        ("no framing: read to the close", OK_HEAD + b"\r\n" + b"y" * 100, "GET", (200, b"y" * 100, False, 0)),
+        ("HEAD has no body", OK_HEAD + b"Content-Length: 100\r\n\r\n", "HEAD", (200, b"", True, 0)),
+        ("304 has no body", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n", "GET",
+         (304, b"", True, 0)),
+        ("Connection: close", OK_HEAD + b"Connection: close\r\nContent-Length: 2\r\n\r\nok", "GET",
+         (200, b"ok", False, 0)),
+        ("HTTP/1.0 closes", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "GET", (200, b"ok", False, 0)),
+        ("HTTP/1.0 keep-alive", b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok",
+         "GET", (200, b"ok", True, 0)),
+        ("nothing at all", b"", "GET", "connection closed before an answer"),
+        ("not HTTP", b"SSH-2.0-OpenSSH_9.6\r\n", "GET", "the answer is not HTTP/1.x: 'SSH-2.0-OpenSSH_9.6  '"),
+        ("HTTP/2", b"HTTP/2 200\r\n\r\n", "GET", "the answer is not HTTP/1.x: 'HTTP/2 200  '"),
+        ("cut in the status line", b"HTTP/1.1 20", "GET", "closed mid-answer, in the status line"),
+        ("cut in the headers", OK_HEAD + b"Content-Type: text/pl", "GET",
+         "closed mid-answer, in the headers of a 200 answer"),
+        ("bad header", OK_HEAD + b"no colon here\r\n\r\n", "GET",
+         "bad header block in a 200 answer: malformed header line"),
+        ("header line too long", OK_HEAD + b"X: " + b"y" * 20000 + b"\r\n\r\n", "GET",
+         "bad header block in a 200 answer: a header line is longer than 16384 bytes"),
+    ]
+
+    def test_table(self):
+        for what, raw, method, expected in self.TABLE:
+            for piece in (7, 65536):
+                with self.subTest(what=what, piece=piece):
+                    self.assertEqual(read_raw(raw, method, piece=piece), expected)
+
+    def test_the_budget_is_charged_as_bytes_arrive_and_stops_the_read(self):
+        charged = []
+
+        def charge(nbytes):
+            charged.append(nbytes)
+            return sum(charged) <= 8
+
+        self.assertEqual(read_raw(OK_HEAD + b"Content-Length: 5\r\n\r\nhello", budget=charge)[0], 200)
+        self.assertEqual(charged, [5])  # a declared length at once
+        charged.clear()
+        raw = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n"
+        self.assertEqual(read_raw(raw, budget=charge), "a chunked answer")
+        self.assertEqual(charged, [5, 5])
+        charged.clear()
+        self.assertEqual(read_raw(OK_HEAD + b"\r\n" + b"z" * 20, budget=charge, piece=4), "an answer read to its close")
+        self.assertEqual(charged, [1, 4, 4])  # the byte read with the headers, then each piece as it came
+        charged.clear()
+        self.assertEqual(read_raw(OK_HEAD + b"Content-Length: 9\r\n\r\n", budget=charge), "an answer of 9 bytes")
+
+    def test_a_peer_closing_before_any_byte_is_told_apart(self):
+        reader = sm.SocketReader(ScriptedSocket(b""))
+        with self.assertRaises(sm.AnswerError) as caught:
+            sm.read_answer(reader, "GET")
+        self.assertTrue(caught.exception.closed)
+        reader = sm.SocketReader(ScriptedSocket(b"HTTP/1.1 200 OK\r\n"))
+        with self.assertRaises(sm.AnswerError) as caught:
+            sm.read_answer(reader, "GET")
+        self.assertFalse(caught.exception.closed)
+        self.assertEqual(caught.exception.status, 200)
+
+    def test_request_bytes(self):
+        self.assertEqual(sm.request_bytes("POST", "/c?delay=1s", "b:8080", {"traceparent": "00-x"}, b"hi"),
+                         b"POST /c?delay=1s HTTP/1.1\r\nHost: b:8080\r\ntraceparent: 00-x\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertEqual(sm.request_bytes("GET", "/", "b", {}, b""), b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+
+
+class TestReachRule(unittest.TestCase):
+    def test_address_kinds(self):
+        for ip, kind in [("127.0.0.1", "loopback"), ("127.255.0.9", "loopback"), ("::1", "loopback"),
+                         ("::ffff:127.0.0.1", "loopback"), ("169.254.169.254", "link-local"),
+                         ("fe80::1%eth0", "link-local"), ("0.0.0.0", "unspecified"), ("0.1.2.3", "unspecified"),
+                         ("::", "unspecified"), ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"),
+                         ("ff02::1", "multicast"), ("10.0.0.1", None), ("192.168.1.1", None), ("8.8.8.8", None),
+                         ("2001:db8::1", None), ("::ffff:10.1.2.3", None), ("not an address", None)]:
+            with self.subTest(ip=ip):
+                self.assertEqual(sm.address_kind(ip), kind)
+
+
+def fake_getaddrinfo(table, delay=0.0, asked=None):
+    """A resolver for invented names (nothing reaches the machine's resolver): name -> IPv4 address, or an
+    exception to raise; ``delay`` seconds per lookup; ``asked`` collects the names looked up."""
+    def getaddrinfo(host, port, family=0, kind=0):
+        if asked is not None:
+            asked.append(host)
+        time.sleep(delay)
+        answer = table.get(host, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+        if isinstance(answer, Exception):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, port))]
+    return getaddrinfo
+
+
+class TestResolver(unittest.TestCase):
+    """Name resolution inside the call's deadline, cached and shared, never asking the machine's resolver here."""
+
+    def resolver(self, table, **options):
+        delay = options.pop("delay", 0.0)
+        asked = []
+        return sm.Resolver({}, 80, getaddrinfo=fake_getaddrinfo(table, delay, asked), **options), asked
+
+    def test_a_slow_resolver_is_cut_at_the_deadline(self):
+        resolver, _asked = self.resolver({"slow.example": "10.0.0.1"}, delay=2.0)
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            resolver.lookup("slow.example", 80, time.monotonic() + 0.3)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_answers_are_cached_and_shared_failures_kept_briefly(self):
+        resolver, asked = self.resolver({"b.example": "10.0.0.2"}, negative_ttl=0.2)
+        for _ in range(3):
+            self.assertEqual(resolver.lookup("b.example", 80, time.monotonic() + 5),
+                             [(socket.AF_INET, ("10.0.0.2", 80))])
+        for _ in range(2):
+            with self.assertRaises(socket.gaierror):
+                resolver.lookup("nowhere.example", 80, time.monotonic() + 5)
+        self.assertEqual(asked, ["b.example", "nowhere.example"])
+        time.sleep(0.3)
+        with self.assertRaises(socket.gaierror):
+            resolver.lookup("nowhere.example", 80, time.monotonic() + 5)
+        self.assertEqual(asked.count("nowhere.example"), 2)
+        self.assertEqual(resolver.lookup("10.1.1.1", 80, 0), [(socket.AF_INET, ("10.1.1.1", 80))])  # no lookup
+
+    def test_the_cache_is_bounded(self):
+        resolver, _asked = self.resolver({f"n{i}.example": "10.0.0.3" for i in range(50)}, cache_size=10)
+        for i in range(50):
+            resolver.lookup(f"n{i}.example", 80, time.monotonic() + 5)
+        self.assertEqual(len(resolver.cache), 10)
+
+
+def serve_answers(answers):
+    """A keep-alive peer sending ``answers[n]`` (bytes, or a callable given the socket) for its n-th request."""
+    def behaviour(sock, number):
+        answer = answers[min(number, len(answers) - 1)]
+        return answer(sock) if callable(answer) else sock.sendall(answer)
+    return behaviour
+
+
+def record_bytes(fields, status=200):
+    body = json.dumps(dict({"host": "p", "status": status}, **fields)).encode()
+    return answer_bytes(body)
+
+
+class TestPeerAnswers(unittest.TestCase):
+    """SPEC 3: every answer a peer gives is recorded as what it was, and never mixed with another request's."""
+
+    def through(self, peer, path="/p?timeout=5s", times=1, method="GET", body=None, **config):
+        """Answers of node ``a`` for ``times`` requests to ``path``, with ``p`` the scripted peer."""
+        self.addCleanup(peer.close)
+        with Mesh({"a": {}}, **config) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", peer.port)]
+            return [mesh.request("a", path, method=method, body=body, timeout=10) for _ in range(times)]
+
+    def test_early_hints_then_the_next_call_gets_its_own_answer(self):
+        hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        peer = BadPeer(lambda sock, n: sock.sendall(hints + record_bytes({"n": n})), keep_alive=True)
+        answers = self.through(peer, times=3)
+        self.assertEqual([(status, answer["next_node"][0]["n"]) for status, _h, answer in answers],
+                         [(200, 0), (200, 1), (200, 2)])
+        self.assertEqual(len(peer.connections), 1)
+
+    def test_a_body_cut_short_is_a_502_saying_how_much_came(self):
+        def cut(sock):
+            sock.sendall(answer_bytes(b"x" * 25, length=1000))
+            sock.close()
+
+        (status, _h, answer), = self.through(BadPeer(cut))
+        child = answer["next_node"][0]
+        self.assertEqual((status, child["status"], child["error"]),
+                         (502, 502, "closed mid-answer after 25 of 1000 bytes"))
+
+    def test_a_chunked_body_cut_short_is_a_502(self):
+        def cut(sock):
+            sock.sendall(OK_HEAD + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"10\r\n{\"host\": \"p\", \"s")
+            sock.close()
+
+        (status, _h, answer), = self.through(BadPeer(cut))
+        self.assertEqual((status, answer["next_node"][0]["error"]),
+                         (502, "closed mid-answer after 16 bytes of a chunked answer"))
+
+    def test_duplicate_content_lengths(self):
+        body = json.dumps({"host": "p", "status": 200}).encode()
+        same = OK_HEAD + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode() * 2 \
+            + b"\r\n" + body
+        (status, _h, answer), = self.through(BadPeer(lambda sock: sock.sendall(same)))
+        self.assertEqual((status, answer["next_node"][0]["host"]), (200, "p"))
+        differing = (OK_HEAD + f"Content-Length: {len(body)}\r\nContent-Length: {len(body) + 5}\r\n\r\n".encode()
+                     + body)
+        started = time.monotonic()
+        (status, _h, answer), = self.through(BadPeer(lambda sock: (sock.sendall(differing), time.sleep(5))))
+        self.assertLess(time.monotonic() - started, 2.0, "waited for the timeout")
+        self.assertEqual((status, answer["next_node"][0]["status"]), (502, 502))
+        self.assertIn("differing Content-Length", answer["next_node"][0]["error"])
+
+    def test_a_reused_connection_closed_by_the_peer_is_retried_once_on_a_new_one(self):
+        def close_after_first(sock, n):
+            if n == 0:
+                return sock.sendall(record_bytes({"connection": len(peer.connections)}))
+            return False  # read the request, then close without a byte: the race with an idle timer
+
+        peer = BadPeer(close_after_first, keep_alive=True)
+        answers = self.through(peer, times=3)
+        self.assertEqual([(status, answer["next_node"][0]["connection"]) for status, _h, answer in answers],
+                         [(200, 1), (200, 2), (200, 3)])
+        self.assertEqual(len(peer.requests), 5)  # 1, then 2 and 3 each sent twice: on the old and a new connection
+
+    def test_the_race_with_an_idle_timer_is_retried(self):
+        def answer_then_idle_close(sock, n):
+            sock.sendall(record_bytes({"connection": len(peer.connections)}))
+            time.sleep(0.05)
+            return False  # closed while idle in the caller's pool
+
+        peer = BadPeer(answer_then_idle_close, keep_alive=True)
+        self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["p"] = [("127.0.0.1", peer.port)]
+            # the peer's close arriving just after the pool's check: the request goes out on a closed connection
+            with unittest.mock.patch.object(sm, "_still_open", lambda sock: True):
+                self.assertEqual(mesh.request("a", "/p")[0], 200)
+                time.sleep(0.3)
+                self.assertEqual(mesh.node("a").pool.count(), 1)
+                status, _h, answer = mesh.request("a", "/p")
+        self.assertEqual((status, answer["next_node"][0]["connection"]), (200, 2))
+
+    def test_no_retry_for_post_nor_after_a_reset(self):
+        def close_after_first(sock, n):
+            return sock.sendall(record_bytes({})) if n == 0 else False
+
+        peer = BadPeer(close_after_first, keep_alive=True)
+        answers = self.through(peer, times=2, method="POST", body=b"once")
+        self.assertEqual(answers[1][2]["next_node"][0]["error"], "connection closed before an answer")
+        self.assertEqual(len(peer.requests), 2)
+
+        def reset_after_first(sock, n):
+            if n == 0:
+                return sock.sendall(record_bytes({}))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # an RST after the request arrived: what the reset directive sends
+            return False
+
+        peer = BadPeer(reset_after_first, keep_alive=True)
+        answers = self.through(peer, times=2)
+        self.assertEqual(answers[1][2]["next_node"][0]["error"], "connection reset before an answer")
+        self.assertEqual(len(peer.requests), 2)
+
+    def test_an_injected_reset_stays_visible(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            seen = mesh.record_requests("b")
+            self.assertEqual(mesh.request("a", "/b")[0], 200)  # a pooled connection to b
+            for _ in range(3):
+                status, _h, answer = mesh.request("a", "/b;reset=1")
+                self.assertEqual((status, answer["next_node"][0]["error"]), (502, "connection reset before an answer"))
+        self.assertEqual(len(seen), 4, "a reset was retried")
+
+    def test_foreign_answers_are_recorded_by_their_status(self):
+        text = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nhello \x1b[2Jyou"
+        (status, _h, answer), = self.through(BadPeer(lambda sock: sock.sendall(text)))
+        self.assertEqual(status, 200)
+        child = answer["next_node"][0]
+        self.assertEqual({key: child[key] for key in ("host", "status", "foreign", "content_type", "size", "excerpt")},
+                         {"host": "p", "status": 200, "foreign": True, "content_type": "text/plain", "size": 13,
+                          "excerpt": "hello  [2Jyou"})
+        self.assertNotIn("error", child)
+        tree = sm.render_tree(answer)
+        self.assertIn("└─ p  200", tree)
+        self.assertIn("not simplemesh: text/plain, 13 B: hello  [2Jyou", tree)
+        self.assertNotIn("✗", tree)
+
+        rbac = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\r\nRBAC: access denied"
+        (status, _h, answer), = self.through(BadPeer(lambda sock: sock.sendall(rbac)))
+        child = answer["next_node"][0]
+        self.assertEqual((status, child["status"], child["excerpt"], child["size"]),
+                         (502, 403, "RBAC: access denied", 19))
+        self.assertEqual(child["error"], "answered 403, not a simplemesh answer: RBAC: access denied")
+        self.assertIn("✗ answered 403, not a simplemesh answer: RBAC: access denied", sm.render_tree(answer))
+        page = sm.render_html(answer, "p")
+        self.assertIn('class="hop client failed origin" data-index="1" data-parent="0" data-depth="1" data-host="p" '
+                      'data-status="403"', page)
+        self.assertIn("answered 403, not a simplemesh answer: RBAC: access denied", page)
+
+    def test_an_answer_of_the_original_fastapi_design_nests_as_its_tree(self):
+        seed = {"host": "p", "elapsed_time": 0.25, "next_node": [
+            {"host": "q", "elapsed_time": 0.2, "next_node": [{"host": "r", "elapsed_time": 0.1, "next_node": []}]}]}
+        (status, _h, answer), = self.through(BadPeer(lambda sock: sock.sendall(answer_bytes(json.dumps(seed).encode()))))
+        self.assertEqual(status, 200)
+        child = answer["next_node"][0]
+        self.assertEqual((child["status"], child["design"]), (200, "fastapi"))
+        self.assertEqual(hosts(answer), ["a", [["p", [["q", [["r", []]]]]]]])
+        tree = sm.render_tree(answer)
+        self.assertNotIn("✗", tree)
+        self.assertRegex(tree, r"├─ p|└─ p +200 .*FastAPI design")
+        self.assertIn("      └─ r  ---", tree)
+        page = sm.render_html(answer, "p")
+        self.assertEqual(page.count('class="hop ok"'), 4)
+
+    def test_the_budget_names_its_limit(self):
+        class Budget:
+            limit = "MAX_REQUEST_ANSWER_BYTES=10"
+
+            def charge(self, nbytes):
+                return nbytes <= 10
+
+        peer = BadPeer(lambda sock: sock.sendall(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n20\r\n" + b"x" * 32))
+        self.addCleanup(peer.close)
+        with self.assertRaises(sm.CallFailed) as caught:
+            sm.call_peer(sm.ConnectionPool(), sm.Peer(("127.0.0.1", peer.port), "p", "http://p/"), "/", "GET", b"",
+                         {}, 5, Budget())
+        self.assertEqual(str(caught.exception), "a chunked answer is above MAX_REQUEST_ANSWER_BYTES=10 bytes")
+
+
+class TestCallDeadlinesAndReach(unittest.TestCase):
+    """SPEC 8: name resolution inside the call's timeout; no way out to loopback, link-local, unspecified or
+    multicast addresses by a name (DNS rebinding included); PEERS names and ALLOW_IP_TARGETS=true allowed."""
+
+    def mesh(self, table, delay=0.0, **config):
+        mesh = Mesh({"a": {}, "b": {}}, **config)
+        self.addCleanup(mesh.close)
+        mesh.node("a").resolver.getaddrinfo = fake_getaddrinfo(table, delay)
+        return mesh
+
+    def test_a_slow_resolver_counts_against_the_timeout(self):
+        mesh = self.mesh({"slow.example": "10.0.0.1"}, delay=3.0)
+        started = time.monotonic()
+        status, _h, answer = mesh.request("a", "/slow.example?timeout=500ms")
+        seconds = time.monotonic() - started
+        child = answer["next_node"][0]
+        self.assertEqual((status, child["status"], child["error"]), (504, 504, "timeout after 0.5s"))
+        self.assertGreaterEqual(child["elapsed_time"], 0.45)
+        self.assertLess(child["elapsed_time"], 1.2)
+        self.assertLess(seconds, 2.0)
+
+    def test_an_unknown_name_is_a_502_in_the_tree(self):
+        mesh = self.mesh({})
+        status, _h, answer = mesh.request("a", "/nosuchname.example")
+        self.assertEqual((status, answer["next_node"][0]["status"]), (502, 502))
+        self.assertEqual(answer["next_node"][0]["error"], "cannot resolve 'nosuchname.example': Name or service not known")
+
+    def test_names_resolving_to_forbidden_addresses_are_refused_with_no_connection(self):
+        peer = BadPeer(lambda sock: sock.sendall(record_bytes({})))
+        self.addCleanup(peer.close)
+        mesh = self.mesh({"sneaky.example": "127.0.0.1", "metadata.example": "169.254.169.254",
+                          "zero.example": "0.0.0.0", "group.example": "239.1.2.3"})
+        for name, kind in [("sneaky.example", "loopback"), ("metadata.example", "link-local"),
+                           ("zero.example", "unspecified"), ("group.example", "multicast")]:
+            with self.subTest(name=name):
+                status, _h, answer = mesh.request("a", f"/{name}:{peer.port}?timeout=2s")
+                child = answer["next_node"][0]
+                self.assertEqual((status, child["status"], child["rule"]), (502, 403, "ALLOW_IP_TARGETS"))
+                self.assertIn(f", a {kind} address", child["error"])
+        self.assertEqual(peer.connections, [])
+
+    def test_localhost_is_refused_through_the_real_resolver(self):
+        with Mesh({"a": {}}) as mesh:  # the one name every machine resolves, from /etc/hosts
+            status, _h, answer = mesh.request("a", f"/localhost:{mesh.port('a')}")
+        self.assertEqual((status, answer["next_node"][0]["status"], answer["next_node"][0]["rule"]),
+                         (502, 403, "ALLOW_IP_TARGETS"))
+
+    def test_allow_ip_targets_lifts_the_rule_and_peers_names_stay_allowed(self):
+        mesh = self.mesh({"sneaky.example": "127.0.0.1"}, allow_ip_targets=True)
+        status, _h, answer = mesh.request("a", f"/sneaky.example:{mesh.port('b')}")
+        self.assertEqual((status, answer["next_node"][0]["host"]), (200, "b"))
+        self.assertEqual(self.mesh({})  .request("a", "/b")[0], 200)  # b is in PEERS, on 127.0.0.1
+
+
+class TestConnectionPool(unittest.TestCase):
+    """Liveness at any descriptor number; every peer's idle connections expire; none left in CLOSE_WAIT."""
+
+    def test_reuse_works_above_descriptor_1024(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        filler = []
+        self.addCleanup(lambda: [os.close(fd) for fd in filler])
+        while len(filler) < 1100:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            filler.append(fd)
+            if fd > 1030:
+                break
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            accepted = []
+            server_b = mesh.servers["b"]
+            original = server_b.process_request
+            server_b.process_request = lambda request, address: (accepted.append(address), original(request, address))
+            for _ in range(5):
+                self.assertEqual(mesh.request("a", "/b")[0], 200)
+            self.assertGreater(mesh.node("a").pool.idle[mesh.peers["b"][0]][0][0].sock.fileno(), 1024)
+        self.assertEqual(len(accepted), 1)
+
+    def test_idle_connections_to_every_peer_expire_without_more_calls(self):
+        peers = [BadPeer(lambda sock, n: sock.sendall(record_bytes({})), keep_alive=True) for _ in range(5)]
+        for peer in peers:
+            self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            pool = mesh.node("a").pool
+            pool.max_idle = 0.3
+            for index, peer in enumerate(peers):
+                mesh.peers[f"p{index}"] = [("127.0.0.1", peer.port)]
+            self.assertEqual(mesh.request("a", "/p0~p1~p2~p3~p4")[0], 200)
+            self.assertEqual(pool.count(), 5)
+            deadline = time.monotonic() + 3
+            while pool.count() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(pool.count(), 0)
+
+    def test_connections_the_peer_closed_are_reaped_at_once(self):
+        def answer_then_close(sock, n):
+            sock.sendall(record_bytes({}))
+            time.sleep(0.05)
+            return False  # the peer's idle timer: its end of the connection closes
+
+        peers = [BadPeer(answer_then_close, keep_alive=True) for _ in range(4)]
+        for peer in peers:
+            self.addCleanup(peer.close)
+        with Mesh({"a": {}}) as mesh:
+            pool = mesh.node("a").pool
+            for index, peer in enumerate(peers):
+                mesh.peers[f"p{index}"] = [("127.0.0.1", peer.port)]
+            self.assertEqual(mesh.request("a", "/p0~p1~p2~p3")[0], 200)
+            idle = [connection for stack in pool.idle.values() for connection, _since in stack]
+            self.assertEqual(len(idle), 4)
+            deadline = time.monotonic() + 3  # max_idle is 30 s: only the liveness check can close them this soon
+            while pool.count() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(pool.count(), 0)
+            self.assertTrue(all(connection.sock is None for connection in idle), "a socket left in CLOSE_WAIT")
+
+
 
 # --- The answer and its views ---------------------------------------------------------------------------------
 
@@ -1567,6 +2066,7 @@ class NodeOverHttpTest(unittest.TestCase):
     def test_dead_peer_and_unknown_name_stay_in_the_tree(self):
         with Mesh({"a": {}, "b": {}}) as mesh:
             mesh.peers["dead"] = [("127.0.0.1", free_port())]
+            mesh.node("a").resolver.getaddrinfo = fake_getaddrinfo({})  # no query for an invented name leaves here
             status, _h, answer = mesh.request("a", "/dead~b~nosuchname.invalid")
         self.assertEqual(status, 502)
         dead, b, unknown = answer["next_node"]
@@ -1629,17 +2129,17 @@ class NodeOverHttpTest(unittest.TestCase):
     def test_idle_pooled_connections_expire(self):
         pool = sm.ConnectionPool(max_idle=0.05)
         with Mesh({"b": {}}) as mesh:
-            address = mesh.peers["b"][0]
-            first = pool.take(address, 5)
-            first.request("GET", "/")
-            first.getresponse().read()
-            pool.give_back(address, first)
-            self.assertIs(pool.take(address, 5), first)  # fresh: reused
-            pool.give_back(address, first)
+            peer = sm.Peer(mesh.peers["b"][0], "b", "http://b/")
+            self.assertEqual(sm.call_peer(pool, peer, "/", "GET", b"", {}, 5, sm.UpstreamBudget(1 << 20))[0], 200)
+            first = pool.take(peer, time.monotonic() + 5)
+            pool.give_back(peer.address, first)
+            self.assertIs(pool.take(peer, time.monotonic() + 5), first)  # fresh: reused
+            pool.give_back(peer.address, first)
             time.sleep(0.1)
-            second = pool.take(address, 5)
+            second = pool.take(peer, time.monotonic() + 5)
             self.assertIsNot(second, first)  # idle too long: a new connection
             self.assertIsNone(first.sock)
+            second.close()
             pool.close()
 
     def test_non_simplemesh_answer_is_recorded_by_the_caller(self):
@@ -2128,15 +2628,21 @@ class RobustParsingTest(unittest.TestCase):
 
 class BadPeer:
     """A TCP peer that misbehaves on purpose: ``behaviour(sock)`` runs for every connection after its request
-    arrived. Not a simplemesh node: a dead, slow, rude or broken upstream."""
+    arrived. Not a simplemesh node: a dead, slow, rude or broken upstream.
 
-    def __init__(self, behaviour):
+    With ``keep_alive``, ``behaviour(sock, n)`` runs for each request on a connection (n = 0, 1, ...) until it
+    returns False (then the peer closes the connection) or the connection ends. ``requests`` holds the head of every request received, in order.
+    """
+
+    def __init__(self, behaviour, keep_alive=False):
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self.behaviour = behaviour
+        self.keep_alive = keep_alive
         self.connections = []
+        self.requests = []
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self):
@@ -2152,12 +2658,22 @@ class BadPeer:
         try:
             sock.settimeout(10)
             data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            self.behaviour(sock)
+            for number in itertools.count():
+                while b"\r\n\r\n" not in data:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length: *([0-9]+)", head)
+                while length and len(data) < int(length.group(1)):
+                    data += sock.recv(65536)
+                data = data[int(length.group(1)):] if length else data
+                self.requests.append(head)
+                if not self.keep_alive:
+                    return self.behaviour(sock)
+                if self.behaviour(sock, number) is False:
+                    return sock.close()
         except OSError:
             pass
 
@@ -2242,7 +2758,8 @@ class RobustDeadAndSlowPeerTest(unittest.TestCase):
         deep = b"[" * 100000 + b"]" * 100000
         status, child, _seconds = self.call_through(lambda sock: sock.sendall(answer_bytes(deep)))
         self.assertEqual(status, 200)  # a 200 that is not a simplemesh answer: recorded, not a failure
-        self.assertIn("without a simplemesh answer", child["error"])
+        self.assertEqual((child["status"], child["foreign"], child["size"]), (200, True, len(deep)))
+        self.assertNotIn("error", child)
 
     def test_upstream_answer_size_at_and_above_the_cap(self):
         body = json.dumps({"host": "p", "status": 200, "pad": "x" * 1000}).encode()
@@ -3068,6 +3585,23 @@ class TestCallCommand(unittest.TestCase):
             self.assertEqual(hosts(json.loads(result.stdout)), ["a", [["b", []]]])
             result = run_cli("call", "--json", f"{url}/b//c")
             self.assertEqual((result.returncode, json.loads(result.stdout)["status"]), (1, 400))
+
+    def test_call_draws_a_foreign_answer_as_one_hop_and_exits_by_its_status(self):
+        with Mesh({"a": {}}) as mesh:
+            result = run_cli("call", f"127.0.0.1:{mesh.port('a')}/healthz")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("✗", result.stdout)
+        self.assertNotIn("reset", result.stdout)
+        self.assertRegex(result.stdout, r'^127\.0\.0\.1:\d+  200 .* not simplemesh: application/json, \d+ B: '
+                                        r'\{"host": "a", "status": "ok"\}\nok: 1 hop in ')
+        rbac = b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n" \
+               b"content-length: 19\r\n\r\nRBAC: access denied"
+        peer = BadPeer(lambda sock: sock.sendall(rbac))
+        self.addCleanup(peer.close)
+        result = run_cli("call", f"127.0.0.1:{peer.port}/")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("403", result.stdout)
+        self.assertIn("✗ answered 403, not a simplemesh answer: RBAC: access denied", result.stdout)
 
     def test_call_without_an_answer_exits_2(self):
         result = run_cli("call", f"http://127.0.0.1:{free_port()}/a")
