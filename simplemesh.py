@@ -150,6 +150,21 @@ def parse_peers(text):
     return peers
 
 
+# The memory a node is given and the bytes its answers may hold are one decision, made here: ``manifests`` writes
+# MEMORY_LIMIT_MIB as each pod's limit, and MAX_INFLIGHT_BYTES defaults to what fits in it. A node at rest uses
+# about 30 MiB (BASE_MEMORY_MIB leaves room for threads, pools and caches); each in-flight answer byte costs up to
+# ANSWER_MEMORY_FACTOR bytes of memory (a body read, its parsed tree, the rendered answer), as measured by
+# RobustMemoryTest. To give a node more, raise both: limit >= BASE_MEMORY_MIB + factor * MAX_INFLIGHT_BYTES.
+MEMORY_LIMIT_MIB = 128
+BASE_MEMORY_MIB = 44
+ANSWER_MEMORY_FACTOR = 3
+
+
+def inflight_bytes_for(memory_limit_mib):
+    """The MAX_INFLIGHT_BYTES that keeps a node under ``memory_limit_mib`` (README: sizing a node)."""
+    return (memory_limit_mib - BASE_MEMORY_MIB) * 1024 * 1024 // ANSWER_MEMORY_FACTOR
+
+
 class Config(Record):
     host: str = "localhost"
     port: int = 9090
@@ -170,6 +185,9 @@ class Config(Record):
     max_timeout: float = 300.0
     max_body: int = 1024 * 1024
     max_upstream_body: int = 16 * 1024 * 1024
+    max_route_bytes: int = 16 * 1024 * 1024  # answer bytes one request may ask for across its tree
+    max_route_cpu: float = 10.0  # CPU seconds one request may ask for across its tree
+    max_inflight_bytes: int = inflight_bytes_for(MEMORY_LIMIT_MIB)  # all requests' answer and body bytes at once
     max_concurrency: int = 512
     keepalive_timeout: float = 75.0
     shutdown_delay: float = 0.0
@@ -213,6 +231,9 @@ class Config(Record):
         read("MAX_TIMEOUT", "max_timeout", parse_duration)
         read("MAX_BODY", "max_body", parse_size)
         read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
+        read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
+        read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
+        read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
         read("MAX_CONCURRENCY", "max_concurrency", positive_int)
         read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
         read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
@@ -320,21 +341,26 @@ NOT_URL_TEXT_RE = re.compile(r"[^!-~]")
 MAX_NESTING = 32
 
 
-@functools.lru_cache(maxsize=1024)  # a mesh sees the same few routes over and over; the result is never changed
-def parse_route(path):
-    """Parse a decoded path (``/b;delay=1s~c/d``) into a tuple of steps; a step is a tuple of branches."""
+def parse_route(path, max_calls=None):
+    """Parse a decoded path (``/b;delay=1s~c/d``) into a tuple of steps; a step is a tuple of branches.
+
+    Every target written in a route is called at least once, so a route naming more than ``max_calls`` targets
+    is refused while parsing: what a parse holds stays small whatever the path (see RouteCache for reuse).
+    """
     if not path.startswith("/"):
         raise RouteError("the path must start with '/'", 0)
     if path == "/":
         return ()
-    return _RouteParser(path).parse()
+    return _RouteParser(path, max_calls).parse()
 
 
 class _RouteParser:
-    def __init__(self, text):
+    def __init__(self, text, max_calls=None):
         self.text = text
         self.pos = 1  # after the leading "/"
         self.nesting = 0
+        self.max_calls = max_calls
+        self.targets_left = max_calls
 
     def peek(self):
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -382,6 +408,10 @@ class _RouteParser:
     def target(self):
         start = self.pos
         text = self.text
+        if self.targets_left is not None:
+            self.targets_left -= 1
+            if self.targets_left < 0:
+                raise RouteError(f"the route names more than MAX_CALLS={self.max_calls} targets", start)
         while self.pos < len(text) and text[self.pos] in NAME_CHARS:
             self.pos += 1
         if self.pos == start:
@@ -424,6 +454,8 @@ class _RouteParser:
                 check_directive(key, value)
             except DirectiveError as error:
                 raise RouteError(str(error), key_start) from None
+            if any(key == seen for seen, _value in directives):  # also bounds what one hop's directives hold
+                raise RouteError(f"directive {key!r} is given twice for this hop", key_start)
             directives.append((key, value))
         return Target(name, port, tuple(directives))
 
@@ -668,6 +700,17 @@ def check_route_caps(config, steps):
                     capped_directive(config, key, text)
 
 
+def route_directive(steps):
+    """The first hop of a route that carries directives (what ALLOW_DIRECTIVES=false refuses), or None."""
+    for step in steps:
+        for branch in step:
+            found = route_directive(branch.steps) if isinstance(branch, Group) else (
+                branch.address_text() if branch.directives else None)
+            if found:
+                return found
+    return None
+
+
 def check_directive(key, value):
     """Parse one directive's text, raising DirectiveError; returns the typed value (caps are checked later)."""
     directive = DIRECTIVES.get(key)
@@ -755,6 +798,150 @@ def burn_cpu(seconds):
     while time.thread_time() < end:
         for _ in range(1000):
             n = (n * 1103515245 + 12345) & 0x7FFFFFFF
+
+
+# --- Budgets -----------------------------------------------------------------------------------------------
+# SPEC 8. What one request may make a node spend is counted from its parsed route before any call: the answer
+# bytes and the CPU seconds its whole tree asks for (route_cost). While it runs, the bytes it holds (downstream
+# answers as they arrive, its own padded answer, its body) are charged to a RequestBudget, which charges the
+# node-wide Budget in step, so all requests together stay under MAX_INFLIGHT_BYTES and so under the pod's
+# memory limit. Parsed routes are reused from a cache bounded in bytes that keeps only routes a node accepted.
+
+def route_cost(steps, max_calls):
+    """(answer bytes, CPU seconds) the hops of ``steps`` ask for in their own directives (``size=``, ``cpu=``),
+    summed over every call the route expands to, so fan-out multiplies. The node's own directives are not
+    in ``steps``: the caller adds them. Hops' environment defaults are unknown here; each node counts its own
+    subtree again when the request reaches it.
+
+    Counting stops after ``max_calls`` calls (route_size refuses such routes), so this costs at most that many
+    steps whatever the route.
+    """
+    total_bytes, total_cpu, calls = 0, 0.0, 0
+    pending = [steps]
+    while pending and calls <= max_calls:
+        for target, rest in plan_calls(pending.pop()):
+            calls += 1
+            size, cpu = hop_cost(target)
+            total_bytes += size
+            total_cpu += cpu
+            if rest:
+                pending.append(rest)
+    return total_bytes, total_cpu
+
+
+def hop_cost(target):
+    """(answer bytes, CPU seconds) one hop's matrix directives ask for (its directives were checked at parse)."""
+    size, cpu = 0, 0.0
+    for key, text in target.directives:
+        if key == "size":
+            size = parse_size(text)
+        elif key == "cpu":
+            cpu = parse_duration(text)
+    return size, cpu
+
+
+class Budget:
+    """Bytes held by the whole node (MAX_INFLIGHT_BYTES): shared by every request thread, so under a lock."""
+
+    def __init__(self, limit, name="MAX_INFLIGHT_BYTES"):
+        self.limit = limit
+        self.name = name
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def charge(self, nbytes):
+        """Take ``nbytes`` if they fit: True, else False and nothing is taken."""
+        with self.lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes):
+        with self.lock:
+            self.used -= nbytes
+
+
+class RequestBudget:
+    """The answer bytes one request may hold (MAX_ROUTE_BYTES), charged to the node's Budget as they come.
+
+    ``reserved`` is taken from the node at once (what the route asks for, so a full node refuses before any
+    call); charges beyond it are taken from the node as they come. Parallel branches charge the same budget.
+    ``close()`` gives everything back to the node once the answer is sent.
+    """
+
+    def __init__(self, limit, node_budget, reserved=0):
+        self.limit = limit
+        self.node_budget = node_budget
+        self.reserved = reserved
+        self.used = 0
+        self.held = 0  # what the node's budget holds for this request
+        self.refused = ""  # the limit a refused charge ran into, for the call's error
+        self.lock = threading.Lock()
+        self.admitted = node_budget.charge(reserved)
+        if self.admitted:
+            self.held = reserved
+
+    def charge(self, nbytes):
+        """Count ``nbytes`` just read: False (and nothing counted) when they go past either limit."""
+        with self.lock:
+            used = self.used + nbytes
+            if used > self.limit:
+                self.refused = f"the answers are above MAX_ROUTE_BYTES={self.limit} for this request"
+                return False
+            extra = max(0, used - self.reserved) - max(0, self.used - self.reserved)
+            if extra and not self.node_budget.charge(extra):
+                self.refused = f"the node holds MAX_INFLIGHT_BYTES={self.node_budget.limit} in answers"
+                return False
+            self.used = used
+            self.held += extra
+            return True
+
+    def close(self):
+        with self.lock:
+            held, self.held = self.held, 0
+        self.node_budget.release(held)
+
+
+UNLIMITED = RequestBudget(float("inf"), Budget(float("inf"), "none"))  # for calls made outside a request
+
+
+class RouteCache:
+    """Parsed routes by path, bounded by an estimate of their bytes; only routes a node accepted are put in.
+
+    A mesh sees the same few routes over and over, so parsing each once saves a hop's worth of CPU. Refused
+    routes are never kept, and neither are long ones, so no client can fill a node's memory through it.
+    """
+    BYTES_PER_CHAR = 200  # what a parsed route holds per character of its path, at most (measured: 15 to 150)
+
+    def __init__(self, max_bytes=4 * 1024 * 1024, max_path=2048):
+        self.max_bytes = max_bytes
+        self.max_path = max_path
+        self.entries = {}  # path -> steps, oldest first (dicts keep insertion order)
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, path):
+        return self.entries.get(path)  # a plain read: no lock needed, and no reordering (evicted oldest-first)
+
+    def put(self, path, steps):
+        if len(path) > self.max_path:
+            return
+        with self.lock:
+            if path in self.entries:
+                return
+            self.entries[path] = steps
+            self.size += self.cost(path)
+            while self.size > self.max_bytes:
+                oldest = next(iter(self.entries))
+                del self.entries[oldest]
+                self.size -= self.cost(oldest)
+
+    def cost(self, path):
+        return 256 + self.BYTES_PER_CHAR * len(path)
+
+
+ROUTES = RouteCache()
 
 
 # --- Trace context -----------------------------------------------------------------------------------------
@@ -1255,15 +1442,17 @@ class Deadlines:
 DEADLINES = Deadlines()
 
 
-def call_peer(pool, peer, path, method, body, headers, timeout, max_answer):
+def call_peer(pool, peer, path, method, body, headers, timeout, max_answer, budget):
     """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all.
 
+    The answer's bytes are charged to ``budget`` (a RequestBudget) as they arrive; past it the call fails.
     Raises CallFailed, never anything else: whatever the peer does becomes a record in the caller's tree.
     """
     connection = pool.take(peer.address, timeout)
     watch = DEADLINES.watch(connection, timeout)
     try:
-        status, content_type, data, reusable = _exchange(connection, peer, path, method, body, headers, max_answer)
+        status, content_type, data, reusable = _exchange(connection, peer, path, method, body, headers, max_answer,
+                                                         budget)
     except Exception as error:
         expired = DEADLINES.release(watch)
         connection.close()
@@ -1282,7 +1471,7 @@ def call_peer(pool, peer, path, method, body, headers, timeout, max_answer):
     return status, content_type, data
 
 
-def _exchange(connection, peer, path, method, body, headers, max_answer):
+def _exchange(connection, peer, path, method, body, headers, max_answer, budget):
     connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     connection.putheader("Host", peer.host_header)
     for name, value in headers.items():
@@ -1294,11 +1483,30 @@ def _exchange(connection, peer, path, method, body, headers, max_answer):
     length = response.getheader("content-length")
     if length and is_number(length) and (len(length) > 18 or int(length) > max_answer):
         raise CallFailed(f"answer of {length} bytes is above MAX_UPSTREAM_BODY={max_answer}", code=response.status)
-    data = response.read(max_answer + 1)  # nothing for HEAD, but reading it frees the connection for reuse
+    declared = response.length  # None when the length is unknown until the end (chunked, or to the close)
+    if declared and not budget.charge(declared):  # refused before a byte of it is read
+        raise CallFailed(f"answer of {declared} bytes refused: {budget.refused}", code=response.status)
+    data = _read_charged(response, max_answer, budget, charged=declared is not None)
     if len(data) > max_answer:
         raise CallFailed(f"answer is above MAX_UPSTREAM_BODY={max_answer} bytes", code=response.status)
     reusable = not response.will_close and not response.fp
     return response.status, response.getheader("content-type", ""), data, reusable
+
+
+def _read_charged(response, max_answer, budget, charged):
+    """The answer body, at most ``max_answer + 1`` bytes; an answer of unknown length is charged as it arrives."""
+    if charged:
+        return response.read(max_answer + 1)  # nothing for HEAD, but reading it frees the connection for reuse
+    chunks, total = [], 0
+    while total <= max_answer:
+        chunk = response.read(min(65536, max_answer + 1 - total))
+        if not chunk:
+            break
+        if not budget.charge(len(chunk)):
+            raise CallFailed(f"answer refused after {total} bytes: {budget.refused}", code=response.status)
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _call_failure(error, peer):
@@ -2208,9 +2416,11 @@ class SpanExporter:
 
 class Request:
     """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
-    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall")
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
 
-    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0):
+    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
+        self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
+        self.budget = None  # the RequestBudget of a routed request, once admitted
         self.method = method
         self.path = path  # percent-decoded
         self.query = query
@@ -2245,6 +2455,7 @@ class Node:
         self.defaults = dict(config.defaults)
         self.base_directives = Directives.resolve(config, self.defaults, {})
         self.pool = ConnectionPool()
+        self.inflight = Budget(config.max_inflight_bytes)  # answer and body bytes of all requests (SPEC 8)
         self.resolver = Resolver(config.peers, config.upstream_port)
         self.metrics = Metrics()
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
@@ -2273,31 +2484,15 @@ class Node:
         query = split_query(request.query)
         query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
         try:
-            steps = parse_route(request.path)
-            if query and not config.allow_directives:
-                return self.refuse(403, "directives are not allowed here (ALLOW_DIRECTIVES=false)", trace,
-                                   rule="ALLOW_DIRECTIVES")
-            directives = (Directives.resolve(config, self.defaults, query) if query
-                          else self.base_directives)
-            calls = plan_calls(steps)
-            if calls:
-                total, depth = route_size(steps, config.max_calls, config.max_depth)
-                if total > config.max_calls:
-                    return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
-                                       trace, rule="MAX_CALLS")
-                if depth > config.max_depth:
-                    return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
-                                       trace, rule="MAX_DEPTH")
-                for target, _rest in calls:
-                    refusal = self.target_refusal(target.name)
-                    if refusal:
-                        return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
-                check_route_caps(config, steps)
+            plan = self.plan(request, query, trace)
         except RouteError as error:
             return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
                                route=request.path)
         except DirectiveError as error:
             return self.refuse(400, f"bad directive: {error}", trace)
+        if isinstance(plan, Outcome):
+            return plan
+        calls, directives = plan
 
         record = {"host": config.host}
         if config.version:
@@ -2347,6 +2542,71 @@ class Node:
             pad_record(record, directives.size)
         return Outcome(status, record, trace_id=trace.trace_id,
                        targets=tuple(target.name for target, _rest in calls), trace=trace)
+
+    def plan(self, request, query, trace):
+        """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
+
+        Raises RouteError or DirectiveError for a bad route or directive. An admitted request holds a
+        RequestBudget (request.budget) until its answer is sent.
+        """
+        config = self.config
+        steps = ROUTES.get(request.path)
+        fresh = steps is None
+        if fresh:
+            steps = parse_route(request.path, config.max_calls)
+        if not config.allow_directives and (query or route_directive(steps)):
+            where = f"for hop {route_directive(steps)!r} " if not query else ""
+            return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
+                               rule="ALLOW_DIRECTIVES")
+        directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
+        calls = plan_calls(steps)
+        if calls:
+            refusal = self.route_refusal(steps, calls, trace)
+            if refusal:
+                return refusal
+        answer_bytes, cpu = route_cost(steps, config.max_calls)
+        answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
+        for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
+                                        (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
+                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU")):
+            if amount > limit:
+                what = "answer bytes" if "BYTES" in variable else "CPU seconds"
+                return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
+                                        f"{variable}={limit:g}", trace, rule=variable)
+        if fresh:
+            ROUTES.put(request.path, steps)
+        request.budget = RequestBudget(config.max_route_bytes, self.inflight, reserved=answer_bytes)
+        if not request.budget.admitted:
+            outcome = self.refuse(503, f"the node is busy: its answers in flight are near MAX_INFLIGHT_BYTES="
+                                       f"{config.max_inflight_bytes}", trace, rule="MAX_INFLIGHT_BYTES")
+            outcome.extra_headers = (("Retry-After", "1"),)
+            return outcome
+        return calls, directives
+
+    def route_refusal(self, steps, calls, trace):
+        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+        config = self.config
+        total, depth = route_size(steps, config.max_calls, config.max_depth)
+        if total > config.max_calls:
+            return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
+                               trace, rule="MAX_CALLS")
+        if depth > config.max_depth:
+            return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
+                               trace, rule="MAX_DEPTH")
+        for target, _rest in calls:
+            refusal = self.target_refusal(target.name)
+            if refusal:
+                return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
+        check_route_caps(config, steps)  # raises DirectiveError
+        return None
+
+    def release(self, request):
+        """Give back what a request held in the node's budget (its body, its answers), once its answer is sent."""
+        if request.held:
+            self.inflight.release(request.held)
+            request.held = 0
+        if request.budget is not None:
+            request.budget.close()
 
     def refuse(self, status, message, trace, **extra):
         return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
@@ -2398,7 +2658,7 @@ class Node:
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, self.config.max_upstream_body)
+                directives.timeout, self.config.max_upstream_body, request.budget or UNLIMITED)
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:
@@ -2420,6 +2680,7 @@ class Node:
 # the handler below reads the request line and headers itself and writes each answer in one send.
 
 MAX_REQUEST_LINE = 16 * 1024
+ANSWER_CHUNK = 256 * 1024  # answers above this are written in pieces of it
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
 REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -2450,6 +2711,8 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:  # answered, counted and logged like any request, then the connection closes
             self.close_connection = True
             outcome = error_outcome(node.config.host, error.status, str(error))
+            if error.status == 503:
+                outcome.extra_headers = (("Retry-After", "1"),)
             try:
                 self.write_answer(outcome, "")
             except OSError:
@@ -2485,6 +2748,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             outcome = Outcome(499)
         finally:
+            node.release(request)
             with metrics.lock:
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
@@ -2541,10 +2805,18 @@ class Handler(BaseHTTPRequestHandler):
         if len(length) > 18 or int(length) > max_body:
             raise BadRequest(413, f"Content-Length {length[:20]} is above MAX_BODY={max_body}")
         length = int(length)
-        if length and headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
-        body = self.rfile.read(length) if length else b""
+        inflight = self.server.node.inflight
+        if length and not inflight.charge(length):  # before a byte of it is read (SPEC 8)
+            raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES={inflight.limit}")
+        try:
+            if length and headers.get("expect", "").lower() == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
+            body = self.rfile.read(length) if length else b""
+        except BaseException:
+            inflight.release(length)
+            raise
         if len(body) < length:
+            inflight.release(length)
             return None
         if target.startswith(("http://", "https://")):  # absolute form, as proxies send it
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
@@ -2554,8 +2826,9 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 path = unquote(path, errors="strict")
             except UnicodeDecodeError:
+                inflight.release(length)
                 raise BadRequest(400, "the path is not UTF-8 once percent-decoded") from None
-        return Request(method, path, query, headers, body, received, received_wall)
+        return Request(method, path, query, headers, body, received, received_wall, held=length)
 
     def dispatch(self, node, request):
         path = request.path
@@ -2606,6 +2879,9 @@ class Handler(BaseHTTPRequestHandler):
                 return error_outcome(host, 405, "use GET, POST or DELETE")
             return Outcome(200, {"host": host, "defaults": node.defaults})
         if request.path == "/-/ready":
+            if request.method == "POST" and not node.config.allow_directives:
+                return error_outcome(host, 403, "taking a node out of service is not allowed here "
+                                     "(ALLOW_DIRECTIVES=false)", rule="ALLOW_DIRECTIVES")
             if request.method == "POST":
                 try:
                     node.ready = parse_bool(query.get("ready") or "unset")
@@ -2615,14 +2891,13 @@ class Handler(BaseHTTPRequestHandler):
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
-        if outcome.text is not None:
-            body = outcome.text.encode()
-        else:
-            body = json.dumps(outcome.record).encode()
+        text = outcome.text if outcome.text is not None else json.dumps(outcome.record)
+        outcome.record = None  # a big tree is freed while its text is sent (memory: ANSWER_MEMORY_FACTOR)
+        body = text.encode() if len(text) <= ANSWER_CHUNK or not text.isascii() else None
         if self.server.draining:
             self.close_connection = True
         head = [f"HTTP/1.1 {outcome.status} {REASONS.get(outcome.status, 'Unknown')}\r\n"
-                f"Content-Type: {outcome.content_type}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: {outcome.content_type}\r\nContent-Length: {len(text if body is None else body)}\r\n"
                 f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
         if outcome.trace_id:
             head.append(f"X-Trace-Id: {outcome.trace_id}\r\n")
@@ -2632,7 +2907,14 @@ class Handler(BaseHTTPRequestHandler):
             head.append("Connection: close\r\n")
         head.append("\r\n")
         data = "".join(head).encode("latin-1")
-        self.wfile.write(data if method == "HEAD" else data + body)
+        if method == "HEAD":
+            self.wfile.write(data)
+        elif body is not None:
+            self.wfile.write(data + body)
+        else:  # a big ASCII answer is encoded a piece at a time: no second and third copy of it in memory
+            self.wfile.write(data)
+            for start in range(0, len(text), ANSWER_CHUNK):
+                self.wfile.write(text[start:start + ANSWER_CHUNK].encode("ascii"))
 
     def reset_connection(self):
         """Close without answering, with an RST (what Envoy reports as an upstream reset)."""
