@@ -273,6 +273,18 @@ class RouteGrammarTest(unittest.TestCase):
         calls, depth = sm.route_size(sm.parse_route("/" + "/".join(["a"] * 40)), 1000, 16)
         self.assertGreater(depth, 16)
 
+    def test_parsing_stops_at_max_calls_targets_and_refuses_a_directive_twice(self):
+        self.assertEqual(len(sm.plan_calls(sm.parse_route("/" + "~".join(["b"] * 5), max_calls=5))), 5)
+        path = "/" + "~".join(["b"] * 6) + "~" + "x" * 16000  # a parse holds at most max_calls targets
+        with self.assertRaises(sm.RouteError) as caught:
+            sm.parse_route(path, max_calls=5)
+        self.assertIn("MAX_CALLS=5", caught.exception.message)
+        self.assertEqual(caught.exception.position, 11)
+        with self.assertRaises(sm.RouteError) as caught:
+            sm.parse_route("/b;delay=1ms;error=0.1;delay=2ms")
+        self.assertIn("'delay' is given twice", caught.exception.message)
+        self.assertEqual(caught.exception.position, 23)
+
     def test_ip_literals(self):
         for name in ["127.0.0.1", "127.1", "10.0.0.1", "2130706433", "0x7f000001", "0x7f.1"]:
             self.assertTrue(sm.is_ip_literal(name), name)
@@ -348,6 +360,83 @@ class DirectivesTest(unittest.TestCase):
 
 
 # --- Trace context --------------------------------------------------------------------------------------------
+
+# --- Budgets --------------------------------------------------------------------------------------------------
+
+class BudgetsTest(unittest.TestCase):
+    def test_route_cost_sums_size_and_cpu_over_every_call(self):
+        k, m = 1024, 1024 * 1024
+        for path, cost in [("/b", (0, 0.0)), ("/b;size=1k", (k, 0.0)), ("/b;size=1k;cpu=20ms/c;cpu=1s", (k, 1.02)),
+                           ("/b;size=1k~c;size=2k/d;size=1m", (3 * k + 2 * m, 0.0)),  # d is called by b and by c
+                           ("/(b;cpu=1s/d)~(c/e;cpu=2s)/f;cpu=100ms", (0, 3.2)),
+                           ("/b~c/d~e/f;size=1k", (4 * k, 0.0)), ("/b;size=1k/b;size=1k/b;size=1k", (3 * k, 0.0))]:
+            with self.subTest(path=path):
+                size, cpu = sm.route_cost(sm.parse_route(path), 1000)
+                self.assertEqual((size, round(cpu, 6)), cost)
+
+    def test_route_cost_stops_after_max_calls(self):
+        steps = sm.parse_route("/" + "/".join(["a;size=1~b;size=1"] * 40))  # 2**40 calls if expanded
+        started = time.perf_counter()
+        size, _cpu = sm.route_cost(steps, 100)
+        self.assertGreater(size, 100)
+        self.assertLess(time.perf_counter() - started, 0.5)
+
+    def test_request_budget_charges_the_node_beyond_its_reservation(self):
+        node = sm.Budget(1000)
+        first = sm.RequestBudget(600, node, reserved=400)
+        self.assertTrue(first.admitted)
+        self.assertEqual(node.used, 400)
+        self.assertTrue(first.charge(300))  # within what was reserved
+        self.assertEqual(node.used, 400)
+        self.assertTrue(first.charge(200))  # 100 beyond it
+        self.assertEqual(node.used, 500)
+        self.assertFalse(first.charge(101))  # past the request's own limit: nothing counted
+        self.assertIn("MAX_ROUTE_BYTES=600", first.refused)
+        self.assertEqual((first.used, node.used), (500, 500))
+        second = sm.RequestBudget(600, node, reserved=500)
+        self.assertTrue(second.admitted)
+        self.assertFalse(second.charge(501))
+        self.assertFalse(sm.RequestBudget(600, node, reserved=1).admitted)  # the node is full
+        third = sm.RequestBudget(600, node)
+        self.assertFalse(third.charge(1))
+        self.assertIn("MAX_INFLIGHT_BYTES=1000", third.refused)
+        first.close()
+        first.close()  # twice gives back nothing more
+        self.assertEqual(node.used, 500)
+        second.close()
+        self.assertEqual(node.used, 0)
+
+    def test_request_budget_is_shared_by_parallel_branches(self):
+        node = sm.Budget(10 ** 9)
+        budget = sm.RequestBudget(50_000, node, reserved=10_000)
+        taken = []
+
+        def charge():
+            taken.append(sum(7 for _ in range(2000) if budget.charge(7)))
+
+        threads = [threading.Thread(target=charge) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(sum(taken), budget.used)
+        self.assertEqual(budget.used, 50_000 - 50_000 % 7)
+        self.assertEqual(node.used, budget.used)
+        budget.close()
+        self.assertEqual(node.used, 0)
+
+    def test_route_cache_is_bounded_in_bytes(self):
+        cache = sm.RouteCache(max_bytes=100_000, max_path=1000)
+        for index in range(1000):
+            path = f"/b{index}/c"
+            cache.put(path, sm.parse_route(path))
+        self.assertLessEqual(cache.size, 100_000)
+        self.assertEqual(cache.size, sum(cache.cost(path) for path in cache.entries))
+        self.assertIsNone(cache.get("/b0/c"))  # the oldest went first
+        self.assertIsNotNone(cache.get("/b999/c"))
+        cache.put("/" + "b" * 1001, ())
+        self.assertNotIn("/" + "b" * 1001, cache.entries)  # a long route is not kept
+
 
 class CapturingPeer:
     """A downstream that answers like a leaf node and keeps the headers of every request it got."""
@@ -1624,6 +1713,11 @@ class NodeOverHttpTest(unittest.TestCase):
             self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
             self.assertEqual(mesh.request("a", "/-/defaults", method="DELETE")[0], 403)
             self.assertEqual(mesh.request("a", "/")[0], 200)
+            status, _h, answer = mesh.request("a", "/-/ready?ready=false", method="POST")
+            self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            self.assertEqual(mesh.request("a", "/readyz")[0], 200)  # still in service
+            self.assertEqual(mesh.request("a", "/-/ready")[2], {"host": "a", "ready": True})  # reading stays allowed
+            self.assertEqual(mesh.request("a", "/-/defaults")[0], 200)
 
     def test_malformed_requests_are_counted_and_logged(self):
         with Mesh({"a": {}}) as mesh:
@@ -2251,10 +2345,19 @@ class RobustOutboundSafetyTest(unittest.TestCase):
             self.assertEqual(mesh.node("d").metrics.requests, {})
 
     def test_allow_directives_false(self):
-        with Mesh({"a": {}}, allow_directives=False) as mesh:
+        with Mesh({"a": {}, "b": {}, "c": {}}, allow_directives=False) as mesh:
             self.assertEqual(mesh.request("a", "/")[0], 200)
             status, _headers, answer = mesh.request("a", "/?error=1")
             self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            seen = mesh.record_requests("b")
+            for path, hop in (("/b;error=1", "b"), ("/b/c;delay=1ms", "c"), ("/b~(c/c;status=503)", "c"),
+                              ("/b/c:9;parallel", "c:9")):  # aimed at a later hop too
+                with self.subTest(path=path):
+                    status, _headers, answer = mesh.request("a", path)
+                    self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+                    self.assertIn(repr(hop), answer["error"])
+            self.assertEqual(seen, [])  # refused before any call
+            self.assertEqual(mesh.request("a", "/b/c")[0], 200)
 
     def test_inbound_values_cannot_inject_header_lines_downstream(self):
         seen = []
