@@ -23,6 +23,7 @@ import fnmatch
 import functools
 import gzip
 import html
+import itertools
 import json
 import math
 import os
@@ -157,7 +158,7 @@ def parse_peers(text):
 # RobustMemoryTest. To give a node more, raise both: limit >= BASE_MEMORY_MIB + factor * MAX_INFLIGHT_BYTES.
 MEMORY_LIMIT_MIB = 128
 BASE_MEMORY_MIB = 44
-ANSWER_MEMORY_FACTOR = 4
+ANSWER_MEMORY_FACTOR = 3
 
 
 def inflight_bytes_for(memory_limit_mib):
@@ -1594,12 +1595,63 @@ def node_status(own_failure, children):
     return worst
 
 
-def pad_record(record, size):
-    """Grow the record with a ``padding`` field so its JSON is about ``size`` bytes."""
-    missing = size - len(json.dumps(record)) - len(', "padding": ""')
-    if missing > 0:
-        record["padding"] = "x" * missing
-    return record
+ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
+PADDING_FIELD = ', "padding": ""'
+LAZY_JSON = json.JSONEncoder()  # iterencode() yields the text piece by piece instead of building it whole
+
+
+def answer_json(record, size=0, big=False):
+    """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
+
+    The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
+    record (one holding large downstream answers) is encoded lazily, twice (once to count), so besides the
+    record only one of its strings is held as text at a time; the padding is never held whole.
+    """
+    if big:
+        length, pieces = sum(map(len, LAZY_JSON.iterencode(record))), LAZY_JSON.iterencode(record)
+    else:
+        text = json.dumps(record)
+        length, pieces = len(text), (text,)
+    missing = size - length - len(PADDING_FIELD)
+    if missing <= 0:
+        return length, pieces
+    # A record is never empty, so the padding field always follows another.
+    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
+
+
+def _without_closing_brace(pieces):
+    held = None
+    for piece in pieces:
+        if held is not None:
+            yield held
+        held = piece
+    yield held[:-1]
+
+
+def _padding(count):
+    block = "x" * min(count, ANSWER_CHUNK)
+    for start in range(0, count, ANSWER_CHUNK):
+        yield block if count - start >= ANSWER_CHUNK else block[:count - start]
+
+
+def ascii_chunks(pieces):
+    """ASCII text pieces -> bytes of about ANSWER_CHUNK each, encoding one piece at a time."""
+    buffer, buffered = [], 0
+    for piece in pieces:
+        if len(piece) >= ANSWER_CHUNK:
+            if buffer:
+                yield "".join(buffer).encode("ascii")
+                buffer, buffered = [], 0
+            for start in range(0, len(piece), ANSWER_CHUNK):
+                yield piece[start:start + ANSWER_CHUNK].encode("ascii")
+            continue
+        buffer.append(piece)
+        buffered += len(piece)
+        if buffered >= ANSWER_CHUNK:
+            yield "".join(buffer).encode("ascii")
+            buffer, buffered = [], 0
+    if buffer:
+        yield "".join(buffer).encode("ascii")
 
 
 def error_outcome(host, status, message, **extra):
@@ -2432,10 +2484,13 @@ class Request:
 
 class Outcome:
     """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
-    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace")
+    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace",
+                 "size", "big")
 
     def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
-                 extra_headers=(), trace_id="", targets=(), trace=None):
+                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False):
+        self.size = size  # the JSON answer is padded to about this many bytes (``size``)
+        self.big = big  # the record holds big downstream answers: encode it piece by piece (answer_json)
         self.status = status
         self.record = record
         self.text = text
@@ -2538,10 +2593,8 @@ class Node:
         if status != 200 and not failure:
             record["error"] = "a downstream call failed"
         record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
-        if directives.size:
-            pad_record(record, directives.size)
-        return Outcome(status, record, trace_id=trace.trace_id,
-                       targets=tuple(target.name for target, _rest in calls), trace=trace)
+        return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
+                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
 
     def plan(self, request, query, trace):
         """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
@@ -2680,7 +2733,6 @@ class Node:
 # the handler below reads the request line and headers itself and writes each answer in one send.
 
 MAX_REQUEST_LINE = 16 * 1024
-ANSWER_CHUNK = 256 * 1024  # answers above this are written in pieces of it
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # Control characters are refused where they arrive: a CR or LF in a value a node forwards would inject a line.
 REQUEST_LINE_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -2891,13 +2943,16 @@ class Handler(BaseHTTPRequestHandler):
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
-        text = outcome.text if outcome.text is not None else json.dumps(outcome.record)
-        outcome.record = None  # a big tree is freed while its text is sent (memory: ANSWER_MEMORY_FACTOR)
-        body = text.encode() if len(text) <= ANSWER_CHUNK or not text.isascii() else None
+        if outcome.text is not None:
+            body = outcome.text.encode()
+            length, pieces = len(body), None
+        else:
+            length, pieces = answer_json(outcome.record, outcome.size, outcome.big)
+            body = "".join(pieces).encode() if length <= ANSWER_CHUNK else None
         if self.server.draining:
             self.close_connection = True
         head = [f"HTTP/1.1 {outcome.status} {REASONS.get(outcome.status, 'Unknown')}\r\n"
-                f"Content-Type: {outcome.content_type}\r\nContent-Length: {len(text if body is None else body)}\r\n"
+                f"Content-Type: {outcome.content_type}\r\nContent-Length: {length}\r\n"
                 f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
         if outcome.trace_id:
             head.append(f"X-Trace-Id: {outcome.trace_id}\r\n")
@@ -2911,10 +2966,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         elif body is not None:
             self.wfile.write(data + body)
-        else:  # a big ASCII answer is encoded a piece at a time: no second and third copy of it in memory
+        else:  # a big answer is encoded and sent a piece at a time: never a whole copy of it in memory
             self.wfile.write(data)
-            for start in range(0, len(text), ANSWER_CHUNK):
-                self.wfile.write(text[start:start + ANSWER_CHUNK].encode("ascii"))
+            for chunk in ascii_chunks(pieces):
+                self.wfile.write(chunk)
 
     def reset_connection(self):
         """Close without answering, with an RST (what Envoy reports as an upstream reset)."""
@@ -3358,22 +3413,27 @@ def wait_for_stop(servers, stop=None, internal=()):
 
 
 def release_start_up_memory():
-    """Soon after start-up, hand back to the OS the heap that compiling this module left free.
+    """Hand back to the OS the heap that compiling this module left free, and every big buffer once freed.
 
-    glibc keeps freed memory for reuse; malloc_trim returns it (about 4 MB of an idle node's RSS). It runs half
-    a second later, on a timer thread, so the first answers do not wait for it; elsewhere (musl, macOS) it does
-    nothing.
+    glibc keeps freed memory for reuse; malloc_trim returns it (about 4 MB of an idle node's RSS). glibc also
+    raises its mmap threshold each time a big buffer is freed, so later answer-sized buffers come from a heap it
+    never shrinks: fixing the threshold (M_MMAP_THRESHOLD, unless MALLOC_MMAP_THRESHOLD_ is set) makes every
+    big buffer its own mapping, given back when freed. That keeps a node's RSS near what it holds now rather
+    than the worst it ever held (RobustMemoryTest). The trim runs half a second later, on a thread of its own,
+    so the first answers do not wait for it; elsewhere (musl, macOS) this does nothing.
     """
-    def trim():
+    def release():
         try:
             import ctypes  # here, not at the top: only this needs it, and start-up time is measured
-            ctypes.CDLL(None).malloc_trim(0)
+            libc = ctypes.CDLL(None)
+            if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+                libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+            time.sleep(0.5)
+            libc.malloc_trim(0)
         except (ImportError, OSError, AttributeError):
             pass
 
-    timer = threading.Timer(0.5, trim)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=release, name="release-memory", daemon=True).start()
 
 
 def command_serve(args, environ):

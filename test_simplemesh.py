@@ -174,6 +174,15 @@ def wait_for_port(port, timeout=10.0, address="127.0.0.1"):
     raise AssertionError(f"nothing listens on {address}:{port} after {timeout}s")
 
 
+def wait_until(condition, timeout=5.0, message="the condition never held"):
+    """Poll ``condition`` until it is true (state a node changes just after its answer has left)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.01)
+
+
 # --- Configuration --------------------------------------------------------------------------------------------
 
 class ConfigTest(unittest.TestCase):
@@ -736,6 +745,44 @@ KNOWN_TREE = {
              {"host": "c", "status": 200, "elapsed_time": 0.05, "start_time": "2026-01-01T00:00:00.150000Z",
               "next_node": []}]},
         {"host": "d", "url": "http://d/", "status": 502, "elapsed_time": 0.01, "error": "connection refused"}]}
+
+
+class TestAnswerJson(unittest.TestCase):
+    def render(self, record, size=0, big=False):
+        length, pieces = sm.answer_json(record, size, big)
+        body = b"".join(sm.ascii_chunks(pieces))
+        self.assertEqual(len(body), length)
+        return body
+
+    def test_the_answer_is_the_record_padded_to_its_size(self):
+        child = {"host": "b", "padding": "x" * (3 * sm.ANSWER_CHUNK + 5), "note": "caf\u00e9 \"q\""}
+        record = {"host": "a", "status": 200, "next_node": [child]}
+        for big in (False, True):
+            with self.subTest(big=big):
+                self.assertEqual(json.loads(self.render(record, big=big)), record)
+                self.assertEqual(self.render(record, big=big), json.dumps(record).encode())
+                for size in (1, 100, 10_000, 3 * sm.ANSWER_CHUNK + 7):
+                    padded = self.render({"host": "a"}, size, big)
+                    self.assertEqual(len(padded), size if size > 30 else len(b'{"host": "a"}'))
+                    self.assertEqual(set(json.loads(padded)["padding"]) if size > 30 else set(), {"x"} if size > 30
+                                     else set())
+                padded = json.loads(self.render(record, len(json.dumps(record)) + 100_000, big))
+                self.assertEqual(padded["next_node"], [child])
+                self.assertEqual(list(padded)[-1], "padding")  # the last field, as before
+
+    def test_a_big_answer_is_never_held_whole(self):
+        import tracemalloc
+        record = {"host": "a", "next_node": [{"host": "b", "padding": "x" * 4_000_000}]}
+        tracemalloc.start()
+        try:
+            length, pieces = sm.answer_json(record, 12_000_000, big=True)
+            sent = sum(len(chunk) for chunk in sm.ascii_chunks(pieces))
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(sent, length)
+        self.assertEqual(length, 12_000_000)
+        self.assertLess(peak, 4_000_000 + 4 * sm.ANSWER_CHUNK)  # one copy of the child's padding, at most
 
 
 class TestTreeView(unittest.TestCase):
@@ -2316,6 +2363,175 @@ class RobustLimitsTest(unittest.TestCase):
                     self.assertEqual(got, status, answer)
                     if rule:
                         self.assertIn(rule, json.dumps(answer))
+
+
+class RobustBudgetTest(unittest.TestCase):
+    """SPEC 8 budgets: what one request, and all requests together, may make a node hold or burn."""
+
+    def test_route_budgets_are_checked_before_any_call(self):
+        with Mesh({"a": {}, "b": {}}, max_route_bytes=100 * 1024, max_route_cpu=0.05) as mesh:
+            seen = mesh.record_requests("b")
+            for path, rule in (("/b;size=60k~b;size=60k", "MAX_ROUTE_BYTES"),  # fan-out multiplies
+                               ("/b~b/b;size=60k", "MAX_ROUTE_BYTES"),  # 4 calls, 2 of them to the last hop
+                               ("/b;size=50k?size=60k", "MAX_ROUTE_BYTES"),  # the entry's own answer counts
+                               ("/b;cpu=20ms~b;cpu=20ms~b;cpu=20ms", "MAX_ROUTE_CPU"),
+                               ("/b;cpu=30ms?cpu=30ms", "MAX_ROUTE_CPU")):
+                with self.subTest(path=path):
+                    status, _headers, answer = mesh.request("a", path)
+                    self.assertEqual((status, answer["rule"]), (400, rule), answer)
+                    self.assertIn(rule + "=", answer["error"])
+            self.assertEqual(seen, [])
+            for path in ("/b;size=40k~b;size=40k?size=20k", "/b;cpu=20ms~b;cpu=20ms?cpu=10ms"):
+                with self.subTest(path=path):
+                    self.assertEqual(mesh.request("a", path)[0], 200)
+
+    def test_downstream_answers_count_against_one_budget_per_request(self):
+        # a's route asks for nothing, but b pads every answer by its own default: a counts what arrives.
+        with Mesh({"a": {}, "b": {"size": "40k"}}, max_route_bytes=100_000) as mesh:
+            status, _headers, answer = mesh.request("a", "/b~b~b")
+            self.assertEqual(status, 502)
+            self.assertEqual([child["status"] for child in answer["next_node"]], [200, 200, 502])
+            self.assertIn("MAX_ROUTE_BYTES=100000", answer["next_node"][2]["error"])
+            status, _headers, answer = mesh.request("a", "/b~b?parallel")  # parallel branches share it
+            self.assertEqual(status, 200)
+            wait_until(lambda: mesh.node("a").inflight.used == 0)  # all given back once answered
+
+    def test_node_budget_answers_503_with_retry_after(self):
+        with Mesh({"a": {}}, max_inflight_bytes=64_000) as mesh:
+            node = mesh.node("a")
+            results = []
+            holder = threading.Thread(target=lambda: results.append(mesh.request("a", "/?size=50k&delay=500ms")))
+            holder.start()
+            deadline = time.monotonic() + 5
+            while node.inflight.used < 50_000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, headers, answer = mesh.request("a", "/?size=20k")
+            self.assertEqual((status, headers.get("retry-after"), answer["rule"]), (503, "1", "MAX_INFLIGHT_BYTES"))
+            status, headers, answer = mesh.request("a", "/", "POST", b"x" * 20_000)  # a body counts too
+            self.assertEqual((status, headers.get("retry-after")), (503, "1"))
+            self.assertIn("MAX_INFLIGHT_BYTES=64000", answer["error"])
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            holder.join()
+            self.assertEqual(results[0][0], 200)
+            wait_until(lambda: node.inflight.used == 0)
+            self.assertEqual(mesh.request("a", "/?size=20k")[0], 200)
+            self.assertEqual(mesh.request("a", "/", "POST", b"x" * 20_000)[0], 200)
+            status, _headers, answer = mesh.request("a", "/?size=70k")  # could never fit: no use retrying
+            self.assertEqual((status, answer["rule"]), (400, "MAX_INFLIGHT_BYTES"))
+            wait_until(lambda: node.inflight.used == 0)
+
+    def test_refused_routes_are_not_cached(self):
+        with Mesh({"a": {}, "b": {}}, max_calls=3) as mesh:
+            refused = ["/b~b~b~b", "/b;size=11m", "/b;delay=61s", "/127.0.0.1", "/b/b/b/b"]
+            for path in refused:
+                self.assertIn(mesh.request("a", path)[0], (400, 403))
+            self.assertEqual(mesh.request("a", "/b/b")[0], 200)
+            self.assertIn("/b/b", sm.ROUTES.entries)
+            for path in refused:
+                self.assertNotIn(path, sm.ROUTES.entries)
+
+
+def process_memory_mib(pid):
+    """{"VmHWM": peak RSS, "VmRSS": RSS} of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status
+                if line.startswith(("VmHWM:", "VmRSS:"))}
+
+
+class RobustMemoryTest(unittest.TestCase):
+    """SPEC 8: with the defaults, no attack takes a node above the memory limit ``manifests`` gives it.
+
+    One node process with default settings, calling itself (the worst case: it holds both sides of every call).
+    Its peak RSS is reset before each attack (/proc/PID/clear_refs), so each figure is that attack's alone.
+    """
+    LIMIT_MIB = sm.MEMORY_LIMIT_MIB
+
+    @classmethod
+    def setUpClass(cls):
+        cls.node, cls.address = cls.start_node()
+        cls.figures = {}
+
+    @staticmethod
+    def start_node(**env):
+        port = free_port()
+        node = NodeProcess("serve", port=port, env={"PORT": str(port), "HOST": "a", "PEERS": f"a=127.0.0.1:{port}",
+                                                    "LOG_LEVEL": "warning", **env})
+        return node, ("127.0.0.1", port)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.node.kill()
+        print("\npeak RSS (MiB) per attack:", cls.figures, file=sys.stderr)
+
+    def attack(self, name, requests, clients=32, node=None, address=None):
+        """Send (path, method, body) requests from ``clients`` threads: {status: count}; checks the peak RSS."""
+        node, address = node or self.node, address or self.address
+        pid = node.process.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current RSS
+        started = time.monotonic()
+
+        def send(request):
+            path, method, body = request
+            return http_request(address, path, method, body, timeout=60)[0]
+
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            statuses = [status for status in pool.map(send, requests)]
+        peak = process_memory_mib(pid)["VmHWM"]
+        self.figures[name] = round(peak, 1)
+        self.assertLess(peak, self.LIMIT_MIB, f"{name}: peak RSS {peak:.0f} MiB")
+        self.assertLess(time.monotonic() - started, 30)
+        return {status: statuses.count(status) for status in set(statuses)}
+
+    def test_the_generated_memory_limit_and_the_defaults_agree(self):
+        for deployment in node_deployments(sm.build_manifests([("a", "", {}), ("b", "v2", {"size": "1m"})])):
+            self.assertEqual(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"],
+                             f"{self.LIMIT_MIB}Mi")
+        config = sm.Config()
+        self.assertEqual(config.max_inflight_bytes, sm.inflight_bytes_for(self.LIMIT_MIB))
+        mib = 1024 * 1024
+        self.assertLessEqual(sm.BASE_MEMORY_MIB * mib + sm.ANSWER_MEMORY_FACTOR * config.max_inflight_bytes,
+                             self.LIMIT_MIB * mib)
+        # one request at its limits fits the node's budget, and so does a body
+        self.assertLessEqual(config.max_route_bytes, config.max_inflight_bytes)
+        self.assertLessEqual(config.max_size, config.max_route_bytes)
+        self.assertLessEqual(config.max_body, config.max_inflight_bytes)
+
+    def test_a_30_way_fan_out_of_10m_answers(self):
+        fan_out = "/" + "~".join(["a;size=10m"] * 30) + "?parallel"
+        self.assertEqual(self.attack("fan-out 30 x 10m", [(fan_out, "GET", None)] * 30), {400: 30})
+        within = "/" + "~".join(["a;size=2m"] * 5) + "?parallel"  # at MAX_ROUTE_BYTES: the node budget decides
+        statuses = self.attack("fan-out 5 x 2m, 30 clients", [(within, "GET", None)] * 60)
+        self.assertLessEqual(set(statuses), {200, 502, 503})  # 502: a call refused by the node's budget
+        self.assertEqual(http_request(self.address, within)[0], 200)  # and served again once the crowd is gone
+
+    def test_a_1_gb_answer(self):
+        one_gb = "/" + "/".join(["a;size=10m"] * 100)
+        self.assertEqual(self.attack("1 GB answer", [(one_gb, "GET", None)] * 10), {400: 10})
+        statuses = self.attack("10m answers, 30 clients", [("/?size=10m", "GET", None)] * 60)
+        self.assertIn(200, statuses)  # two fit in MAX_INFLIGHT_BYTES at any time
+        self.assertLessEqual(set(statuses), {200, 503})
+
+    def test_1024_distinct_16k_bad_requests(self):
+        requests = [("/" + "~".join(f"n{index}x{hop}" + "y" * 150 for hop in range(100)) + "/a;cpu=6s", "GET", None)
+                    for index in range(1024)]
+        self.assertGreater(len(requests[0][0]), 15_000)
+        self.assertEqual(self.attack("1,024 x 16 KB bad routes", requests), {400: 1024})
+
+    def test_300_posts_of_1_mib(self):
+        statuses = self.attack("300 POSTs of 1 MiB", [("/a", "POST", b"x" * (1 << 20))] * 300)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
+        self.assertEqual(http_request(self.address, "/a", "POST", b"x" * (1 << 20))[0], 200)
+
+    @unittest.expectedFailure  # until queued spans are slim (issue 11, the trace branch): then drop this line
+    def test_300_posts_of_1_mib_with_span_export(self):
+        sink = OTLPReceiver()
+        self.addCleanup(sink.close)
+        node, address = self.start_node(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint)
+        self.addCleanup(node.kill)
+        statuses = self.attack("300 POSTs of 1 MiB, spans exported", [("/a", "POST", b"x" * (1 << 20))] * 300,
+                               node=node, address=address)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
 
 
 class RobustOutboundSafetyTest(unittest.TestCase):
