@@ -259,9 +259,13 @@ class Config(Record):
         settings.update(overrides)
         config = cls(**settings)
         try:
-            Directives.resolve(config, config.defaults, {})
+            base = Directives.resolve(config, config.defaults, {})
         except DirectiveError as error:
             raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
+        for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
+                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU")):
+            if amount > limit:  # else every routed request would be refused
+                raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
         return config
 
 
@@ -841,6 +845,16 @@ def hop_cost(target):
     return size, cpu
 
 
+def json_parse_overhead(data):
+    """At most how many bytes parsing JSON ``data`` takes beyond the text (charged before child_record parses it).
+
+    A simple-mesh answer is mostly one long padding string (its text and parsed copy are in the memory factor),
+    but ``[0.5,0.5,...]`` or ``[{},{},...]`` from a foreign peer becomes an object of 24 to 250 bytes per few
+    bytes of text: each separator can start a value (64 bytes or less), each ``{`` a dict, each ``[`` a list.
+    """
+    return (64 * (data.count(b",") + data.count(b":")) + 256 * data.count(b"{") + 72 * data.count(b"["))
+
+
 class Budget:
     """Bytes held by the whole node (MAX_INFLIGHT_BYTES): shared by every request thread, so under a lock."""
 
@@ -892,7 +906,7 @@ class RequestBudget:
                 return False
             extra = max(0, used - self.reserved) - max(0, self.used - self.reserved)
             if extra and not self.node_budget.charge(extra):
-                self.refused = f"the node holds MAX_INFLIGHT_BYTES={self.node_budget.limit} in answers"
+                self.refused = f"the node holds {self.node_budget.name}={self.node_budget.limit} in answers"
                 return False
             self.used = used
             self.held += extra
@@ -902,9 +916,6 @@ class RequestBudget:
         with self.lock:
             held, self.held = self.held, 0
         self.node_budget.release(held)
-
-
-UNLIMITED = RequestBudget(float("inf"), Budget(float("inf"), "none"))  # for calls made outside a request
 
 
 class RouteCache:
@@ -2711,7 +2722,9 @@ class Node:
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, self.config.max_upstream_body, request.budget or UNLIMITED)
+                directives.timeout, self.config.max_upstream_body, request.budget)
+            if "json" in content_type and not request.budget.charge(json_parse_overhead(data)):
+                raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:

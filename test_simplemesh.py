@@ -203,7 +203,10 @@ class ConfigTest(unittest.TestCase):
         for env, word in [({"PORT": "http"}, "PORT"), ({"PEERS": "a=nowhere"}, "PEERS"), ({"DELAY": "soon"}, "DELAY"),
                           ({"ERROR_RATE": "2"}, "ERROR_RATE"), ({"FANOUT": "both"}, "FANOUT"),
                           ({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"DELAY": "2m", "MAX_DELAY": "1m"}, "DELAY"),
-                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS")]:
+                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS"),
+                          ({"MAX_ROUTE_BYTES": "0"}, "MAX_ROUTE_BYTES"), ({"MAX_INFLIGHT_BYTES": "lots"}, "INFLIGHT"),
+                          ({"RESPONSE_SIZE": "2m", "MAX_ROUTE_BYTES": "1m"}, "RESPONSE_SIZE=2m is above MAX_ROUTE"),
+                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1")]:
             with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
                 sm.Config.from_env(env)
 
@@ -2395,6 +2398,20 @@ class RobustBudgetTest(unittest.TestCase):
             status, _headers, answer = mesh.request("a", "/b~b?parallel")  # parallel branches share it
             self.assertEqual(status, 200)
             wait_until(lambda: mesh.node("a").inflight.used == 0)  # all given back once answered
+
+    def test_an_answer_that_would_parse_into_many_objects_is_charged_before_parsing(self):
+        objects = json.dumps([{}] * 50_000).encode()  # 200 KB of text, about 10 MB once parsed
+        padded = json.dumps({"host": "p", "status": 200, "padding": "x" * 400_000}).encode()
+        for body, status in ((objects, 502), (padded, 200), (b"[" + b"0," * 200_000 + b"0]", 502)):
+            peer = BadPeer(lambda sock, body=body: sock.sendall(answer_bytes(body)))
+            self.addCleanup(peer.close)
+            with self.subTest(body=body[:20]), Mesh({"a": {}}, max_route_bytes=1024 * 1024) as mesh:
+                mesh.peers["p"] = [("127.0.0.1", peer.port)]
+                _status, _headers, answer = mesh.request("a", "/p")
+                self.assertEqual(answer["next_node"][0]["status"], status, answer["next_node"][0])
+                if status == 502:
+                    self.assertIn("not parsed", answer["next_node"][0]["error"])
+                    self.assertIn("MAX_ROUTE_BYTES=1048576", answer["next_node"][0]["error"])
 
     def test_node_budget_answers_503_with_retry_after(self):
         with Mesh({"a": {}}, max_inflight_bytes=64_000) as mesh:
