@@ -437,6 +437,21 @@ class BudgetsTest(unittest.TestCase):
         budget.close()
         self.assertEqual(node.used, 0)
 
+    def test_route_cache_cost_is_above_what_a_parsed_route_holds(self):
+        import tracemalloc
+        routes = ["/b", "/b/c", "/" + "~".join(["a"] * 100), "/" + "/".join(["a;delay=1ms;size=1k;parallel"] * 16),
+                  "/" + "(a~b)/" * 16 + "c", "/" + "~".join(["b:8080;headers"] * 100), "/" + ".".join(["x" * 62] * 4) + ";cpu=1ms"]
+        for path in routes:
+            with self.subTest(path=path[:40]):
+                tracemalloc.start()
+                try:
+                    steps = sm.parse_route(path)
+                    held, _peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                self.assertTrue(steps)
+                self.assertLess(held, sm.RouteCache().cost(path))
+
     def test_route_cache_is_bounded_in_bytes(self):
         cache = sm.RouteCache(max_bytes=100_000, max_path=1000)
         for index in range(1000):
