@@ -705,6 +705,9 @@ def check_route_caps(config, steps):
                     capped_directive(config, key, text)
 
 
+RECORD_BYTES = 2048  # what a hop's record adds to its answer besides padding (a budget allowance per call)
+
+
 def route_directive(steps):
     """The first hop of a route that carries directives (what ALLOW_DIRECTIVES=false refuses), or None."""
     for step in steps:
@@ -813,8 +816,8 @@ def burn_cpu(seconds):
 # memory limit. Parsed routes are reused from a cache bounded in bytes that keeps only routes a node accepted.
 
 def route_cost(steps, max_calls):
-    """(answer bytes, CPU seconds) the hops of ``steps`` ask for in their own directives (``size=``, ``cpu=``),
-    summed over every call the route expands to, so fan-out multiplies. The node's own directives are not
+    """(answer bytes, CPU seconds, calls) the hops of ``steps`` ask for in their own directives (``size=``,
+    ``cpu=``), summed over every call the route expands to, so fan-out multiplies. The node's own directives are not
     in ``steps``: the caller adds them. Hops' environment defaults are unknown here; each node counts its own
     subtree again when the request reaches it.
 
@@ -831,7 +834,7 @@ def route_cost(steps, max_calls):
             total_cpu += cpu
             if rest:
                 pending.append(rest)
-    return total_bytes, total_cpu
+    return total_bytes, total_cpu, calls
 
 
 def hop_cost(target):
@@ -846,11 +849,12 @@ def hop_cost(target):
 
 
 def json_parse_overhead(data):
-    """At most how many bytes parsing JSON ``data`` takes beyond the text (charged before child_record parses it).
+    """At most how many bytes parsing JSON ``data`` takes beyond the text.
 
-    A simple-mesh answer is mostly one long padding string (its text and parsed copy are in the memory factor),
-    but ``[0.5,0.5,...]`` or ``[{},{},...]`` from a foreign peer becomes an object of 24 to 250 bytes per few
-    bytes of text: each separator can start a value (64 bytes or less), each ``{`` a dict, each ``[`` a list.
+    A simple-mesh answer is mostly one long padding string: parsed, it takes about its text's size again (in
+    ANSWER_MEMORY_FACTOR), and the caller charges only what goes beyond that, before child_record parses it.
+    ``[0.5,0.5,...]`` or ``[{},{},...]`` from a foreign peer becomes an object of 24 to 250 bytes per few bytes
+    of text: each separator can start a value (64 bytes or less), each ``{`` a dict, each ``[`` a list.
     """
     return (64 * (data.count(b",") + data.count(b":")) + 256 * data.count(b"{") + 72 * data.count(b"["))
 
@@ -878,44 +882,38 @@ class Budget:
 
 
 class RequestBudget:
-    """The answer bytes one request may hold (MAX_ROUTE_BYTES), charged to the node's Budget as they come.
+    """The answer bytes one request holds (at most MAX_ROUTE_BYTES), each charged to the node's Budget too.
 
-    ``reserved`` is taken from the node at once (what the route asks for, so a full node refuses before any
-    call); charges beyond it are taken from the node as they come. Parallel branches charge the same budget.
-    ``close()`` gives everything back to the node once the answer is sent.
+    Bytes are charged when they are really held (a downstream answer as it arrives, the node's own answer when
+    it is built), never reserved ahead: a request waiting on a ``delay`` holds nothing, so slow requests cannot
+    starve the others. Parallel branches charge the same budget. ``close()`` gives everything back to the node
+    once the answer is sent. ``allowance`` is taken beyond ``limit`` (MAX_ROUTE_BYTES) for what records add.
     """
 
-    def __init__(self, limit, node_budget, reserved=0):
+    def __init__(self, limit, node_budget, allowance=0):
         self.limit = limit
+        self.allowance = allowance
         self.node_budget = node_budget
-        self.reserved = reserved
-        self.used = 0
-        self.held = 0  # what the node's budget holds for this request
+        self.used = 0  # what the node's budget holds for this request
         self.refused = ""  # the limit a refused charge ran into, for the call's error
         self.lock = threading.Lock()
-        self.admitted = node_budget.charge(reserved)
-        if self.admitted:
-            self.held = reserved
 
     def charge(self, nbytes):
         """Count ``nbytes`` just read: False (and nothing counted) when they go past either limit."""
         with self.lock:
-            used = self.used + nbytes
-            if used > self.limit:
+            if self.used + nbytes > self.limit + self.allowance:
                 self.refused = f"the answers are above MAX_ROUTE_BYTES={self.limit} for this request"
                 return False
-            extra = max(0, used - self.reserved) - max(0, self.used - self.reserved)
-            if extra and not self.node_budget.charge(extra):
+            if not self.node_budget.charge(nbytes):
                 self.refused = f"the node holds {self.node_budget.name}={self.node_budget.limit} in answers"
                 return False
-            self.used = used
-            self.held += extra
+            self.used += nbytes
             return True
 
     def close(self):
         with self.lock:
-            held, self.held = self.held, 0
-        self.node_budget.release(held)
+            used, self.used = self.used, 0
+        self.node_budget.release(used)
 
 
 class RouteCache:
@@ -2604,6 +2602,11 @@ class Node:
         if status != 200 and not failure:
             record["error"] = "a downstream call failed"
         record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
+        # The padding is streamed (answer_json): writing it holds two pieces at most, not the whole size.
+        own = min(directives.size, 2 * ANSWER_CHUNK)
+        if not self.inflight.charge(own):
+            return self.busy(trace)
+        request.held += own
         return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
                        trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
 
@@ -2628,7 +2631,7 @@ class Node:
             refusal = self.route_refusal(steps, calls, trace)
             if refusal:
                 return refusal
-        answer_bytes, cpu = route_cost(steps, config.max_calls)
+        answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
         answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
         for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
                                         (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
@@ -2639,13 +2642,17 @@ class Node:
                                         f"{variable}={limit:g}", trace, rule=variable)
         if fresh:
             ROUTES.put(request.path, steps)
-        request.budget = RequestBudget(config.max_route_bytes, self.inflight, reserved=answer_bytes)
-        if not request.budget.admitted:
-            outcome = self.refuse(503, f"the node is busy: its answers in flight are near MAX_INFLIGHT_BYTES="
-                                       f"{config.max_inflight_bytes}", trace, rule="MAX_INFLIGHT_BYTES")
-            outcome.extra_headers = (("Retry-After", "1"),)
-            return outcome
+        if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
+            return self.busy(trace)
+        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
+        request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
         return calls, directives
+
+    def busy(self, trace):
+        outcome = self.refuse(503, f"the node is busy: the answers it holds are near MAX_INFLIGHT_BYTES="
+                                   f"{self.config.max_inflight_bytes}", trace, rule="MAX_INFLIGHT_BYTES")
+        outcome.extra_headers = (("Retry-After", "1"),)
+        return outcome
 
     def route_refusal(self, steps, calls, trace):
         """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
@@ -2723,7 +2730,7 @@ class Node:
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
                 directives.timeout, self.config.max_upstream_body, request.budget)
-            if "json" in content_type and not request.budget.charge(json_parse_overhead(data)):
+            if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
                 raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)

@@ -383,44 +383,41 @@ class BudgetsTest(unittest.TestCase):
                            ("/(b;cpu=1s/d)~(c/e;cpu=2s)/f;cpu=100ms", (0, 3.2)),
                            ("/b~c/d~e/f;size=1k", (4 * k, 0.0)), ("/b;size=1k/b;size=1k/b;size=1k", (3 * k, 0.0))]:
             with self.subTest(path=path):
-                size, cpu = sm.route_cost(sm.parse_route(path), 1000)
+                size, cpu, calls = sm.route_cost(sm.parse_route(path), 1000)
                 self.assertEqual((size, round(cpu, 6)), cost)
+                self.assertEqual(calls, sm.route_size(sm.parse_route(path), 1000, 1000)[0])
 
     def test_route_cost_stops_after_max_calls(self):
         steps = sm.parse_route("/" + "/".join(["a;size=1~b;size=1"] * 40))  # 2**40 calls if expanded
         started = time.perf_counter()
-        size, _cpu = sm.route_cost(steps, 100)
+        size, _cpu, _calls = sm.route_cost(steps, 100)
         self.assertGreater(size, 100)
         self.assertLess(time.perf_counter() - started, 0.5)
 
-    def test_request_budget_charges_the_node_beyond_its_reservation(self):
+    def test_request_budget_charges_itself_and_the_node(self):
         node = sm.Budget(1000)
-        first = sm.RequestBudget(600, node, reserved=400)
-        self.assertTrue(first.admitted)
-        self.assertEqual(node.used, 400)
-        self.assertTrue(first.charge(300))  # within what was reserved
-        self.assertEqual(node.used, 400)
-        self.assertTrue(first.charge(200))  # 100 beyond it
-        self.assertEqual(node.used, 500)
-        self.assertFalse(first.charge(101))  # past the request's own limit: nothing counted
+        first = sm.RequestBudget(600, node)
+        self.assertTrue(first.charge(300))
+        self.assertTrue(first.charge(300))  # at the request's limit
+        self.assertEqual(node.used, 600)
+        self.assertFalse(first.charge(1))  # past it: nothing counted
         self.assertIn("MAX_ROUTE_BYTES=600", first.refused)
-        self.assertEqual((first.used, node.used), (500, 500))
-        second = sm.RequestBudget(600, node, reserved=500)
-        self.assertTrue(second.admitted)
-        self.assertFalse(second.charge(501))
-        self.assertFalse(sm.RequestBudget(600, node, reserved=1).admitted)  # the node is full
-        third = sm.RequestBudget(600, node)
-        self.assertFalse(third.charge(1))
-        self.assertIn("MAX_INFLIGHT_BYTES=1000", third.refused)
+        self.assertEqual((first.used, node.used), (600, 600))
+        second = sm.RequestBudget(600, node)
+        self.assertTrue(second.charge(400))  # the node is full
+        self.assertFalse(second.charge(1))
+        self.assertIn("MAX_INFLIGHT_BYTES=1000", second.refused)
+        self.assertEqual((second.used, node.used), (400, 1000))
         first.close()
         first.close()  # twice gives back nothing more
-        self.assertEqual(node.used, 500)
+        self.assertEqual(node.used, 400)
+        self.assertTrue(second.charge(1))
         second.close()
         self.assertEqual(node.used, 0)
 
     def test_request_budget_is_shared_by_parallel_branches(self):
         node = sm.Budget(10 ** 9)
-        budget = sm.RequestBudget(50_000, node, reserved=10_000)
+        budget = sm.RequestBudget(50_000, node)
         taken = []
 
         def charge():
@@ -2429,28 +2426,43 @@ class RobustBudgetTest(unittest.TestCase):
                     self.assertIn("MAX_ROUTE_BYTES=1048576", answer["next_node"][0]["error"])
 
     def test_node_budget_answers_503_with_retry_after(self):
-        with Mesh({"a": {}}, max_inflight_bytes=64_000) as mesh:
+        with Mesh({"a": {}, "b": {}, "c": {}, "d": {"size": "50k"}}, max_inflight_bytes=100 * 1024) as mesh:
             node = mesh.node("a")
             results = []
-            holder = threading.Thread(target=lambda: results.append(mesh.request("a", "/?size=50k&delay=500ms")))
+            # a holds b's 60 KB answer while c waits: bytes really held, not bytes asked for
+            holder = threading.Thread(target=lambda: results.append(mesh.request("a", "/b;size=60k~c;delay=500ms")))
             holder.start()
-            deadline = time.monotonic() + 5
-            while node.inflight.used < 50_000 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            status, headers, answer = mesh.request("a", "/?size=20k")
+            wait_until(lambda: node.inflight.used >= 60 * 1024)
+            status, headers, answer = mesh.request("a", "/?size=50k")
             self.assertEqual((status, headers.get("retry-after"), answer["rule"]), (503, "1", "MAX_INFLIGHT_BYTES"))
-            status, headers, answer = mesh.request("a", "/", "POST", b"x" * 20_000)  # a body counts too
+            status, headers, answer = mesh.request("a", "/", "POST", b"x" * 50_000)  # a body counts too
             self.assertEqual((status, headers.get("retry-after")), (503, "1"))
-            self.assertIn("MAX_INFLIGHT_BYTES=64000", answer["error"])
+            self.assertIn("MAX_INFLIGHT_BYTES=102400", answer["error"])
+            status, _headers, answer = mesh.request("a", "/d")  # d pads by its own default: a learns it on arrival
+            self.assertEqual((status, answer["next_node"][0]["status"]), (502, 502))
+            self.assertIn("MAX_INFLIGHT_BYTES=102400", answer["next_node"][0]["error"])
             self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            self.assertEqual(mesh.request("a", "/?delay=10ms")[0], 200)  # a request that holds nothing is served
             holder.join()
             self.assertEqual(results[0][0], 200)
             wait_until(lambda: node.inflight.used == 0)
-            self.assertEqual(mesh.request("a", "/?size=20k")[0], 200)
-            self.assertEqual(mesh.request("a", "/", "POST", b"x" * 20_000)[0], 200)
-            status, _headers, answer = mesh.request("a", "/?size=70k")  # could never fit: no use retrying
+            for path, method, body in (("/?size=50k", "GET", None), ("/", "POST", b"x" * 50_000),
+                                       ("/d", "GET", None)):
+                self.assertEqual(mesh.request("a", path, method, body)[0], 200)
+            status, _headers, answer = mesh.request("a", "/?size=101k")  # could never fit: no use retrying
             self.assertEqual((status, answer["rule"]), (400, "MAX_INFLIGHT_BYTES"))
             wait_until(lambda: node.inflight.used == 0)
+
+    def test_a_slow_request_holds_no_budget_while_it_waits(self):
+        with Mesh({"a": {}, "b": {}}, max_inflight_bytes=100 * 1024) as mesh:
+            holders = [threading.Thread(target=mesh.request, args=("a", "/b;size=90k;delay=400ms?size=90k"))
+                       for _ in range(3)]
+            for holder in holders:
+                holder.start()
+            time.sleep(0.1)
+            self.assertEqual(mesh.request("a", "/b;size=90k")[0], 200)
+            for holder in holders:
+                holder.join()
 
     def test_refused_routes_are_not_cached(self):
         with Mesh({"a": {}, "b": {}}, max_calls=3) as mesh:
@@ -2515,6 +2527,12 @@ class RobustMemoryTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 30)
         return {status: statuses.count(status) for status in set(statuses)}
 
+    def served_again(self, path, method="GET", body=None):
+        """The node serves ``path`` once the crowd is gone (its last requests give their bytes back just after
+        their answers leave, so a few tries)."""
+        wait_until(lambda: http_request(self.address, path, method, body)[0] == 200,
+                   message=f"{path} is not served after the attack")
+
     def test_the_generated_memory_limit_and_the_defaults_agree(self):
         for deployment in node_deployments(sm.build_manifests([("a", "", {}), ("b", "v2", {"size": "1m"})])):
             self.assertEqual(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"],
@@ -2535,7 +2553,7 @@ class RobustMemoryTest(unittest.TestCase):
         within = "/" + "~".join(["a;size=2m"] * 5) + "?parallel"  # at MAX_ROUTE_BYTES: the node budget decides
         statuses = self.attack("fan-out 5 x 2m, 30 clients", [(within, "GET", None)] * 60)
         self.assertLessEqual(set(statuses), {200, 502, 503})  # 502: a call refused by the node's budget
-        self.assertEqual(http_request(self.address, within)[0], 200)  # and served again once the crowd is gone
+        self.served_again(within)
 
     def test_a_1_gb_answer(self):
         one_gb = "/" + "/".join(["a;size=10m"] * 100)
@@ -2553,7 +2571,7 @@ class RobustMemoryTest(unittest.TestCase):
     def test_300_posts_of_1_mib(self):
         statuses = self.attack("300 POSTs of 1 MiB", [("/a", "POST", b"x" * (1 << 20))] * 300)
         self.assertLessEqual(set(statuses), {200, 502, 503})
-        self.assertEqual(http_request(self.address, "/a", "POST", b"x" * (1 << 20))[0], 200)
+        self.served_again("/a", "POST", b"x" * (1 << 20))
 
     @unittest.expectedFailure  # until queued spans are slim (issue 11, the trace branch): then drop this line
     def test_300_posts_of_1_mib_with_span_export(self):
