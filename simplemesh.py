@@ -1257,6 +1257,7 @@ class Headers(dict):
 
 MAX_HEADER_LINE = 16 * 1024
 MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024  # all header lines together: 100 lines of 16 KiB would hold 1.6 MB per connection
 
 
 TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
@@ -1278,10 +1279,14 @@ def read_header_lines(stream):
     Used for requests (by the handler) and for answers (by Response), so both sides apply the same rules.
     """
     headers = Headers()
+    total = 0
     for _ in range(MAX_HEADERS + 1):
         line = stream.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise HeaderError(f"a header line is longer than {MAX_HEADER_LINE} bytes", 431)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise HeaderError(f"the headers are longer than {MAX_HEADER_BYTES} bytes in all", 431)
         if line in (b"\r\n", b"\n", b""):
             return headers
         name, sep, value = line.decode("latin-1").partition(":")
@@ -2586,6 +2591,10 @@ class Node:
             burn_cpu(directives.cpu)
             record["cpu"] = directives.cpu
         if directives.headers:
+            echoed = sum(len(name) + len(value) for name, value in request.headers.items())
+            if not self.inflight.charge(echoed):  # up to MAX_HEADER_BYTES, rendered again in the answer
+                return self.busy(trace)
+            request.held += echoed
             record["headers"] = dict(request.headers.items())
 
         failure = directives.failure_status(rng)

@@ -2357,6 +2357,11 @@ class RobustLimitsTest(unittest.TestCase):
             line = b"x: " + b"v" * (sm.MAX_HEADER_LINE - 5) + b"\r\n"
             self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\n" + line + b"\r\n")[0], 200)
             self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nx" + line + b"\r\n")[0], 431)
+            lines = b"".join(b"x-%d: %s\r\n" % (n, b"v" * 15_000) for n in range(4))  # 60 KB in all
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\n" + lines + b"\r\n")[0], 200)
+            status, _headers, body, _seconds = raw_exchange(port, b"GET / HTTP/1.1\r\n" + lines + lines + b"\r\n")
+            self.assertEqual(status, 431)
+            self.assertIn(b"65536 bytes in all", body)
             target = b"/" + b"a" * (sm.MAX_REQUEST_LINE - 16)
             self.assertEqual(raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\n\r\n")[0], 400)  # bad name
             self.assertEqual(raw_exchange(port, b"GET " + target + b"aa HTTP/1.1\r\n\r\n")[0], 414)
@@ -2507,7 +2512,7 @@ class RobustMemoryTest(unittest.TestCase):
         cls.node.kill()
         print("\npeak RSS (MiB) per attack:", cls.figures, file=sys.stderr)
 
-    def attack(self, name, requests, clients=32, node=None, address=None):
+    def attack(self, name, requests, clients=32, node=None, address=None, headers=None):
         """Send (path, method, body) requests from ``clients`` threads: {status: count}; checks the peak RSS."""
         node, address = node or self.node, address or self.address
         pid = node.process.pid
@@ -2517,7 +2522,7 @@ class RobustMemoryTest(unittest.TestCase):
 
         def send(request):
             path, method, body = request
-            return http_request(address, path, method, body, timeout=60)[0]
+            return http_request(address, path, method, body, headers, timeout=60)[0]
 
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
             statuses = [status for status in pool.map(send, requests)]
@@ -2567,6 +2572,12 @@ class RobustMemoryTest(unittest.TestCase):
                     for index in range(1024)]
         self.assertGreater(len(requests[0][0]), 15_000)
         self.assertEqual(self.attack("1,024 x 16 KB bad routes", requests), {400: 1024})
+
+    def test_200_connections_with_big_heads_echoed(self):
+        heads = {f"x-{n}": "v" * 15_000 for n in range(4)}  # 60 KB, just under MAX_HEADER_BYTES
+        statuses = self.attack("200 heads of 60 KB, echoed", [("/a?headers", "GET", None)] * 200, clients=200,
+                               headers=heads)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
 
     def test_300_posts_of_1_mib(self):
         statuses = self.attack("300 POSTs of 1 MiB", [("/a", "POST", b"x" * (1 << 20))] * 300)
