@@ -2460,11 +2460,14 @@ class RobustBudgetTest(unittest.TestCase):
 
     def test_a_slow_request_holds_no_budget_while_it_waits(self):
         with Mesh({"a": {}, "b": {}}, max_inflight_bytes=100 * 1024) as mesh:
-            holders = [threading.Thread(target=mesh.request, args=("a", "/b;size=90k;delay=400ms?size=90k"))
+            waiting = mesh.record_requests("b")
+            # each asks for 80 KB: reserved ahead, three would shut a out for as long as they wait
+            holders = [threading.Thread(target=mesh.request, args=("a", "/b;size=40k;delay=500ms?size=40k"))
                        for _ in range(3)]
             for holder in holders:
                 holder.start()
-            time.sleep(0.1)
+            wait_until(lambda: len(waiting) == 3)
+            self.assertEqual(mesh.node("a").inflight.used, 0)
             self.assertEqual(mesh.request("a", "/b;size=90k")[0], 200)
             for holder in holders:
                 holder.join()
