@@ -189,6 +189,7 @@ class Config(Record):
     max_route_bytes: int = 10 * 1024 * 1024  # answer bytes one request may ask for across its tree
     max_route_cpu: float = 10.0  # CPU seconds one request may ask for across its tree
     max_inflight_bytes: int = inflight_bytes_for(MEMORY_LIMIT_MIB)  # all requests' answer and body bytes at once
+    max_inflight_cpu: float = 10.0  # CPU seconds all requests together may have queued or burning on this node
     max_concurrency: int = 512
     keepalive_timeout: float = 75.0
     shutdown_delay: float = 0.0
@@ -235,6 +236,7 @@ class Config(Record):
         read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
         read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
         read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
+        read("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration))
         read("MAX_CONCURRENCY", "max_concurrency", positive_int)
         read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
         read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
@@ -2525,6 +2527,8 @@ class Node:
         self.base_directives = Directives.resolve(config, self.defaults, {})
         self.pool = ConnectionPool()
         self.inflight = Budget(config.max_inflight_bytes)  # answer and body bytes of all requests (SPEC 8)
+        self.cpu_queue = Budget(config.max_inflight_cpu, "MAX_INFLIGHT_CPU")  # CPU seconds queued or burning
+        self.cpu_lock = threading.Lock()
         self.resolver = Resolver(config.peers, config.upstream_port)
         self.metrics = Metrics()
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
@@ -2586,9 +2590,10 @@ class Node:
                 trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
                 time.sleep(delay)
         if directives.cpu:
+            if not self.burn(directives.cpu):
+                return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
             self.metrics.count_fault("cpu")
             trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
-            burn_cpu(directives.cpu)
             record["cpu"] = directives.cpu
         if directives.headers:
             echoed = sum(len(name) + len(value) for name, value in request.headers.items())
@@ -2644,7 +2649,8 @@ class Node:
         answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
         for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
                                         (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
-                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU")):
+                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
+                                        (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
             if amount > limit:
                 what = "answer bytes" if "BYTES" in variable else "CPU seconds"
                 return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
@@ -2657,11 +2663,29 @@ class Node:
         request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
         return calls, directives
 
-    def busy(self, trace):
-        outcome = self.refuse(503, f"the node is busy: the answers it holds are near MAX_INFLIGHT_BYTES="
-                                   f"{self.config.max_inflight_bytes}", trace, rule="MAX_INFLIGHT_BYTES")
+    def busy(self, trace, what="the answers it holds are near", budget=None):
+        """A 503 with Retry-After: this node's budget (bytes by default) has no room for the request now."""
+        budget = budget or self.inflight
+        limit = f"{budget.limit:g}" if isinstance(budget.limit, float) else budget.limit
+        outcome = self.refuse(503, f"the node is busy: {what} {budget.name}={limit}", trace, rule=budget.name)
         outcome.extra_headers = (("Retry-After", "1"),)
         return outcome
+
+    def burn(self, seconds):
+        """Burn ``seconds`` of CPU, one request at a time: False when the queue is full (MAX_INFLIGHT_CPU).
+
+        burn_cpu holds the GIL but for a switch every 5 ms, so N requests burning at once make every other
+        thread (probes too) wait about N x 5 ms per step: 40 requests of cpu=3s kept /healthz 14 s from an
+        answer. A node never burns more than one core anyway, so queueing them costs no throughput.
+        """
+        if not self.cpu_queue.charge(seconds):
+            return False
+        try:
+            with self.cpu_lock:
+                burn_cpu(seconds)
+        finally:
+            self.cpu_queue.release(seconds)
+        return True
 
     def route_refusal(self, steps, calls, trace):
         """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""

@@ -2472,6 +2472,52 @@ class RobustBudgetTest(unittest.TestCase):
             for holder in holders:
                 holder.join()
 
+    def test_cpu_is_burned_one_request_at_a_time_within_a_node_budget(self):
+        with Mesh({"a": {}}, max_inflight_cpu=0.3) as mesh:
+            node = mesh.node("a")
+            results = []
+            burners = [threading.Thread(target=lambda: results.append(mesh.request("a", "/?cpu=100ms")[0]))
+                       for _ in range(2)]
+            for burner in burners:
+                burner.start()
+            wait_until(lambda: node.cpu_queue.used >= 0.2)
+            status, headers, answer = mesh.request("a", "/?cpu=150ms")  # 0.35 s would be queued
+            self.assertEqual((status, headers.get("retry-after"), answer["rule"]), (503, "1", "MAX_INFLIGHT_CPU"))
+            self.assertIn("MAX_INFLIGHT_CPU=0.3", answer["error"])
+            self.assertEqual(mesh.request("a", "/?cpu=50ms")[0], 200)  # 0.3 s: at the limit
+            for burner in burners:
+                burner.join()
+            self.assertEqual(results, [200, 200])
+            self.assertAlmostEqual(node.cpu_queue.used, 0)
+            status, _headers, answer = mesh.request("a", "/?cpu=310ms")  # could never fit
+            self.assertEqual((status, answer["rule"]), (400, "MAX_INFLIGHT_CPU"))
+
+    def test_a_crowd_burning_cpu_leaves_probes_answered(self):
+        port = free_port()
+        node = NodeProcess("serve", port=port, env={"PORT": str(port), "LOG_LEVEL": "warning"})
+        self.addCleanup(node.kill)
+        address = ("127.0.0.1", port)
+        statuses = []
+
+        def burn():
+            try:
+                statuses.append(http_request(address, "/?cpu=1s", timeout=30)[0])
+            except OSError:
+                statuses.append("cut")  # the node is killed at the end of the test
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            for _ in range(40):
+                pool.submit(burn)
+            wait_until(lambda: statuses.count(503) >= 30)  # 10 fit in MAX_INFLIGHT_CPU=10s, the rest are refused
+            worst = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                self.assertEqual(http_request(address, "/healthz", timeout=5)[0], 200)
+                worst = max(worst, time.monotonic() - started)
+            node.kill()
+        # One request burns at a time: 0.03 s here. All 10 at once took 1.2 s; 40 at once (no budget), 13.9 s.
+        self.assertLess(worst, 0.5)
+
     def test_refused_routes_are_not_cached(self):
         with Mesh({"a": {}, "b": {}}, max_calls=3) as mesh:
             refused = ["/b~b~b~b", "/b;size=11m", "/b;delay=61s", "/127.0.0.1", "/b/b/b/b"]
