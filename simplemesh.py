@@ -265,7 +265,8 @@ class Config(Record):
         except DirectiveError as error:
             raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
         for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
-                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU")):
+                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU"),
+                                              (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
             if amount > limit:  # else every routed request would be refused
                 raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
         return config

@@ -206,7 +206,8 @@ class ConfigTest(unittest.TestCase):
                           ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS"),
                           ({"MAX_ROUTE_BYTES": "0"}, "MAX_ROUTE_BYTES"), ({"MAX_INFLIGHT_BYTES": "lots"}, "INFLIGHT"),
                           ({"RESPONSE_SIZE": "2m", "MAX_ROUTE_BYTES": "1m"}, "RESPONSE_SIZE=2m is above MAX_ROUTE"),
-                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1")]:
+                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1"),
+                          ({"CPU": "2s", "MAX_INFLIGHT_CPU": "1s"}, "CPU=2s is above MAX_INFLIGHT_CPU=1")]:
             with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
                 sm.Config.from_env(env)
 
