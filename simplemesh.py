@@ -1513,8 +1513,8 @@ def _exchange(connection, peer, path, method, body, headers, max_answer, budget)
 
 def _read_charged(response, max_answer, budget, charged):
     """The answer body, at most ``max_answer + 1`` bytes; an answer of unknown length is charged as it arrives."""
-    if charged:  # its length is known and within max_answer: read() takes exactly that, in one allocation
-        return response.read()  # (read(amt) would zero a buffer of amt bytes, then copy it); nothing for HEAD
+    if charged:  # its length is known, within max_answer and charged: read() takes exactly that, and raises
+        return response.read()  # IncompleteRead on a short body where read(amt) returns it short; HEAD: nothing
     chunks, total = [], 0
     while total <= max_answer:
         chunk = response.read(min(65536, max_answer + 1 - total))
