@@ -25,6 +25,7 @@ import fnmatch
 import functools
 import gzip
 import html
+import itertools
 import json
 import math
 import os
@@ -152,6 +153,21 @@ def parse_peers(text):
     return peers
 
 
+# The memory a node is given and the bytes its answers may hold are one decision, made here: ``manifests`` writes
+# MEMORY_LIMIT_MIB as each pod's limit, and MAX_INFLIGHT_BYTES defaults to what fits in it. A node at rest uses
+# about 30 MiB (BASE_MEMORY_MIB leaves room for threads, pools and caches); each in-flight answer byte costs up to
+# ANSWER_MEMORY_FACTOR bytes of memory (a body read, its parsed tree, the rendered answer), as measured by
+# RobustMemoryTest. To give a node more, raise both: limit >= BASE_MEMORY_MIB + factor * MAX_INFLIGHT_BYTES.
+MEMORY_LIMIT_MIB = 128
+BASE_MEMORY_MIB = 44
+ANSWER_MEMORY_FACTOR = 3
+
+
+def inflight_bytes_for(memory_limit_mib):
+    """The MAX_INFLIGHT_BYTES that keeps a node under ``memory_limit_mib`` (README: sizing a node)."""
+    return (memory_limit_mib - BASE_MEMORY_MIB) * 1024 * 1024 // ANSWER_MEMORY_FACTOR
+
+
 class Config(Record):
     host: str = "localhost"
     port: int = 9090
@@ -172,6 +188,10 @@ class Config(Record):
     max_timeout: float = 300.0
     max_body: int = 1024 * 1024
     max_upstream_body: int = 16 * 1024 * 1024
+    max_route_bytes: int = 10 * 1024 * 1024  # answer bytes one request may ask for across its tree
+    max_route_cpu: float = 10.0  # CPU seconds one request may ask for across its tree
+    max_inflight_bytes: int = inflight_bytes_for(MEMORY_LIMIT_MIB)  # all requests' answer and body bytes at once
+    max_inflight_cpu: float = 10.0  # CPU seconds all requests together may have queued or burning on this node
     max_concurrency: int = 512
     max_connections: int = 10000
     max_fanout_threads: int = 64
@@ -217,6 +237,10 @@ class Config(Record):
         read("MAX_TIMEOUT", "max_timeout", parse_duration)
         read("MAX_BODY", "max_body", parse_size)
         read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
+        read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
+        read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
+        read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
+        read("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration))
         read("MAX_CONCURRENCY", "max_concurrency", positive_int)
         read("MAX_CONNECTIONS", "max_connections", positive_int)
         read("MAX_FANOUT_THREADS", "max_fanout_threads", positive_int)
@@ -243,9 +267,14 @@ class Config(Record):
         settings.update(overrides)
         config = cls(**settings)
         try:
-            Directives.resolve(config, config.defaults, {})
+            base = Directives.resolve(config, config.defaults, {})
         except DirectiveError as error:
             raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
+        for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
+                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU"),
+                                              (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
+            if amount > limit:  # else every routed request would be refused
+                raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
         return config
 
 
@@ -351,8 +380,13 @@ class SocketReader:
     bytes, fewer only when the stream ends). ``buffered`` says whether bytes are waiting here (a poller cannot see
     those: they already left the kernel); ``received`` counts the bytes of the current message and ``eof`` says
     the peer closed, so a failure can tell "closed before answering" from "cut short". Lines are sliced from the
-    last chunk received at an offset, so reading a request's few lines copies each byte once."""
-    __slots__ = ("sock", "data", "position", "received", "eof")
+    last chunk received at an offset, so reading a request's few lines copies each byte once.
+
+    A request body that must be gathered (``arrived``) and a peer's answer of known length (``read_full``) are
+    received straight into one buffer of their size, charged to the node's budget first: no pieces to join, and
+    big buffers (glibc maps them apart) go back to the system when freed.
+    """
+    __slots__ = ("sock", "data", "position", "received", "eof", "body", "body_got", "charged")
 
     def __init__(self, sock):
         self.sock = sock
@@ -360,61 +394,117 @@ class SocketReader:
         self.position = 0
         self.received = 0
         self.eof = False
+        self.body = None  # the bytearray a request body is gathered into, after the head in ``data``
+        self.body_got = 0
+        self.charged = None  # (budget, bytes) charged for that body
 
     @property
     def buffered(self):
         """How many bytes were received and not yet read."""
-        return len(self.data) - self.position
+        return len(self.data) - self.position + self.body_got
 
     def fill(self):
         """Receive once more; False when the peer has closed."""
-        return False if self.eof else self.feed(self.sock.recv(65536))
+        return False if self.eof else self.receive()
+
+    def receive(self, flags=0):
+        """One recv (``flags``: MSG_DONTWAIT for the poller); False when the peer has closed."""
+        if self.body is None:
+            return self.feed(self.sock.recv(65536, flags))
+        with memoryview(self.body) as view:
+            count = self.sock.recv_into(view[self.body_got:], 0, flags)
+        self.body_got += count
+        self.received += count
+        self.eof = not count
+        return count > 0
 
     def feed(self, chunk):
-        """Add bytes received elsewhere (by the poller); False for the empty read of a closed connection."""
-        self.data = self.data[self.position:] + chunk
-        self.position = 0
+        """Add bytes received elsewhere; False for the empty read of a closed connection."""
         self.received += len(chunk)
         self.eof = not chunk
+        self.data = self.data[self.position:] + chunk if self.position < len(self.data) else chunk
+        self.position = 0
         return bool(chunk)
 
-    def arrived(self, max_body):
-        return request_arrived(self.data, self.position, max_body)
+    def arrived(self, max_body, budget=None):
+        """Whether a request is here whole (request_missing). A body still to come is charged to ``budget`` (the
+        node's MAX_INFLIGHT_BYTES) and then gathered into its own buffer; when it does not fit, the request is
+        handed on at once, and its worker answers 503 before reading the body."""
+        if self.body is not None:
+            return self.body_got == len(self.body)
+        missing, length, body_start = request_missing(self.data, self.position, max_body)
+        if missing <= 1 or budget is None:
+            return not missing
+        if not budget.charge(length):
+            return True
+        self.charged = (budget, length)
+        self.body = bytearray(length)
+        self.body_got = len(self.data) - body_start
+        self.body[:self.body_got] = memoryview(self.data)[body_start:]
+        self.data = self.data[self.position:body_start]
+        self.position = 0
+        return False
+
+    def take_charge(self):
+        """The body bytes charged while the request was gathered: now the request's to give back."""
+        charged, self.charged = self.charged, None
+        return charged[1] if charged else 0
+
+    def release_charge(self):
+        charged, self.charged = self.charged, None
+        if charged:
+            charged[0].release(charged[1])
 
     def readline(self, limit):
         while True:
             end = self.data.find(b"\n", self.position, self.position + limit)
             if end >= 0:
                 return self._take(end + 1 - self.position)
-            if self.buffered >= limit or not self.fill():
-                return self._take(min(limit, self.buffered))
+            if len(self.data) - self.position >= limit or self.body is not None or not self.fill():
+                return self._take(min(limit, len(self.data) - self.position))
 
     def read(self, size):
-        """A body's chunks are joined once, not copied per recv."""
-        if self.buffered >= size:
+        """``size`` bytes, fewer only when the stream ends (a request body: usually here already)."""
+        if self.body is not None and self.position >= len(self.data):  # the body gathered after the head
+            while self.body_got < len(self.body) and self.receive():
+                pass
+            body, got = self.body, self.body_got
+            self.body, self.body_got = None, 0
+            return body if got == len(body) == size else bytes(body[:min(got, size)])
+        if len(self.data) - self.position >= size:
             return self._take(size)
-        parts = [self._take(self.buffered)]
-        missing = size - len(parts[0])
-        while missing > 0 and not self.eof:
-            chunk = self.sock.recv(65536)
-            self.received += len(chunk)
-            self.eof = not chunk
-            if len(chunk) > missing:  # the start of the next message: it stays in the buffer
-                self.data, self.position = chunk, missing
-                chunk = chunk[:missing]
-            parts.append(chunk)
-            missing -= len(chunk)
-        return b"".join(parts)
+        return bytes(self.read_full(size))
+
+    def read_full(self, size):
+        """``size`` bytes received straight into one buffer (a bytearray); fewer only when the stream ends."""
+        buffer = bytearray(size)
+        got = min(size, len(self.data) - self.position)
+        with memoryview(buffer) as view:
+            view[:got] = memoryview(self.data)[self.position:self.position + got]
+            self._take(got)
+            while got < size and not self.eof:
+                count = self.sock.recv_into(view[got:])
+                self.received += count
+                self.eof = not count
+                got += count
+        if got < size:
+            del buffer[got:]
+        return buffer
 
     def read_some(self, size):
         """At most ``size`` bytes, what has come; b"" only when the stream has ended (a body read to the close)."""
-        if not self.buffered and not self.fill():
+        if self.position >= len(self.data) and not self.fill():
             return b""
-        return self._take(min(size, self.buffered))
+        return self._take(min(size, len(self.data) - self.position))
 
     def _take(self, size):
+        if self.position == 0 and size >= len(self.data):  # all of it: no copy
+            data, self.data = self.data, b""
+            return data
         data = self.data[self.position:self.position + size]
         self.position += size
+        if self.position >= len(self.data):  # nothing left: the buffer is not kept while the connection idles
+            self.data, self.position = b"", 0
         return data
 
 
@@ -582,20 +672,23 @@ EXPECT_CONTINUE_RE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue", re.IGNORE
 HEAD_WAIT_LIMIT = 64 * 1024  # a head not ended within this many bytes is handed to the parser (and its limits)
 
 
-def request_arrived(data, start, max_body):
-    """Whether ``data[start:]`` holds a whole request head and its Content-Length body, or enough that the
-    parser will refuse it (a head over HEAD_WAIT_LIMIT, a length over ``max_body``), or the client waits for a
-    ``100 Continue`` before its body. Only a readiness guess, so that a worker never waits for a slow client: the
-    parser decides everything else (chunked bodies included)."""
+def request_missing(data, start, max_body):
+    """(missing, length, body_start): how many more bytes ``data[start:]`` needs to hold a whole request head and
+    its Content-Length body (1 while the head is unfinished), that body's length and where it starts. ``missing``
+    is 0 when the request is here, or enough of it that the parser will refuse it (a head over HEAD_WAIT_LIMIT, a
+    length over ``max_body``), or the client waits for a ``100 Continue`` before its body. Only a readiness
+    guess, so that a worker never waits for a slow client: the parser decides everything else (chunked bodies
+    included)."""
     end = HEAD_END_RE.search(data, start)
     if end is None:
-        return len(data) - start > HEAD_WAIT_LIMIT
+        return (0 if len(data) - start > HEAD_WAIT_LIMIT else 1), 0, len(data)
     length = CONTENT_LENGTH_RE.search(data, start - 1 if start else 0, end.end())
     if length is None:
-        return True
+        return 0, 0, end.end()
     length = int(length.group(1))
-    return (length > max_body or len(data) - end.end() >= length
-            or EXPECT_CONTINUE_RE.search(data, start - 1 if start else 0, end.end()) is not None)
+    if length > max_body or EXPECT_CONTINUE_RE.search(data, start - 1 if start else 0, end.end()) is not None:
+        return 0, length, end.end()
+    return max(0, length - (len(data) - end.end())), length, end.end()
 
 
 def parse_request(stream, max_body):
@@ -610,11 +703,12 @@ def parse_request(stream, max_body):
 
 
 def encode_answer(status, body, content_type="application/json", extra_headers=(), trace_id="", connection=None,
-                 head_only=False):
-    """An answer's bytes: status line, headers and (unless for HEAD) the body. ``connection`` is ``"close"``,
-    ``"keep-alive"`` (the acknowledgement an HTTP/1.0 client needs) or None (HTTP/1.1's default)."""
+                 head_only=False, length=None):
+    """An answer's bytes: status line, headers and (unless ``head_only``) the body. ``connection`` is ``"close"``,
+    ``"keep-alive"`` (the acknowledgement an HTTP/1.0 client needs) or None (HTTP/1.1's default); ``length``
+    is the body's, when it is sent apart (a big answer, in pieces)."""
     head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
             f"Date: {HTTP_DATE(int(time.time()))}\r\n"]
     if trace_id:
         head.append(f"X-Trace-Id: {trace_id}\r\n")
@@ -628,12 +722,8 @@ def encode_answer(status, body, content_type="application/json", extra_headers=(
 
 
 def json_bytes(record):
-    """A record as strict JSON. A peer may answer NaN or Infinity (Python's json reads them), which no other JSON
-    reader accepts: those values become null rather than make the whole answer invalid."""
-    try:
-        return json.dumps(record, allow_nan=False).encode()
-    except ValueError:
-        return json.dumps(finite_only(record), allow_nan=False).encode()
+    """A record as strict JSON (see answer_json), whole."""
+    return "".join(answer_json(record)[1]).encode()
 
 
 def finite_only(value):
@@ -693,21 +783,26 @@ NOT_URL_TEXT_RE = re.compile(r"[^!-~]")
 MAX_NESTING = 32
 
 
-@functools.lru_cache(maxsize=1024)  # a mesh sees the same few routes over and over; the result is never changed
-def parse_route(path):
-    """Parse a decoded path (``/b;delay=1s~c/d``) into a tuple of steps; a step is a tuple of branches."""
+def parse_route(path, max_calls=None):
+    """Parse a decoded path (``/b;delay=1s~c/d``) into a tuple of steps; a step is a tuple of branches.
+
+    Every target written in a route is called at least once, so a route naming more than ``max_calls`` targets
+    is refused while parsing: what a parse holds stays small whatever the path (see RouteCache for reuse).
+    """
     if not path.startswith("/"):
         raise RouteError("the path must start with '/'", 0)
     if path == "/":
         return ()
-    return _RouteParser(path).parse()
+    return _RouteParser(path, max_calls).parse()
 
 
 class _RouteParser:
-    def __init__(self, text):
+    def __init__(self, text, max_calls=None):
         self.text = text
         self.pos = 1  # after the leading "/"
         self.nesting = 0
+        self.max_calls = max_calls
+        self.targets_left = max_calls
 
     def peek(self):
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -755,6 +850,10 @@ class _RouteParser:
     def target(self):
         start = self.pos
         text = self.text
+        if self.targets_left is not None:
+            self.targets_left -= 1
+            if self.targets_left < 0:
+                raise RouteError(f"the route names more than MAX_CALLS={self.max_calls} targets", start)
         while self.pos < len(text) and text[self.pos] in NAME_CHARS:
             self.pos += 1
         if self.pos == start:
@@ -797,6 +896,8 @@ class _RouteParser:
                 check_directive(key, value)
             except DirectiveError as error:
                 raise RouteError(str(error), key_start) from None
+            if any(key == seen for seen, _value in directives):  # also bounds what one hop's directives hold
+                raise RouteError(f"directive {key!r} is given twice for this hop", key_start)
             directives.append((key, value))
         return Target(name, port, tuple(directives))
 
@@ -1042,6 +1143,20 @@ def check_route_caps(config, steps):
                     capped_directive(config, key, text)
 
 
+RECORD_BYTES = 2048  # what a hop's record adds to its answer besides padding (a budget allowance per call)
+
+
+def route_directive(steps):
+    """The first hop of a route that carries directives (what ALLOW_DIRECTIVES=false refuses), or None."""
+    for step in steps:
+        for branch in step:
+            found = route_directive(branch.steps) if isinstance(branch, Group) else (
+                branch.address_text() if branch.directives else None)
+            if found:
+                return found
+    return None
+
+
 def check_directive(key, value):
     """Parse one directive's text, raising DirectiveError; returns the typed value (caps are checked later)."""
     directive = DIRECTIVES.get(key)
@@ -1129,6 +1244,152 @@ def burn_cpu(seconds):
     while time.thread_time() < end:
         for _ in range(1000):
             n = (n * 1103515245 + 12345) & 0x7FFFFFFF
+
+
+# --- Budgets -----------------------------------------------------------------------------------------------
+# SPEC 8. What one request may make a node spend is counted from its parsed route before any call: the answer
+# bytes and the CPU seconds its whole tree asks for (route_cost). While it runs, the bytes it holds (downstream
+# answers as they arrive, its own padded answer, its body) are charged to a RequestBudget, which charges the
+# node-wide Budget in step, so all requests together stay under MAX_INFLIGHT_BYTES and so under the pod's
+# memory limit. Parsed routes are reused from a cache bounded in bytes that keeps only routes a node accepted.
+
+def route_cost(steps, max_calls):
+    """(answer bytes, CPU seconds, calls) the hops of ``steps`` ask for in their own directives (``size=``,
+    ``cpu=``), summed over every call the route expands to, so fan-out multiplies. The node's own directives are not
+    in ``steps``: the caller adds them. Hops' environment defaults are unknown here; each node counts its own
+    subtree again when the request reaches it.
+
+    Counting stops after ``max_calls`` calls (route_size refuses such routes), so this costs at most that many
+    steps whatever the route.
+    """
+    total_bytes, total_cpu, calls = 0, 0.0, 0
+    pending = [steps]
+    while pending and calls <= max_calls:
+        for target, rest in plan_calls(pending.pop()):
+            calls += 1
+            size, cpu = hop_cost(target)
+            total_bytes += size
+            total_cpu += cpu
+            if rest:
+                pending.append(rest)
+    return total_bytes, total_cpu, calls
+
+
+def hop_cost(target):
+    """(answer bytes, CPU seconds) one hop's matrix directives ask for (its directives were checked at parse)."""
+    size, cpu = 0, 0.0
+    for key, text in target.directives:
+        if key == "size":
+            size = parse_size(text)
+        elif key == "cpu":
+            cpu = parse_duration(text)
+    return size, cpu
+
+
+def json_parse_overhead(data):
+    """At most how many bytes parsing JSON ``data`` takes beyond the text.
+
+    A simple-mesh answer is mostly one long padding string: parsed, it takes about its text's size again (in
+    ANSWER_MEMORY_FACTOR), and the caller charges only what goes beyond that, before child_record parses it.
+    ``[0.5,0.5,...]`` or ``[{},{},...]`` from a foreign peer becomes an object of 24 to 250 bytes per few bytes
+    of text: each separator can start a value (64 bytes or less), each ``{`` a dict, each ``[`` a list.
+    """
+    return (64 * (data.count(b",") + data.count(b":")) + 256 * data.count(b"{") + 72 * data.count(b"["))
+
+
+class Budget:
+    """Bytes held by the whole node (MAX_INFLIGHT_BYTES): shared by every request thread, so under a lock."""
+
+    def __init__(self, limit, name="MAX_INFLIGHT_BYTES"):
+        self.limit = limit
+        self.name = name
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def charge(self, nbytes):
+        """Take ``nbytes`` if they fit: True, else False and nothing is taken."""
+        with self.lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes):
+        with self.lock:
+            self.used -= nbytes
+
+
+class RequestBudget:
+    """The answer bytes one request holds (at most MAX_ROUTE_BYTES), each charged to the node's Budget too.
+
+    Bytes are charged when they are really held (a downstream answer as it arrives, the node's own answer when
+    it is built), never reserved ahead: a request waiting on a ``delay`` holds nothing, so slow requests cannot
+    starve the others. Parallel branches charge the same budget. ``close()`` gives everything back to the node
+    once the answer is sent. ``allowance`` is taken beyond ``limit`` (MAX_ROUTE_BYTES) for what records add.
+    """
+
+    def __init__(self, limit, node_budget, allowance=0):
+        self.limit = limit
+        self.allowance = allowance
+        self.node_budget = node_budget
+        self.used = 0  # what the node's budget holds for this request
+        self.refused = ""  # the limit a refused charge ran into, for the call's error
+        self.lock = threading.Lock()
+
+    def charge(self, nbytes):
+        """Count ``nbytes`` just read: False (and nothing counted) when they go past either limit."""
+        with self.lock:
+            if self.used + nbytes > self.limit + self.allowance:
+                self.refused = f"the answers are above MAX_ROUTE_BYTES={self.limit} for this request"
+                return False
+            if not self.node_budget.charge(nbytes):
+                self.refused = f"the node holds {self.node_budget.name}={self.node_budget.limit} in answers"
+                return False
+            self.used += nbytes
+            return True
+
+    def close(self):
+        with self.lock:
+            used, self.used = self.used, 0
+        self.node_budget.release(used)
+
+
+class RouteCache:
+    """Parsed routes by path, bounded by an estimate of their bytes; only routes a node accepted are put in.
+
+    A mesh sees the same few routes over and over, so parsing each once saves a hop's worth of CPU. Refused
+    routes are never kept, and neither are long ones, so no client can fill a node's memory through it.
+    """
+    BYTES_PER_CHAR = 200  # what a parsed route holds per character of its path, at most (measured: 15 to 150)
+
+    def __init__(self, max_bytes=4 * 1024 * 1024, max_path=2048):
+        self.max_bytes = max_bytes
+        self.max_path = max_path
+        self.entries = {}  # path -> steps, oldest first (dicts keep insertion order)
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, path):
+        return self.entries.get(path)  # a plain read: no lock needed, and no reordering (evicted oldest-first)
+
+    def put(self, path, steps):
+        if len(path) > self.max_path:
+            return
+        with self.lock:
+            if path in self.entries:
+                return
+            self.entries[path] = steps
+            self.size += self.cost(path)
+            while self.size > self.max_bytes:
+                oldest = next(iter(self.entries))
+                del self.entries[oldest]
+                self.size -= self.cost(oldest)
+
+    def cost(self, path):
+        return 256 + self.BYTES_PER_CHAR * len(path)
+
+
+ROUTES = RouteCache()
 
 
 # --- Trace context -----------------------------------------------------------------------------------------
@@ -1394,6 +1655,7 @@ class Headers(dict):
 
 MAX_HEADER_LINE = 16 * 1024
 MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024  # all header lines together: 100 lines of 16 KiB would hold 1.6 MB per connection
 
 
 TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
@@ -1415,10 +1677,14 @@ def read_header_lines(stream):
     Used for requests (by the handler) and for answers (by read_answer), so both sides apply the same rules.
     """
     headers = Headers()
+    total = 0
     for _ in range(MAX_HEADERS + 1):
         line = stream.readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise HeaderError(f"a header line is longer than {MAX_HEADER_LINE} bytes", 431)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise HeaderError(f"the headers are longer than {MAX_HEADER_BYTES} bytes in all", 431)
         if line in (b"\r\n", b"\n", b""):
             return headers
         name, sep, value = line.decode("latin-1").partition(":")
@@ -1460,6 +1726,7 @@ class Answer:
 
 STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
 MAX_INTERIM_ANSWERS = 32
+SMALL_BODY = 16 * 1024  # a request body up to this size is sent with its head in one send
 READ_PIECE = 64 * 1024
 
 
@@ -1550,14 +1817,10 @@ def _read_body(reader, framing, length, charge, status):
 
 
 def _read_exactly(reader, size, status, cut, before=0):
-    pieces, got = [], 0
-    while got < size:
-        piece = reader.read(min(size - got, READ_PIECE))
-        if not piece:
-            raise AnswerError("closed mid-answer " + cut.format(before + got), reader.received, status)
-        pieces.append(piece)
-        got += len(piece)
-    return b"".join(pieces)
+    data = reader.read_full(size)
+    if len(data) < size:
+        raise AnswerError("closed mid-answer " + cut.format(before + len(data)), reader.received, status)
+    return data
 
 
 def _read_chunked(reader, charge, status):
@@ -1591,12 +1854,14 @@ def _read_chunked(reader, charge, status):
 
 
 def request_bytes(method, path, host_header, headers, body):
-    """One request's bytes, sent in one send: request line, Host, the given headers, Content-Length, body."""
+    """One request's bytes as the buffers to send: request line, Host, the given headers and Content-Length, with
+    the body in the same buffer when it is small (one send), apart when it is big (never copied)."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}"]
     lines.extend(f"{name}: {value}" for name, value in headers.items())
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return (head + body,) if len(body) <= SMALL_BODY else (head, body)
 
 
 class Connection:
@@ -1906,17 +2171,25 @@ class CallFailed(Exception):
 
 
 class UpstreamBudget:
-    """The default downstream body budget: MAX_UPSTREAM_BODY bytes for one call. call_peer() only needs
-    ``charge(nbytes) -> bool`` (False: over) and ``limit`` (its name, for the error)."""
-    __slots__ = ("left", "limit")
+    """One call's answer budget: MAX_UPSTREAM_BODY bytes for this answer, and the request's RequestBudget when
+    one is given. call_peer() only needs ``charge(nbytes) -> bool`` (False: over, nothing counted) and
+    ``refused`` (the limit that was hit, for the call's error)."""
+    __slots__ = ("left", "max_bytes", "request_budget", "refused")
 
-    def __init__(self, max_bytes):
-        self.left = max_bytes
-        self.limit = f"MAX_UPSTREAM_BODY={max_bytes}"
+    def __init__(self, max_bytes, request_budget=None):
+        self.left = self.max_bytes = max_bytes
+        self.request_budget = request_budget
+        self.refused = ""
 
     def charge(self, nbytes):
+        if nbytes > self.left:
+            self.refused = f"above MAX_UPSTREAM_BODY={self.max_bytes} bytes"
+            return False
+        if self.request_budget is not None and not self.request_budget.charge(nbytes):
+            self.refused = self.request_budget.refused
+            return False
         self.left -= nbytes
-        return self.left >= 0
+        return True
 
 
 class Deadlines:
@@ -2023,7 +2296,8 @@ def _exchange(connection, request, method, budget, deadline):
     watch = DEADLINES.watch(connection, max(0.0, deadline - time.monotonic()))
     try:
         connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
-        connection.sock.sendall(request)
+        for buffer in request:
+            connection.sock.sendall(buffer)
         sending = False
         answer = read_answer(connection.reader, method, budget.charge)
     except Exception as error:
@@ -2048,8 +2322,7 @@ def _call_failure(error, peer, timeout, budget):
         return CallFailed(f"timeout after {timeout:g}s", 504)
     if isinstance(error, AnswerError):
         if error.over_budget:
-            return CallFailed(f"{error} is above {getattr(budget, 'limit', 'the answer budget')} bytes",
-                              code=error.status)
+            return CallFailed(f"{error} refused: {budget.refused}", code=error.status)
         return CallFailed(str(error))  # no code: metrics count it as an error, not as the status it began with
     if isinstance(error, ConnectionRefusedError):
         return CallFailed("connection refused")
@@ -2161,12 +2434,68 @@ def node_status(own_failure, children):
     return worst
 
 
-def pad_record(record, size):
-    """Grow the record with a ``padding`` field so its JSON is about ``size`` bytes."""
-    missing = size - len(json.dumps(record)) - len(', "padding": ""')
-    if missing > 0:
-        record["padding"] = "x" * missing
-    return record
+ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
+PADDING_FIELD = ', "padding": ""'
+STRICT_JSON = json.JSONEncoder(allow_nan=False)  # iterencode() yields the text piece by piece, for big answers
+
+
+def answer_json(record, size=0, big=False):
+    """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
+
+    The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
+    record (one holding large downstream answers) is encoded lazily, twice (once to count), so besides the
+    record only one of its strings is held as text at a time; the padding is never held whole. The JSON is
+    strict: a peer may answer NaN or Infinity (Python's json reads them), which no other JSON reader accepts, so
+    those values become null rather than make the whole answer invalid.
+    """
+    try:
+        if big:
+            length, pieces = sum(map(len, STRICT_JSON.iterencode(record))), STRICT_JSON.iterencode(record)
+        else:
+            text = STRICT_JSON.encode(record)
+            length, pieces = len(text), (text,)
+    except ValueError:
+        return answer_json(finite_only(record), size, big)
+    missing = size - length - len(PADDING_FIELD)
+    if missing <= 0:
+        return length, pieces
+    # A record is never empty, so the padding field always follows another.
+    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
+
+
+def _without_closing_brace(pieces):
+    held = None
+    for piece in pieces:
+        if held is not None:
+            yield held
+        held = piece
+    yield held[:-1]
+
+
+def _padding(count):
+    block = "x" * min(count, ANSWER_CHUNK)
+    for start in range(0, count, ANSWER_CHUNK):
+        yield block if count - start >= ANSWER_CHUNK else block[:count - start]
+
+
+def ascii_chunks(pieces):
+    """ASCII text pieces -> bytes of about ANSWER_CHUNK each, encoding one piece at a time."""
+    buffer, buffered = [], 0
+    for piece in pieces:
+        if len(piece) >= ANSWER_CHUNK:
+            if buffer:
+                yield "".join(buffer).encode("ascii")
+                buffer, buffered = [], 0
+            for start in range(0, len(piece), ANSWER_CHUNK):
+                yield piece[start:start + ANSWER_CHUNK].encode("ascii")
+            continue
+        buffer.append(piece)
+        buffered += len(piece)
+        if buffered >= ANSWER_CHUNK:
+            yield "".join(buffer).encode("ascii")
+            buffer, buffered = [], 0
+    if buffer:
+        yield "".join(buffer).encode("ascii")
 
 
 def error_outcome(host, status, message, **extra):
@@ -3023,9 +3352,11 @@ class SpanExporter:
 
 class Request:
     """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
-    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall")
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
 
-    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0):
+    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
+        self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
+        self.budget = None  # the RequestBudget of a routed request, once admitted
         self.method = method
         self.path = path  # percent-decoded
         self.query = query
@@ -3037,10 +3368,13 @@ class Request:
 
 class Outcome:
     """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
-    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace")
+    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace",
+                 "size", "big")
 
     def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
-                 extra_headers=(), trace_id="", targets=(), trace=None):
+                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False):
+        self.size = size  # the JSON answer is padded to about this many bytes (``size``)
+        self.big = big  # the record holds big downstream answers: encode it piece by piece (answer_json)
         self.status = status
         self.record = record
         self.text = text
@@ -3061,6 +3395,9 @@ class Node:
         self.base_directives = Directives.resolve(config, self.defaults, {})
         self.resolver = Resolver(config.peers, config.upstream_port, config.allow_ip_targets)
         self.pool = ConnectionPool(self.resolver.connect)
+        self.inflight = Budget(config.max_inflight_bytes)  # answer and body bytes of all requests (SPEC 8)
+        self.cpu_queue = Budget(config.max_inflight_cpu, "MAX_INFLIGHT_CPU")  # CPU seconds queued or burning
+        self.cpu_lock = threading.Lock()
         self.metrics = Metrics()
         self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
@@ -3089,31 +3426,15 @@ class Node:
         query = split_query(request.query)
         query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
         try:
-            steps = parse_route(request.path)
-            if query and not config.allow_directives:
-                return self.refuse(403, "directives are not allowed here (ALLOW_DIRECTIVES=false)", trace,
-                                   rule="ALLOW_DIRECTIVES")
-            directives = (Directives.resolve(config, self.defaults, query) if query
-                          else self.base_directives)
-            calls = plan_calls(steps)
-            if calls:
-                total, depth = route_size(steps, config.max_calls, config.max_depth)
-                if total > config.max_calls:
-                    return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
-                                       trace, rule="MAX_CALLS")
-                if depth > config.max_depth:
-                    return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
-                                       trace, rule="MAX_DEPTH")
-                for target, _rest in calls:
-                    refusal = self.target_refusal(target.name)
-                    if refusal:
-                        return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
-                check_route_caps(config, steps)
+            plan = self.plan(request, query, trace)
         except RouteError as error:
             return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
                                route=request.path)
         except DirectiveError as error:
             return self.refuse(400, f"bad directive: {error}", trace)
+        if isinstance(plan, Outcome):
+            return plan
+        calls, directives = plan
 
         record = {"host": config.host}
         if config.version:
@@ -3138,11 +3459,16 @@ class Node:
                 trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
                 time.sleep(delay)
         if directives.cpu:
+            if not self.burn(directives.cpu):
+                return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
             self.metrics.count_fault("cpu")
             trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
-            burn_cpu(directives.cpu)
             record["cpu"] = directives.cpu
         if directives.headers:
+            echoed = sum(len(name) + len(value) for name, value in request.headers.items())
+            if not self.inflight.charge(echoed):  # up to MAX_HEADER_BYTES, rendered again in the answer
+                return self.busy(trace)
+            request.held += echoed
             record["headers"] = dict(request.headers.items())
 
         failure = directives.failure_status(rng)
@@ -3159,10 +3485,101 @@ class Node:
         if status != 200 and not failure:
             record["error"] = "a downstream call failed"
         record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
-        if directives.size:
-            pad_record(record, directives.size)
-        return Outcome(status, record, trace_id=trace.trace_id,
-                       targets=tuple(target.name for target, _rest in calls), trace=trace)
+        # The padding is streamed (answer_json): writing it holds two pieces at most, not the whole size.
+        own = min(directives.size, 2 * ANSWER_CHUNK)
+        if not self.inflight.charge(own):
+            return self.busy(trace)
+        request.held += own
+        return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
+                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
+
+    def plan(self, request, query, trace):
+        """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
+
+        Raises RouteError or DirectiveError for a bad route or directive. An admitted request holds a
+        RequestBudget (request.budget) until its answer is sent.
+        """
+        config = self.config
+        steps = ROUTES.get(request.path)
+        fresh = steps is None
+        if fresh:
+            steps = parse_route(request.path, config.max_calls)
+        if not config.allow_directives and (query or route_directive(steps)):
+            where = f"for hop {route_directive(steps)!r} " if not query else ""
+            return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
+                               rule="ALLOW_DIRECTIVES")
+        directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
+        calls = plan_calls(steps)
+        if calls:
+            refusal = self.route_refusal(steps, calls, trace)
+            if refusal:
+                return refusal
+        answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
+        answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
+        for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
+                                        (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
+                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
+                                        (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
+            if amount > limit:
+                what = "answer bytes" if "BYTES" in variable else "CPU seconds"
+                return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
+                                        f"{variable}={limit:g}", trace, rule=variable)
+        if fresh:
+            ROUTES.put(request.path, steps)
+        if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
+            return self.busy(trace)
+        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
+        request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
+        return calls, directives
+
+    def busy(self, trace, what="the answers it holds are near", budget=None):
+        """A 503 with Retry-After: this node's budget (bytes by default) has no room for the request now."""
+        budget = budget or self.inflight
+        limit = f"{budget.limit:g}" if isinstance(budget.limit, float) else budget.limit
+        outcome = self.refuse(503, f"the node is busy: {what} {budget.name}={limit}", trace, rule=budget.name)
+        outcome.extra_headers = (("Retry-After", "1"),)
+        return outcome
+
+    def burn(self, seconds):
+        """Burn ``seconds`` of CPU, one request at a time: False when the queue is full (MAX_INFLIGHT_CPU).
+
+        burn_cpu holds the GIL but for a switch every 5 ms, so N requests burning at once make every other
+        thread (probes too) wait about N x 5 ms per step: 40 requests of cpu=3s kept /healthz 14 s from an
+        answer. A node never burns more than one core anyway, so queueing them costs no throughput.
+        """
+        if not self.cpu_queue.charge(seconds):
+            return False
+        try:
+            with self.cpu_lock:
+                burn_cpu(seconds)
+        finally:
+            self.cpu_queue.release(seconds)
+        return True
+
+    def route_refusal(self, steps, calls, trace):
+        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+        config = self.config
+        total, depth = route_size(steps, config.max_calls, config.max_depth)
+        if total > config.max_calls:
+            return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
+                               trace, rule="MAX_CALLS")
+        if depth > config.max_depth:
+            return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
+                               trace, rule="MAX_DEPTH")
+        for target, _rest in calls:
+            refusal = self.target_refusal(target.name)
+            if refusal:
+                return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
+        check_route_caps(config, steps)  # raises DirectiveError
+        return None
+
+    def release(self, request):
+        """Give back what a request held in the node's budget (its body, its answers), once its answer is sent."""
+        if request.held:
+            self.inflight.release(request.held)
+            request.held = 0
+        if request.budget is not None:
+            request.budget.close()
 
     def refuse(self, status, message, trace, **extra):
         return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
@@ -3227,7 +3644,9 @@ class Node:
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
                 self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, UpstreamBudget(self.config.max_upstream_body))
+                directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
+                raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:
@@ -3314,11 +3733,11 @@ class Handler:
         reader, sock, max_body = self.conn.reader, self.conn.sock, self.node.config.max_body
         if not reader.buffered and not reader.fill():
             return True  # the client closed: the parser says what that was
-        if reader.arrived(max_body):
+        if reader.arrived(max_body, self.node.inflight):
             return True
         sock.settimeout(QUICK_READ)
         try:
-            while not reader.arrived(max_body):
+            while not reader.arrived(max_body, self.node.inflight):
                 if not reader.fill():
                     return True
             return True
@@ -3336,19 +3755,38 @@ class Handler:
         received, received_wall = time.perf_counter(), time.time()
         self.head = head
         path, query = split_target(head.target)
-        if head.expects_continue:
-            self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this before a body
-        body = read_body(reader, head, max_body)
+        inflight = self.node.inflight
+        held = reader.take_charge()  # a body gathered on the poller was charged before it came
+        if head.length and not held:
+            if not inflight.charge(head.length):  # before a byte of it is read (SPEC 8)
+                raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES="
+                                      f"{inflight.limit}")
+            held = head.length
+        try:
+            if head.expects_continue:
+                self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second before a body
+            body = read_body(reader, head, max_body)
+            if body is not None and head.chunked and body:  # its length is known only now
+                if not inflight.charge(len(body)):
+                    raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES="
+                                          f"{inflight.limit}")
+                held = len(body)
+        except BaseException:
+            inflight.release(held)
+            raise
         if body is None:
+            inflight.release(held)
             return None
-        return Request(head.method, path, query, head.headers, body, received, received_wall)
+        return Request(head.method, path, query, head.headers, body, received, received_wall, held=held)
 
     def answer_malformed(self, error):
         """Answered, counted and logged like any request; then a lingering close (unread input may follow)."""
         node = self.node
         outcome = error_outcome(node.config.host, error.status, str(error))
+        retry = (("Retry-After", "1"),) if error.status == 503 else ()  # the node's budget was full: try again
         try:
-            self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record), connection="close"))
+            self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record), extra_headers=retry,
+                                                 connection="close"))
         except OSError:
             return "close"
         node.metrics.observe_request("-", str(error.status), 0.0)  # "-": a malformed method is no label value
@@ -3371,6 +3809,7 @@ class Handler:
         except OSError:  # the client went away while the answer was written
             result, outcome = "close", Outcome(499)
         finally:
+            node.release(request)
             with metrics.lock:
                 metrics.in_flight -= 1
         elapsed = time.perf_counter() - request.received
@@ -3444,6 +3883,9 @@ class Handler:
                 return error_outcome(host, 405, "use GET, POST or DELETE")
             return Outcome(200, {"host": host, "defaults": node.defaults})
         if request.path == "/-/ready":
+            if request.method == "POST" and not node.config.allow_directives:
+                return error_outcome(host, 403, "taking a node out of service is not allowed here "
+                                     "(ALLOW_DIRECTIVES=false)", rule="ALLOW_DIRECTIVES")
             if request.method == "POST":
                 try:
                     node.ready = parse_bool(query.get("ready") or "unset")
@@ -3453,13 +3895,24 @@ class Handler:
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
-        """One send; ``keep`` when the connection stays open for another request, else ``close``."""
+        """Sent in one send (a big answer: its head, then a piece at a time, never a whole copy of it in memory);
+        ``keep`` when the connection stays open for another request, else ``close``."""
         head = self.head
         keep = head.keep_alive and not self.server.draining
         connection = None if keep and head.version == "HTTP/1.1" else ("keep-alive" if keep else "close")
-        body = outcome.text.encode() if outcome.text is not None else json_bytes(outcome.record)
-        self.conn.sock.sendall(encode_answer(outcome.status, body, outcome.content_type, outcome.extra_headers,
-                                             outcome.trace_id, connection, head_only=method == "HEAD"))
+        if outcome.text is not None:
+            body = outcome.text.encode()
+            length = len(body)
+        else:
+            length, pieces = answer_json(outcome.record, outcome.size, outcome.big)
+            body = "".join(pieces).encode() if length <= ANSWER_CHUNK else None
+        sock = self.conn.sock
+        sock.sendall(encode_answer(outcome.status, body, outcome.content_type, outcome.extra_headers,
+                                   outcome.trace_id, connection, head_only=method == "HEAD" or body is None,
+                                   length=length))
+        if body is None and method != "HEAD":
+            for chunk in ascii_chunks(pieces):
+                sock.sendall(chunk)
         return "keep" if keep else "close"
 
     def reset_connection(self):
@@ -3594,6 +4047,7 @@ class InboundConnection:
         self.routed = False  # served by the workers before: its next requests go to them without a peek
 
     def close(self):
+        self.reader.release_charge()
         try:
             self.sock.close()
         except OSError:
@@ -3848,14 +4302,14 @@ class Server:
 
     def gather(self, conn):
         try:
-            chunk = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+            more = conn.reader.receive(socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            chunk = b""
-        if not conn.reader.feed(chunk):  # the client gave up
+            more = False
+        if not more:  # the client gave up
             self.drop_arriving(conn)
-        elif conn.reader.arrived(self.node.config.max_body):
+        elif conn.reader.arrived(self.node.config.max_body, self.node.inflight):
             del self.arriving[conn.sock.fileno()]
             self.poller.unregister(conn.sock)
             self.workers.submit(functools.partial(self.serve_connection, conn))  # counted in active already
@@ -4248,7 +4702,7 @@ def _deployment(pod, name, version, env, container_extras, component="node"):
     if env:
         container["env"] = env
     container["resources"] = {"requests": {"cpu": "50m", "memory": "32Mi"},
-                              "limits": {"cpu": "500m", "memory": "128Mi"}}
+                              "limits": {"cpu": "500m", "memory": f"{MEMORY_LIMIT_MIB}Mi"}}  # MAX_INFLIGHT_BYTES fits
     container["securityContext"] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "runAsNonRoot": True, "privileged": False,
                                     "capabilities": {"drop": ["ALL"]}}
@@ -4482,22 +4936,27 @@ def in_flight(server):
 
 
 def release_start_up_memory():
-    """Soon after start-up, hand back to the OS the heap that compiling this module left free.
+    """Hand back to the OS the heap that compiling this module left free, and every big buffer once freed.
 
-    glibc keeps freed memory for reuse; malloc_trim returns it (about 4 MB of an idle node's RSS). It runs half
-    a second later, on a timer thread, so the first answers do not wait for it; elsewhere (musl, macOS) it does
-    nothing.
+    glibc keeps freed memory for reuse; malloc_trim returns it (about 4 MB of an idle node's RSS). glibc also
+    raises its mmap threshold each time a big buffer is freed, so later answer-sized buffers come from a heap it
+    never shrinks: fixing the threshold (M_MMAP_THRESHOLD, unless MALLOC_MMAP_THRESHOLD_ is set) makes every
+    big buffer its own mapping, given back when freed. That keeps a node's RSS near what it holds now rather
+    than the worst it ever held (RobustMemoryTest). The trim runs half a second later, on a thread of its own,
+    so the first answers do not wait for it; elsewhere (musl, macOS) this does nothing.
     """
-    def trim():
+    def release():
         try:
             import ctypes  # here, not at the top: only this needs it, and start-up time is measured
-            ctypes.CDLL(None).malloc_trim(0)
+            libc = ctypes.CDLL(None)
+            if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+                libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+            time.sleep(0.5)
+            libc.malloc_trim(0)
         except (ImportError, OSError, AttributeError):
             pass
 
-    timer = threading.Timer(0.5, trim)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=release, name="release-memory", daemon=True).start()
 
 
 def command_serve(args, environ):
@@ -4650,7 +5109,8 @@ def fetch(scheme, host, port, method, path, headers, body, timeout):
         headers = {name: value for name, value in headers.items() if name.lower() != "host"}
         watch = DEADLINES.watch(sock, timeout)
         try:
-            sock.sendall(request_bytes(method, path, host_header, headers, body))
+            for buffer in request_bytes(method, path, host_header, headers, body):
+                sock.sendall(buffer)
             answer = read_answer(SocketReader(sock), method)
         finally:
             if DEADLINES.release(watch):

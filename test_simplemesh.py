@@ -177,6 +177,15 @@ def wait_for_port(port, timeout=10.0, address="127.0.0.1"):
     raise AssertionError(f"nothing listens on {address}:{port} after {timeout}s")
 
 
+def wait_until(condition, timeout=5.0, message="the condition never held"):
+    """Poll ``condition`` until it is true (state a node changes just after its answer has left)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.01)
+
+
 # --- Configuration --------------------------------------------------------------------------------------------
 
 class ConfigTest(unittest.TestCase):
@@ -197,7 +206,11 @@ class ConfigTest(unittest.TestCase):
         for env, word in [({"PORT": "http"}, "PORT"), ({"PEERS": "a=nowhere"}, "PEERS"), ({"DELAY": "soon"}, "DELAY"),
                           ({"ERROR_RATE": "2"}, "ERROR_RATE"), ({"FANOUT": "both"}, "FANOUT"),
                           ({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"DELAY": "2m", "MAX_DELAY": "1m"}, "DELAY"),
-                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS")]:
+                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS"),
+                          ({"MAX_ROUTE_BYTES": "0"}, "MAX_ROUTE_BYTES"), ({"MAX_INFLIGHT_BYTES": "lots"}, "INFLIGHT"),
+                          ({"RESPONSE_SIZE": "2m", "MAX_ROUTE_BYTES": "1m"}, "RESPONSE_SIZE=2m is above MAX_ROUTE"),
+                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1"),
+                          ({"CPU": "2s", "MAX_INFLIGHT_CPU": "1s"}, "CPU=2s is above MAX_INFLIGHT_CPU=1")]:
             with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
                 sm.Config.from_env(env)
 
@@ -295,10 +308,36 @@ class WireTest(unittest.TestCase):
                               (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n", True),
                               (b"GET / HTTP/1.1\r\nx: " + b"v" * sm.HEAD_WAIT_LIMIT, True)):  # the parser refuses it
             with self.subTest(data=data[:60]):
-                self.assertIs(sm.request_arrived(data, 0, 100), arrived)
+                self.assertIs(sm.request_missing(data, 0, 100)[0] == 0, arrived)
         pipelined = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab"
-        self.assertFalse(sm.request_arrived(pipelined, pipelined.index(b"POST"), 100))
-        self.assertTrue(sm.request_arrived(pipelined + b"c", pipelined.index(b"POST"), 100))
+        self.assertEqual(sm.request_missing(pipelined, pipelined.index(b"POST"), 100)[:2], (1, 3))
+        self.assertEqual(sm.request_missing(pipelined + b"c", pipelined.index(b"POST"), 100)[:2], (0, 3))
+
+    def test_a_body_still_coming_is_charged_first_and_gathered_into_one_buffer(self):
+        budget = sm.Budget(100)
+        client, server = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server.close)
+        reader = sm.SocketReader(server)
+        client.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 60\r\n\r\n" + b"x" * 10)
+        reader.fill()
+        self.assertFalse(reader.arrived(1000, budget))
+        self.assertEqual((budget.used, type(reader.body), reader.body_got), (60, bytearray, 10))
+        client.sendall(b"y" * 50 + b"GET / HTTP/1.1\r\n")  # the next request stays in the socket
+        reader.fill()
+        self.assertTrue(reader.arrived(1000, budget))
+        head = sm.read_request_head(reader, 1000)
+        self.assertEqual(reader.read(head.length), b"x" * 10 + b"y" * 50)
+        self.assertEqual(reader.take_charge(), 60)  # the request's now: Node.release gives it back
+        self.assertEqual(reader.readline(100), b"GET / HTTP/1.1\r\n")
+        client.sendall(b"Host: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n")
+        sm.read_header_lines(reader)
+        self.assertTrue(reader.arrived(1000, budget))  # does not fit: handed on at once, its worker answers 503
+        self.assertEqual((budget.used, reader.body), (60, None))
+        budget.release(60)
+        self.assertFalse(reader.arrived(1000, budget))
+        reader.release_charge()  # the connection closed while the body was coming
+        self.assertEqual(budget.used, 0)
 
     def test_expect_continue_only_for_http_1_1_with_a_body(self):
         import io
@@ -387,6 +426,18 @@ class RouteGrammarTest(unittest.TestCase):
         calls, depth = sm.route_size(sm.parse_route("/" + "/".join(["a"] * 40)), 1000, 16)
         self.assertGreater(depth, 16)
 
+    def test_parsing_stops_at_max_calls_targets_and_refuses_a_directive_twice(self):
+        self.assertEqual(len(sm.plan_calls(sm.parse_route("/" + "~".join(["b"] * 5), max_calls=5))), 5)
+        path = "/" + "~".join(["b"] * 6) + "~" + "x" * 16000  # a parse holds at most max_calls targets
+        with self.assertRaises(sm.RouteError) as caught:
+            sm.parse_route(path, max_calls=5)
+        self.assertIn("MAX_CALLS=5", caught.exception.message)
+        self.assertEqual(caught.exception.position, 11)
+        with self.assertRaises(sm.RouteError) as caught:
+            sm.parse_route("/b;delay=1ms;error=0.1;delay=2ms")
+        self.assertIn("'delay' is given twice", caught.exception.message)
+        self.assertEqual(caught.exception.position, 23)
+
     def test_ip_literals(self):
         for name in ["127.0.0.1", "127.1", "10.0.0.1", "2130706433", "0x7f000001", "0x7f.1"]:
             self.assertTrue(sm.is_ip_literal(name), name)
@@ -468,6 +519,95 @@ class DirectivesTest(unittest.TestCase):
 
 
 # --- Trace context --------------------------------------------------------------------------------------------
+
+# --- Budgets --------------------------------------------------------------------------------------------------
+
+class BudgetsTest(unittest.TestCase):
+    def test_route_cost_sums_size_and_cpu_over_every_call(self):
+        k, m = 1024, 1024 * 1024
+        for path, cost in [("/b", (0, 0.0)), ("/b;size=1k", (k, 0.0)), ("/b;size=1k;cpu=20ms/c;cpu=1s", (k, 1.02)),
+                           ("/b;size=1k~c;size=2k/d;size=1m", (3 * k + 2 * m, 0.0)),  # d is called by b and by c
+                           ("/(b;cpu=1s/d)~(c/e;cpu=2s)/f;cpu=100ms", (0, 3.2)),
+                           ("/b~c/d~e/f;size=1k", (4 * k, 0.0)), ("/b;size=1k/b;size=1k/b;size=1k", (3 * k, 0.0))]:
+            with self.subTest(path=path):
+                size, cpu, calls = sm.route_cost(sm.parse_route(path), 1000)
+                self.assertEqual((size, round(cpu, 6)), cost)
+                self.assertEqual(calls, sm.route_size(sm.parse_route(path), 1000, 1000)[0])
+
+    def test_route_cost_stops_after_max_calls(self):
+        steps = sm.parse_route("/" + "/".join(["a;size=1~b;size=1"] * 40))  # 2**40 calls if expanded
+        started = time.perf_counter()
+        size, _cpu, _calls = sm.route_cost(steps, 100)
+        self.assertGreater(size, 100)
+        self.assertLess(time.perf_counter() - started, 0.5)
+
+    def test_request_budget_charges_itself_and_the_node(self):
+        node = sm.Budget(1000)
+        first = sm.RequestBudget(600, node)
+        self.assertTrue(first.charge(300))
+        self.assertTrue(first.charge(300))  # at the request's limit
+        self.assertEqual(node.used, 600)
+        self.assertFalse(first.charge(1))  # past it: nothing counted
+        self.assertIn("MAX_ROUTE_BYTES=600", first.refused)
+        self.assertEqual((first.used, node.used), (600, 600))
+        second = sm.RequestBudget(600, node)
+        self.assertTrue(second.charge(400))  # the node is full
+        self.assertFalse(second.charge(1))
+        self.assertIn("MAX_INFLIGHT_BYTES=1000", second.refused)
+        self.assertEqual((second.used, node.used), (400, 1000))
+        first.close()
+        first.close()  # twice gives back nothing more
+        self.assertEqual(node.used, 400)
+        self.assertTrue(second.charge(1))
+        second.close()
+        self.assertEqual(node.used, 0)
+
+    def test_request_budget_is_shared_by_parallel_branches(self):
+        node = sm.Budget(10 ** 9)
+        budget = sm.RequestBudget(50_000, node)
+        taken = []
+
+        def charge():
+            taken.append(sum(7 for _ in range(2000) if budget.charge(7)))
+
+        threads = [threading.Thread(target=charge) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(sum(taken), budget.used)
+        self.assertEqual(budget.used, 50_000 - 50_000 % 7)
+        self.assertEqual(node.used, budget.used)
+        budget.close()
+        self.assertEqual(node.used, 0)
+
+    def test_route_cache_cost_is_above_what_a_parsed_route_holds(self):
+        import tracemalloc
+        routes = ["/b", "/b/c", "/" + "~".join(["a"] * 100), "/" + "/".join(["a;delay=1ms;size=1k;parallel"] * 16),
+                  "/" + "(a~b)/" * 16 + "c", "/" + "~".join(["b:8080;headers"] * 100), "/" + ".".join(["x" * 62] * 4) + ";cpu=1ms"]
+        for path in routes:
+            with self.subTest(path=path[:40]):
+                tracemalloc.start()
+                try:
+                    steps = sm.parse_route(path)
+                    held, _peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                self.assertTrue(steps)
+                self.assertLess(held, sm.RouteCache().cost(path))
+
+    def test_route_cache_is_bounded_in_bytes(self):
+        cache = sm.RouteCache(max_bytes=100_000, max_path=1000)
+        for index in range(1000):
+            path = f"/b{index}/c"
+            cache.put(path, sm.parse_route(path))
+        self.assertLessEqual(cache.size, 100_000)
+        self.assertEqual(cache.size, sum(cache.cost(path) for path in cache.entries))
+        self.assertIsNone(cache.get("/b0/c"))  # the oldest went first
+        self.assertIsNotNone(cache.get("/b999/c"))
+        cache.put("/" + "b" * 1001, ())
+        self.assertNotIn("/" + "b" * 1001, cache.entries)  # a long route is not kept
+
 
 class CapturingPeer:
     """A downstream that answers like a leaf node and keeps the headers of every request it got."""
@@ -764,9 +904,14 @@ class ScriptedSocket:
         self.raw = raw
         self.piece = piece
 
-    def recv(self, size):
+    def recv(self, size, flags=0):
         data, self.raw = self.raw[:min(size, self.piece)], self.raw[min(size, self.piece):]
         return data
+
+    def recv_into(self, buffer, size=0, flags=0):
+        data = self.recv(size or len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def read_raw(raw, method="GET", budget=None, piece=7):
@@ -886,8 +1031,12 @@ class TestAnswerReader(unittest.TestCase):
 
     def test_request_bytes(self):
         self.assertEqual(sm.request_bytes("POST", "/c?delay=1s", "b:8080", {"traceparent": "00-x"}, b"hi"),
-                         b"POST /c?delay=1s HTTP/1.1\r\nHost: b:8080\r\ntraceparent: 00-x\r\nContent-Length: 2\r\n\r\nhi")
-        self.assertEqual(sm.request_bytes("GET", "/", "b", {}, b""), b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+                         (b"POST /c?delay=1s HTTP/1.1\r\nHost: b:8080\r\ntraceparent: 00-x\r\nContent-Length: 2\r\n\r\nhi",))
+        self.assertEqual(sm.request_bytes("GET", "/", "b", {}, b""), (b"GET / HTTP/1.1\r\nHost: b\r\n\r\n",))
+        big = b"x" * (sm.SMALL_BODY + 1)  # sent apart from its head, never copied
+        head, body = sm.request_bytes("PUT", "/", "b", {}, big)
+        self.assertIs(body, big)
+        self.assertTrue(head.endswith(b"Content-Length: %d\r\n\r\n" % len(big)))
 
 
 class TestReachRule(unittest.TestCase):
@@ -1121,7 +1270,7 @@ class TestPeerAnswers(unittest.TestCase):
 
     def test_the_budget_names_its_limit(self):
         class Budget:
-            limit = "MAX_REQUEST_ANSWER_BYTES=10"
+            refused = "above MAX_REQUEST_ANSWER_BYTES=10"
 
             def charge(self, nbytes):
                 return nbytes <= 10
@@ -1131,7 +1280,7 @@ class TestPeerAnswers(unittest.TestCase):
         with self.assertRaises(sm.CallFailed) as caught:
             sm.call_peer(sm.ConnectionPool(), sm.Peer(("127.0.0.1", peer.port), "p", "http://p/"), "/", "GET", b"",
                          {}, 5, Budget())
-        self.assertEqual(str(caught.exception), "a chunked answer is above MAX_REQUEST_ANSWER_BYTES=10 bytes")
+        self.assertEqual(str(caught.exception), "a chunked answer refused: above MAX_REQUEST_ANSWER_BYTES=10")
 
 
 class TestCallDeadlinesAndReach(unittest.TestCase):
@@ -1264,6 +1413,44 @@ KNOWN_TREE = {
              {"host": "c", "status": 200, "elapsed_time": 0.05, "start_time": "2026-01-01T00:00:00.150000Z",
               "next_node": []}]},
         {"host": "d", "url": "http://d/", "status": 502, "elapsed_time": 0.01, "error": "connection refused"}]}
+
+
+class TestAnswerJson(unittest.TestCase):
+    def render(self, record, size=0, big=False):
+        length, pieces = sm.answer_json(record, size, big)
+        body = b"".join(sm.ascii_chunks(pieces))
+        self.assertEqual(len(body), length)
+        return body
+
+    def test_the_answer_is_the_record_padded_to_its_size(self):
+        child = {"host": "b", "padding": "x" * (3 * sm.ANSWER_CHUNK + 5), "note": "caf\u00e9 \"q\""}
+        record = {"host": "a", "status": 200, "next_node": [child]}
+        for big in (False, True):
+            with self.subTest(big=big):
+                self.assertEqual(json.loads(self.render(record, big=big)), record)
+                self.assertEqual(self.render(record, big=big), json.dumps(record).encode())
+                for size in (1, 100, 10_000, 3 * sm.ANSWER_CHUNK + 7):
+                    padded = self.render({"host": "a"}, size, big)
+                    self.assertEqual(len(padded), size if size > 30 else len(b'{"host": "a"}'))
+                    self.assertEqual(set(json.loads(padded)["padding"]) if size > 30 else set(), {"x"} if size > 30
+                                     else set())
+                padded = json.loads(self.render(record, len(json.dumps(record)) + 100_000, big))
+                self.assertEqual(padded["next_node"], [child])
+                self.assertEqual(list(padded)[-1], "padding")  # the last field, as before
+
+    def test_a_big_answer_is_never_held_whole(self):
+        import tracemalloc
+        record = {"host": "a", "next_node": [{"host": "b", "padding": "x" * 4_000_000}]}
+        tracemalloc.start()
+        try:
+            length, pieces = sm.answer_json(record, 12_000_000, big=True)
+            sent = sum(len(chunk) for chunk in sm.ascii_chunks(pieces))
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(sent, length)
+        self.assertEqual(length, 12_000_000)
+        self.assertLess(peak, 4_000_000 + 4 * sm.ANSWER_CHUNK)  # one copy of the child's padding, at most
 
 
 class TestTreeView(unittest.TestCase):
@@ -2264,6 +2451,11 @@ class NodeOverHttpTest(unittest.TestCase):
             self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
             self.assertEqual(mesh.request("a", "/-/defaults", method="DELETE")[0], 403)
             self.assertEqual(mesh.request("a", "/")[0], 200)
+            status, _h, answer = mesh.request("a", "/-/ready?ready=false", method="POST")
+            self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            self.assertEqual(mesh.request("a", "/readyz")[0], 200)  # still in service
+            self.assertEqual(mesh.request("a", "/-/ready")[2], {"host": "a", "ready": True})  # reading stays allowed
+            self.assertEqual(mesh.request("a", "/-/defaults")[0], 200)
 
     def test_malformed_requests_are_counted_and_logged(self):
         with Mesh({"a": {}}) as mesh:
@@ -2926,6 +3118,11 @@ class RobustLimitsTest(unittest.TestCase):
             line = b"x: " + b"v" * (sm.MAX_HEADER_LINE - 5) + b"\r\n"
             self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n")[0], 200)
             self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nx" + line + b"\r\n")[0], 431)
+            lines = b"".join(b"x-%d: %s\r\n" % (n, b"v" * 15_000) for n in range(4))  # 60 KB in all
+            self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n")[0], 200)
+            status, _headers, body, _seconds = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + lines + lines + b"\r\n")
+            self.assertEqual(status, 431)
+            self.assertIn(b"65536 bytes in all", body)
             target = b"/" + b"a" * (sm.MAX_REQUEST_LINE - 16)
             self.assertEqual(raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")[0], 400)  # bad name
             self.assertEqual(raw_exchange(port, b"GET " + target + b"aa HTTP/1.1\r\nHost: a\r\n\r\n")[0], 414)
@@ -3119,6 +3316,267 @@ class RobustOutputHygieneTest(unittest.TestCase):
                 sm.Config.from_env(env)
 
 
+class RobustBudgetTest(unittest.TestCase):
+    """SPEC 8 budgets: what one request, and all requests together, may make a node hold or burn."""
+
+    def test_route_budgets_are_checked_before_any_call(self):
+        with Mesh({"a": {}, "b": {}}, max_route_bytes=100 * 1024, max_route_cpu=0.05) as mesh:
+            seen = mesh.record_requests("b")
+            for path, rule in (("/b;size=60k~b;size=60k", "MAX_ROUTE_BYTES"),  # fan-out multiplies
+                               ("/b~b/b;size=60k", "MAX_ROUTE_BYTES"),  # 4 calls, 2 of them to the last hop
+                               ("/b;size=50k?size=60k", "MAX_ROUTE_BYTES"),  # the entry's own answer counts
+                               ("/b;cpu=20ms~b;cpu=20ms~b;cpu=20ms", "MAX_ROUTE_CPU"),
+                               ("/b;cpu=30ms?cpu=30ms", "MAX_ROUTE_CPU")):
+                with self.subTest(path=path):
+                    status, _headers, answer = mesh.request("a", path)
+                    self.assertEqual((status, answer["rule"]), (400, rule), answer)
+                    self.assertIn(rule + "=", answer["error"])
+            self.assertEqual(seen, [])
+            for path in ("/b;size=40k~b;size=40k?size=20k", "/b;cpu=20ms~b;cpu=20ms?cpu=10ms"):
+                with self.subTest(path=path):
+                    self.assertEqual(mesh.request("a", path)[0], 200)
+
+    def test_downstream_answers_count_against_one_budget_per_request(self):
+        # a's route asks for nothing, but b pads every answer by its own default: a counts what arrives.
+        with Mesh({"a": {}, "b": {"size": "40k"}}, max_route_bytes=100_000) as mesh:
+            status, _headers, answer = mesh.request("a", "/b~b~b")
+            self.assertEqual(status, 502)
+            self.assertEqual([child["status"] for child in answer["next_node"]], [200, 200, 502])
+            self.assertIn("MAX_ROUTE_BYTES=100000", answer["next_node"][2]["error"])
+            status, _headers, answer = mesh.request("a", "/b~b?parallel")  # parallel branches share it
+            self.assertEqual(status, 200)
+            wait_until(lambda: mesh.node("a").inflight.used == 0)  # all given back once answered
+
+    def test_an_answer_that_would_parse_into_many_objects_is_charged_before_parsing(self):
+        objects = json.dumps([{}] * 50_000).encode()  # 200 KB of text, about 10 MB once parsed
+        padded = json.dumps({"host": "p", "status": 200, "padding": "x" * 400_000}).encode()
+        for body, status in ((objects, 502), (padded, 200), (b"[" + b"0," * 200_000 + b"0]", 502)):
+            peer = BadPeer(lambda sock, body=body: sock.sendall(answer_bytes(body)))
+            self.addCleanup(peer.close)
+            with self.subTest(body=body[:20]), Mesh({"a": {}}, max_route_bytes=1024 * 1024) as mesh:
+                mesh.peers["p"] = [("127.0.0.1", peer.port)]
+                _status, _headers, answer = mesh.request("a", "/p")
+                self.assertEqual(answer["next_node"][0]["status"], status, answer["next_node"][0])
+                if status == 502:
+                    self.assertIn("not parsed", answer["next_node"][0]["error"])
+                    self.assertIn("MAX_ROUTE_BYTES=1048576", answer["next_node"][0]["error"])
+
+    def test_node_budget_answers_503_with_retry_after(self):
+        with Mesh({"a": {}, "b": {}, "c": {}, "d": {"size": "50k"}}, max_inflight_bytes=100 * 1024) as mesh:
+            node = mesh.node("a")
+            results = []
+            # a holds b's 60 KB answer while c waits: bytes really held, not bytes asked for
+            holder = threading.Thread(target=lambda: results.append(mesh.request("a", "/b;size=60k~c;delay=500ms")))
+            holder.start()
+            wait_until(lambda: node.inflight.used >= 60 * 1024)
+            status, headers, answer = mesh.request("a", "/?size=50k")
+            self.assertEqual((status, headers.get("retry-after"), answer["rule"]), (503, "1", "MAX_INFLIGHT_BYTES"))
+            status, headers, answer = mesh.request("a", "/", "POST", b"x" * 50_000)  # a body counts too
+            self.assertEqual((status, headers.get("retry-after")), (503, "1"))
+            self.assertIn("MAX_INFLIGHT_BYTES=102400", answer["error"])
+            status, _headers, answer = mesh.request("a", "/d")  # d pads by its own default: a learns it on arrival
+            self.assertEqual((status, answer["next_node"][0]["status"]), (502, 502))
+            self.assertIn("MAX_INFLIGHT_BYTES=102400", answer["next_node"][0]["error"])
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+            self.assertEqual(mesh.request("a", "/?delay=10ms")[0], 200)  # a request that holds nothing is served
+            holder.join()
+            self.assertEqual(results[0][0], 200)
+            wait_until(lambda: node.inflight.used == 0)
+            for path, method, body in (("/?size=50k", "GET", None), ("/", "POST", b"x" * 50_000),
+                                       ("/d", "GET", None)):
+                self.assertEqual(mesh.request("a", path, method, body)[0], 200)
+            status, _headers, answer = mesh.request("a", "/?size=101k")  # could never fit: no use retrying
+            self.assertEqual((status, answer["rule"]), (400, "MAX_INFLIGHT_BYTES"))
+            wait_until(lambda: node.inflight.used == 0)
+
+    def test_a_slow_request_holds_no_budget_while_it_waits(self):
+        with Mesh({"a": {}, "b": {}}, max_inflight_bytes=100 * 1024) as mesh:
+            waiting = mesh.record_requests("b")
+            # each asks for 80 KB: reserved ahead, three would shut a out for as long as they wait
+            holders = [threading.Thread(target=mesh.request, args=("a", "/b;size=40k;delay=500ms?size=40k"))
+                       for _ in range(3)]
+            for holder in holders:
+                holder.start()
+            wait_until(lambda: len(waiting) == 3)
+            self.assertEqual(mesh.node("a").inflight.used, 0)
+            self.assertEqual(mesh.request("a", "/b;size=90k")[0], 200)
+            for holder in holders:
+                holder.join()
+
+    def test_cpu_is_burned_one_request_at_a_time_within_a_node_budget(self):
+        with Mesh({"a": {}}, max_inflight_cpu=0.3) as mesh:
+            node = mesh.node("a")
+            results = []
+            burners = [threading.Thread(target=lambda: results.append(mesh.request("a", "/?cpu=100ms")[0]))
+                       for _ in range(2)]
+            for burner in burners:
+                burner.start()
+            wait_until(lambda: node.cpu_queue.used >= 0.2)
+            status, headers, answer = mesh.request("a", "/?cpu=150ms")  # 0.35 s would be queued
+            self.assertEqual((status, headers.get("retry-after"), answer["rule"]), (503, "1", "MAX_INFLIGHT_CPU"))
+            self.assertIn("MAX_INFLIGHT_CPU=0.3", answer["error"])
+            self.assertEqual(mesh.request("a", "/?cpu=50ms")[0], 200)  # 0.3 s: at the limit
+            for burner in burners:
+                burner.join()
+            self.assertEqual(results, [200, 200])
+            self.assertAlmostEqual(node.cpu_queue.used, 0)
+            status, _headers, answer = mesh.request("a", "/?cpu=310ms")  # could never fit
+            self.assertEqual((status, answer["rule"]), (400, "MAX_INFLIGHT_CPU"))
+
+    def test_a_crowd_burning_cpu_leaves_probes_answered(self):
+        port = free_port()
+        node = NodeProcess("serve", port=port, env={"PORT": str(port), "LOG_LEVEL": "warning"})
+        self.addCleanup(node.kill)
+        address = ("127.0.0.1", port)
+        statuses = []
+
+        def burn():
+            try:
+                statuses.append(http_request(address, "/?cpu=1s", timeout=30)[0])
+            except OSError:
+                statuses.append("cut")  # the node is killed at the end of the test
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            for _ in range(40):
+                pool.submit(burn)
+            wait_until(lambda: statuses.count(503) >= 30)  # 10 fit in MAX_INFLIGHT_CPU=10s, the rest are refused
+            worst = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                self.assertEqual(http_request(address, "/healthz", timeout=5)[0], 200)
+                worst = max(worst, time.monotonic() - started)
+            node.kill()
+        # One request burns at a time: 0.03 s here. All 10 at once took 1.2 s; 40 at once (no budget), 13.9 s.
+        self.assertLess(worst, 0.5)
+
+    def test_refused_routes_are_not_cached(self):
+        self.addCleanup(setattr, sm, "ROUTES", sm.ROUTES)
+        sm.ROUTES = sm.RouteCache()  # the process's cache holds what earlier tests' nodes accepted
+        with Mesh({"a": {}, "b": {}}, max_calls=3) as mesh:
+            refused = ["/b~b~b~b", "/b;size=11m", "/b;delay=61s", "/127.0.0.1", "/b/b/b/b"]
+            for path in refused:
+                self.assertIn(mesh.request("a", path)[0], (400, 403))
+            self.assertEqual(mesh.request("a", "/b/b")[0], 200)
+            self.assertIn("/b/b", sm.ROUTES.entries)
+            for path in refused:
+                self.assertNotIn(path, sm.ROUTES.entries)
+
+
+def process_memory_mib(pid):
+    """{"VmHWM": peak RSS, "VmRSS": RSS} of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status
+                if line.startswith(("VmHWM:", "VmRSS:"))}
+
+
+class RobustMemoryTest(unittest.TestCase):
+    """SPEC 8: with the defaults, no attack takes a node above the memory limit ``manifests`` gives it.
+
+    One node process with default settings, calling itself (the worst case: it holds both sides of every call).
+    Its peak RSS is reset before each attack (/proc/PID/clear_refs), so each figure is that attack's alone.
+    """
+    LIMIT_MIB = sm.MEMORY_LIMIT_MIB
+
+    @classmethod
+    def setUpClass(cls):
+        cls.node, cls.address = cls.start_node()
+        cls.figures = {}
+
+    @staticmethod
+    def start_node(**env):
+        port = free_port()
+        node = NodeProcess("serve", port=port, env={"PORT": str(port), "HOST": "a", "PEERS": f"a=127.0.0.1:{port}",
+                                                    "LOG_LEVEL": "warning", **env})
+        return node, ("127.0.0.1", port)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.node.kill()
+        print("\npeak RSS (MiB) per attack:", cls.figures, file=sys.stderr)
+
+    def attack(self, name, requests, clients=32, node=None, address=None, headers=None):
+        """Send (path, method, body) requests from ``clients`` threads: {status: count}; checks the peak RSS."""
+        node, address = node or self.node, address or self.address
+        pid = node.process.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current RSS
+        started = time.monotonic()
+
+        def send(request):
+            path, method, body = request
+            return http_request(address, path, method, body, headers, timeout=60)[0]
+
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            statuses = [status for status in pool.map(send, requests)]
+        peak = process_memory_mib(pid)["VmHWM"]
+        self.figures[name] = round(peak, 1)
+        self.assertLess(peak, self.LIMIT_MIB, f"{name}: peak RSS {peak:.0f} MiB")
+        self.assertLess(time.monotonic() - started, 30)
+        return {status: statuses.count(status) for status in set(statuses)}
+
+    def served_again(self, path, method="GET", body=None):
+        """The node serves ``path`` once the crowd is gone (its last requests give their bytes back just after
+        their answers leave, so a few tries)."""
+        wait_until(lambda: http_request(self.address, path, method, body)[0] == 200,
+                   message=f"{path} is not served after the attack")
+
+    def test_the_generated_memory_limit_and_the_defaults_agree(self):
+        for deployment in node_deployments(sm.build_manifests([("a", "", {}), ("b", "v2", {"size": "1m"})])):
+            self.assertEqual(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"],
+                             f"{self.LIMIT_MIB}Mi")
+        config = sm.Config()
+        self.assertEqual(config.max_inflight_bytes, sm.inflight_bytes_for(self.LIMIT_MIB))
+        mib = 1024 * 1024
+        self.assertLessEqual(sm.BASE_MEMORY_MIB * mib + sm.ANSWER_MEMORY_FACTOR * config.max_inflight_bytes,
+                             self.LIMIT_MIB * mib)
+        # one request at its limits fits the node's budget, and so does a body
+        self.assertLessEqual(config.max_route_bytes, config.max_inflight_bytes)
+        self.assertLessEqual(config.max_size, config.max_route_bytes)
+        self.assertLessEqual(config.max_body, config.max_inflight_bytes)
+
+    def test_a_30_way_fan_out_of_10m_answers(self):
+        fan_out = "/" + "~".join(["a;size=10m"] * 30) + "?parallel"
+        self.assertEqual(self.attack("fan-out 30 x 10m", [(fan_out, "GET", None)] * 30), {400: 30})
+        within = "/" + "~".join(["a;size=2m"] * 5) + "?parallel"  # at MAX_ROUTE_BYTES: the node budget decides
+        statuses = self.attack("fan-out 5 x 2m, 30 clients", [(within, "GET", None)] * 60)
+        self.assertLessEqual(set(statuses), {200, 502, 503})  # 502: a call refused by the node's budget
+        self.served_again(within)
+
+    def test_a_1_gb_answer(self):
+        one_gb = "/" + "/".join(["a;size=10m"] * 100)
+        self.assertEqual(self.attack("1 GB answer", [(one_gb, "GET", None)] * 10), {400: 10})
+        statuses = self.attack("10m answers, 30 clients", [("/?size=10m", "GET", None)] * 60)
+        self.assertIn(200, statuses)  # two fit in MAX_INFLIGHT_BYTES at any time
+        self.assertLessEqual(set(statuses), {200, 503})
+
+    def test_1024_distinct_16k_bad_requests(self):
+        requests = [("/" + "~".join(f"n{index}x{hop}" + "y" * 150 for hop in range(100)) + "/a;cpu=6s", "GET", None)
+                    for index in range(1024)]
+        self.assertGreater(len(requests[0][0]), 15_000)
+        self.assertEqual(self.attack("1,024 x 16 KB bad routes", requests), {400: 1024})
+
+    def test_200_connections_with_big_heads_echoed(self):
+        heads = {f"x-{n}": "v" * 15_000 for n in range(4)}  # 60 KB, just under MAX_HEADER_BYTES
+        statuses = self.attack("200 heads of 60 KB, echoed", [("/a?headers", "GET", None)] * 200, clients=200,
+                               headers=heads)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
+
+    def test_300_posts_of_1_mib(self):
+        statuses = self.attack("300 POSTs of 1 MiB", [("/a", "POST", b"x" * (1 << 20))] * 300)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
+        self.served_again("/a", "POST", b"x" * (1 << 20))
+
+    @unittest.expectedFailure  # until queued spans are slim (issue 11, the trace branch): then drop this line
+    def test_300_posts_of_1_mib_with_span_export(self):
+        sink = OTLPReceiver()
+        self.addCleanup(sink.close)
+        node, address = self.start_node(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint)
+        self.addCleanup(node.kill)
+        statuses = self.attack("300 POSTs of 1 MiB, spans exported", [("/a", "POST", b"x" * (1 << 20))] * 300,
+                               node=node, address=address)
+        self.assertLessEqual(set(statuses), {200, 502, 503})
+
+
 class RobustOutboundSafetyTest(unittest.TestCase):
     """SPEC 8: a node is no open proxy. Refusals are 403 JSON errors that name the rule, and nothing is called."""
 
@@ -3146,10 +3604,19 @@ class RobustOutboundSafetyTest(unittest.TestCase):
             self.assertEqual(mesh.node("d").metrics.requests, {})
 
     def test_allow_directives_false(self):
-        with Mesh({"a": {}}, allow_directives=False) as mesh:
+        with Mesh({"a": {}, "b": {}, "c": {}}, allow_directives=False) as mesh:
             self.assertEqual(mesh.request("a", "/")[0], 200)
             status, _headers, answer = mesh.request("a", "/?error=1")
             self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            seen = mesh.record_requests("b")
+            for path, hop in (("/b;error=1", "b"), ("/b/c;delay=1ms", "c"), ("/b~(c/c;status=503)", "c"),
+                              ("/b/c:9;parallel", "c:9")):  # aimed at a later hop too
+                with self.subTest(path=path):
+                    status, _headers, answer = mesh.request("a", path)
+                    self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+                    self.assertIn(repr(hop), answer["error"])
+            self.assertEqual(seen, [])  # refused before any call
+            self.assertEqual(mesh.request("a", "/b/c")[0], 200)
 
     def test_inbound_values_cannot_inject_header_lines_downstream(self):
         seen = []
