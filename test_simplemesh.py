@@ -437,6 +437,8 @@ class TestW3CTraceparentRules(unittest.TestCase):
 
 
 class TestW3CTracestateRules(unittest.TestCase):
+    """The current W3C Trace Context editor's draft (Level 2): each case quotes the rule it checks."""
+
     def test_keys_values_and_order_are_kept(self):
         self.assertEqual(sm.parse_tracestate("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7,tenant1@sys=v"),
                          ("congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7", "tenant1@sys=v"))
@@ -444,22 +446,55 @@ class TestW3CTracestateRules(unittest.TestCase):
     def test_empty_list_members_are_allowed(self):
         # "Empty and whitespace-only list members are allowed."
         self.assertEqual(sm.parse_tracestate("a=1,, ,b=2"), ("a=1", "b=2"))
+        self.assertEqual(sm.parse_tracestate(" \t "), ())
 
-    def test_invalid_member_discards_the_header(self):
-        for bad in ("Upper=1", "a=1,b", "a=1,=2", "a=x\x01", "a=x=y", "k=" + "v" * 257, "1key=v",
-                    "tenant@toolongsystemid=v", "a=1,a=2"):
+    def test_optional_whitespace_around_members(self):
+        # "Spaces and horizontal tabs surrounding list-members are ignored."
+        self.assertEqual(sm.parse_tracestate("foo=1 \t , \t bar=2, \t baz=3"), ("foo=1", "bar=2", "baz=3"))
+        self.assertEqual(sm.parse_tracestate("\t foo=1 \t"), ("foo=1",))
+        # "all leading spaces MUST be preserved as part of the value"
+        self.assertEqual(sm.parse_tracestate("foo= 1"), ("foo= 1",))
+
+    def test_level_2_key_grammar(self):
+        # key = ( lcalpha / DIGIT ) 0*255 ( keychar ); keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"
+        for key in ("1key", "0", "tenant@toolongsystemid", "foo@bar@baz", "foo@", "a*b/c-d_e", "z" * 256,
+                    "t" * 241 + "@" + "v" * 14, "t" * 242 + "@v", "t@" + "v" * 15,
+                    "abcdefghijklmnopqrstuvwxyz0123456789_-*/@a-z0-9_-*/"):
+            with self.subTest(key=key):
+                self.assertEqual(sm.parse_tracestate(f"{key}=1,bar=2"), (f"{key}=1", "bar=2"))
+        for key in ("z" * 257, "@foo", "_a", "-a", "*a", "/a", "Foo", "foo.bar", "foo bar", "foo ", ""):
+            with self.subTest(key=key):
+                self.assertEqual(sm.parse_tracestate(f"{key}=1,bar=2"), ())
+
+    def test_value_grammar(self):
+        # value = 0*255(chr) nblk-chr; nblk-chr = %x21-2B / %x2D-3C / %x3E-7E; chr = %x20 / nblk-chr
+        every = "".join(map(chr, range(0x20, 0x2C))) + "".join(map(chr, range(0x2D, 0x3D))) + \
+            "".join(map(chr, range(0x3E, 0x7F)))
+        self.assertEqual(sm.parse_tracestate("k=" + every), ("k=" + every,))
+        self.assertEqual(sm.parse_tracestate("k=" + "v" * 256), ("k=" + "v" * 256,))
+        for bad in ("k=" + "v" * 257, "k=", "k=a=b", "k=x\x01", "k=\u00e9", "k"):
             with self.subTest(bad=bad):
-                self.assertEqual(sm.parse_tracestate(bad), ())
+                self.assertEqual(sm.parse_tracestate(bad + ",bar=2"), ())
+
+    def test_a_repeated_key_drops_only_the_repeat(self):
+        # "Only one entry per key is allowed because the entry represents that last position in the trace":
+        # the left-most entry is the latest; the repeat goes, everyone else's entries stay.
+        self.assertEqual(sm.parse_tracestate("foo=1,foo=1"), ("foo=1",))
+        self.assertEqual(sm.parse_tracestate("foo=1,foo=2"), ("foo=1",))
+        self.assertEqual(sm.parse_tracestate("foo=1, foo=2"), ("foo=1",))  # two headers, joined
+        self.assertEqual(sm.parse_tracestate("foo=1,bar=2,baz=3,foo=4"), ("foo=1", "bar=2", "baz=3"))
+        self.assertEqual(sm.parse_tracestate("foo=1,foo@tenant=2,tenant@foo=3"),
+                         ("foo=1", "foo@tenant=2", "tenant@foo=3"))
 
     def test_at_most_32_members(self):
         # "There can be a maximum of 32 list-members in a list."
-        members = [f"k{i}=v" for i in range(33)]
+        members = [f"bar{i:02d}={i:02d}" for i in range(1, 34)]
         self.assertEqual(len(sm.parse_tracestate(",".join(members[:32]))), 32)
         self.assertEqual(sm.parse_tracestate(",".join(members)), ())
 
     def test_truncation_drops_long_members_first_then_from_the_end(self):
-        # "If truncation is required, entries larger than 128 characters long SHOULD be removed first. Then
-        # entries SHOULD be removed starting from the end of tracestate."
+        # "Entries larger than 128 characters long SHOULD be removed first. Then entries SHOULD be removed starting
+        # from the end of tracestate."
         long_member = "big=" + "x" * 130
         members = ["first=1", long_member] + [f"k{i:02d}=" + "v" * 40 for i in range(12)]
         text = sm.format_tracestate(members)
@@ -469,23 +504,60 @@ class TestW3CTracestateRules(unittest.TestCase):
         self.assertEqual(kept[0], "first=1")
         self.assertEqual(kept, [m for m in members if m != long_member][:len(kept)])
         self.assertEqual(sm.format_tracestate(["a=1", "b=2"]), "a=1,b=2")
+        over = [f"k{i}=" + "v" * 125 for i in range(4)]  # 4 x 128 + 3 commas = 515: the last entry goes
+        self.assertEqual(sm.format_tracestate(over), ",".join(over[:3]))
+        fits = [f"k{i}=" + "v" * 124 for i in range(4)]  # 511 stay whole
+        self.assertEqual(sm.format_tracestate(fits), ",".join(fits))
+
+    def test_ot_threshold_is_a_modified_key_moved_left(self):
+        # "Modified keys MUST be moved to the beginning (left) of the list."
+        self.assertEqual(sm.with_ot_threshold(("a=1", "ot=rv:0123456789abcd", "b=2"), "c"),
+                         ("ot=th:c;rv:0123456789abcd", "a=1", "b=2"))
+        self.assertEqual(sm.with_ot_threshold(("a=1", "ot=th:8"), None), ("a=1",))
+        self.assertEqual(sm.with_ot_threshold(("a=1",), None), ("a=1",))
+        self.assertEqual(sm.ot_subkeys(("ot=th:c;rv:0123456789abcd",)), {"th": "c", "rv": "0123456789abcd"})
 
 
 class TestB3Parsing(unittest.TestCase):
+    """openzipkin/b3-propagation: single header, multi headers, sampling states."""
+
     def test_single_header(self):
         self.assertEqual(sm.parse_b3({"b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"}),
-                         ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1", True, "single"))
-        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0"})[:3],
-                         ("0000000000000000a3ce929d0e0e4736", "00f067aa0ba902b7", False))
-        self.assertIsNone(sm.parse_b3({"b3": "0"}))  # a sampling decision alone carries no ids
-        self.assertIsNone(sm.parse_b3({"b3": "xyz-e457b5a2e4d86bd1"}))
+                         sm.B3("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1", "1", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0"}),
+                         sm.B3("0000000000000000a3ce929d0e0e4736", "00f067aa0ba902b7", "0", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-d"}).state, "d")
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7"}).state, "")  # defer
+        for bad in ("xyz-e457b5a2e4d86bd1", "a3ce929d0e0e4736-00f067aa0ba902b7-2", "a3ce929d0e0e4736",
+                    "a3ce929d0e0e4736-00f067aa0ba902b7-1-xyz", "2", ""):
+            with self.subTest(bad=bad):
+                self.assertIsNone(sm.parse_b3({"b3": bad}))
+
+    def test_a_sampling_state_alone(self):
+        # "A deny decision may omit identifiers and look like this: b3: 0"
+        self.assertEqual(sm.parse_b3({"b3": "0"}), sm.B3("", "", "0", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "d"}), sm.B3("", "", "d", "single"))
+        # "While valid to propagate only a reject sampling decision (X-B3-Sampled: 0) ..."
+        self.assertEqual(sm.parse_b3({"x-b3-sampled": "0"}), sm.B3("", "", "0", "multi"))
+        self.assertEqual(sm.parse_b3({"x-b3-flags": "1"}), sm.B3("", "", "d", "multi"))
+        self.assertIsNone(sm.parse_b3({"x-b3-parentspanid": "0020000000000001"}))
 
     def test_multi_header(self):
         headers = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
                    "x-b3-sampled": "1"}
-        self.assertEqual(sm.parse_b3(headers), ("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312", True,
-                                                "multi"))
+        self.assertEqual(sm.parse_b3(headers), sm.B3("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312", "1",
+                                                     "multi"))
+        # "Debug is encoded as X-B3-Flags: 1"; "When extracting state headers, the first value wins."
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-flags": "1"})).state, "d")
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-sampled": "0, 1"})).state, "0")
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-sampled": "true"})).state, "1")  # lenient
         self.assertIsNone(sm.parse_b3({"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124"}))
+
+    def test_single_header_wins(self):
+        # "The single-header variant takes precedence over the multiple header one when extracting fields."
+        headers = {"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0", "x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124",
+                   "x-b3-spanid": "a2fb4a1d1a96d312", "x-b3-sampled": "1"}
+        self.assertEqual(sm.parse_b3(headers).form, "single")
 
 
 class TestPropagationThroughANode(unittest.TestCase):
@@ -506,6 +578,7 @@ class TestPropagationThroughANode(unittest.TestCase):
             mesh.peers["cap"] = [self.peer.address]
             status, _headers, answer = mesh.request("a", "/cap", headers=headers)
             mesh.node("a").flush_spans(0.1)
+            self.spans_seen = sum(mesh.node("a").metrics.spans.values())  # exported, failed or dropped
         self.assertEqual(status, 200, answer)
         return answer, self.peer.captured[-1]
 
@@ -575,20 +648,74 @@ class TestPropagationThroughANode(unittest.TestCase):
         self.assertNotIn("tracestate", got)
 
     def test_native_b3_single_and_multi_carry_the_client_span(self):
-        answer, got = self.through({"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1"}, self.native())
-        trace_id, span_id, sampled, parent = got["b3"].split("-")
-        self.assertEqual((trace_id, sampled, parent), ("463ac35c9f6413ad48485a3953bb6124", "1", answer["span_id"]))
+        # OpenTelemetry's B3 requirements: inject "MUST NOT propagate X-B3-ParentSpanId".
+        answer, got = self.through({"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1-05e3ac9a4f6e3b90"},
+                                   self.native())
+        trace_id, span_id, sampled = got["b3"].split("-")
+        self.assertEqual((trace_id, sampled), ("463ac35c9f6413ad48485a3953bb6124", "1"))
         self.assertEqual(sm.parse_traceparent(got["traceparent"])[2], span_id)
+        self.assertNotIn(span_id, ("a2fb4a1d1a96d312", answer["span_id"]))  # "MUST NOT reuse X-B3-SpanId"
         answer, got = self.through({"x-b3-traceid": "a3ce929d0e0e4736", "x-b3-spanid": "a2fb4a1d1a96d312",
-                                    "x-b3-sampled": "0"}, self.native())
+                                    "x-b3-parentspanid": "05e3ac9a4f6e3b90", "x-b3-sampled": "0"}, self.native())
         self.assertEqual(got["x-b3-traceid"], "0000000000000000a3ce929d0e0e4736")
-        self.assertEqual((got["x-b3-parentspanid"], got["x-b3-sampled"]), (answer["span_id"], "0"))
+        self.assertEqual(got["x-b3-sampled"], "0")
+        self.assertNotIn("x-b3-parentspanid", got)
         self.assertEqual(got["x-b3-spanid"], sm.parse_traceparent(got["traceparent"])[2])
+        self.assertEqual(self.spans_seen, 0)  # "0": nothing recorded
 
     def test_native_propagators_choose_the_formats(self):
         _answer, got = self.through({}, self.native(propagators=("b3",)))
         self.assertNotIn("traceparent", got)
-        self.assertEqual(len(got["b3"].split("-")), 4)
+        self.assertEqual(len(got["b3"].split("-")), 3)
+
+    def test_mesh_only_tracestate_goes_on_byte_for_byte(self):
+        # "If the value of the traceparent field wasn't changed before propagation, tracestate MUST NOT be modified"
+        for state in ("foo=1,foo=2,1key=v", "x" * 600 + "=1", "Bad=1"):
+            _answer, got = self.through({"traceparent": VALID_TP, "tracestate": state})
+            self.assertEqual(got["tracestate"], state)
+
+    def test_native_tracestate_follows_level_2(self):
+        sent = "1key=v,foo=1,tenant@sys=x,foo=2,k@t@s=3"
+        _answer, got = self.through({"traceparent": VALID_TP, "tracestate": sent}, self.native())
+        self.assertEqual(got["tracestate"], "1key=v,foo=1,tenant@sys=x,k@t@s=3")
+        _answer, got = self.through({"traceparent": VALID_TP, "tracestate": "ok=1,Bad=1"}, self.native())
+        self.assertNotIn("tracestate", got)  # an invalid member: the header is discarded
+
+    def test_b3_deny_alone_is_honoured_in_both_modes(self):
+        for sent in ({"b3": "0"}, {"x-b3-sampled": "0"}):
+            with self.subTest(sent=sent, mode="mesh only"):
+                answer, got = self.through(sent)
+                for name, value in sent.items():
+                    self.assertEqual(got[name], value)  # the decision goes on as it came
+                flags = sm.parse_traceparent(got["traceparent"])[3]
+                self.assertEqual(flags & sm.FLAG_SAMPLED, 0)  # and no made-up "sampled"
+                self.assertEqual(sm.parse_traceparent(got["traceparent"])[1], answer["trace_id"])
+            with self.subTest(sent=sent, mode="native"):
+                answer, got = self.through(sent, self.native())
+                self.assertEqual(sm.parse_traceparent(got["traceparent"])[3] & sm.FLAG_SAMPLED, 0)
+                if "b3" in sent:
+                    self.assertEqual(got["b3"].split("-")[2], "0")
+                else:
+                    self.assertEqual(got["x-b3-sampled"], "0")
+                self.assertEqual(self.spans_seen, 0)  # nothing recorded, whatever the sampler
+
+    def test_b3_debug_is_kept(self):
+        # OpenTelemetry: "MUST preserve a debug trace flag, if received, and propagate it with subsequent requests.
+        # Additionally, an OpenTelemetry implementation MUST set the sampled trace flag when the debug flag is set."
+        single = {"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-d"}
+        _answer, got = self.through(single)
+        self.assertEqual(got["b3"], single["b3"])
+        _answer, got = self.through(single, self.native(sampler="always_off"))
+        self.assertEqual(got["b3"].split("-")[2], "d")
+        self.assertEqual(sm.parse_traceparent(got["traceparent"])[3] & sm.FLAG_SAMPLED, 1)
+        self.assertGreater(self.spans_seen, 0)
+        multi = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
+                 "x-b3-flags": "1"}
+        _answer, got = self.through(multi, self.native(sampler="parentbased_always_off"))
+        # "Debug implies an accept decision, so don't also send the X-B3-Sampled header."
+        self.assertEqual(got["x-b3-flags"], "1")
+        self.assertNotIn("x-b3-sampled", got)
+        self.assertGreater(self.spans_seen, 0)
 
 
 class TestTraceHeadersNeverBreakANode(unittest.TestCase):
