@@ -1997,7 +1997,9 @@ class TracingConfig(Record):
             raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
         protocol = signal("OTEL_EXPORTER_OTLP_PROTOCOL").lower() or "http/protobuf"  # the SDKs' default
         if protocol not in OTLP_PROTOCOLS:
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: simple-mesh exports OTLP over HTTP "
+            name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
+                else "OTEL_EXPORTER_OTLP_PROTOCOL"
+            raise ConfigError(f"{name}={protocol!r}: simple-mesh exports OTLP over HTTP "
                               "(port 4318) as http/protobuf (the default) or http/json; gRPC is not supported")
         compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
         if compression not in ("", "none", "gzip"):
@@ -2204,7 +2206,12 @@ def _client_span_fields(queued):
 
 # OTLP JSON is written straight to text: building dicts for json.dumps costs about twice as much, and the export
 # thread shares the GIL with the request threads. Ids are hex and int64s are strings, as OTLP's JSON mapping says.
-_quote = json.encoder.encode_basestring_ascii
+_quote_ascii = json.encoder.encode_basestring_ascii
+
+
+def _quote(text):
+    """A JSON string; a lone surrogate (from undecodable request bytes) becomes U+FFFD, as UTF-8 requires."""
+    return _quote_ascii(text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8"))
 
 
 def otlp_json_attributes(attributes):
@@ -2292,9 +2299,12 @@ def pb_span(span):
         parts.append(pb_text(3, span.trace_state))
     if span.parent_id:
         parts.append(pb_field(4, bytes.fromhex(span.parent_id)))
-    parts += [pb_text(5, span.name), b"\x30" + pb_varint(span.kind), struct.pack("<BQBQ", 0x39, span.start_ns,
-                                                                              0x41, span.end_ns),
-              pb_key_values(9, span.attributes)]
+    parts += [pb_text(5, span.name), b"\x30" + pb_varint(span.kind)]
+    if span.start_ns:  # proto3 leaves a field at its default (0, "") out
+        parts.append(struct.pack("<BQ", 0x39, span.start_ns))
+    if span.end_ns:
+        parts.append(struct.pack("<BQ", 0x41, span.end_ns))
+    parts.append(pb_key_values(9, span.attributes))
     for name, when, values in span.events:
         parts.append(pb_field(11, struct.pack("<BQ", 0x09, when) + pb_text(2, name) + pb_key_values(3, values)))
     if span.status_code:

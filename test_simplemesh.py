@@ -747,18 +747,52 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
 
 
 class TestSamplers(unittest.TestCase):
+    """OpenTelemetry's consistent probability sampling, with vectors computed from the spec's own tables."""
+
     def test_parent_based_follows_the_parent(self):
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces", sampler="parentbased_always_off")
-        self.assertTrue(tracing.sample("f" * 32, True))
-        self.assertFalse(tracing.sample("f" * 32, None))
-        self.assertFalse(sm.TracingConfig(endpoint="http://x", sampler="always_off").sample("f" * 32, True))
+        self.assertEqual(tracing.sample("f" * 32, True), (True, ()))
+        self.assertEqual(tracing.sample("f" * 32, None), (False, ()))
+        self.assertFalse(sm.TracingConfig(endpoint="http://x", sampler="always_off").sample("f" * 32, True)[0])
 
-    def test_ratio_uses_the_random_part_of_the_trace_id(self):
-        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)
-        self.assertTrue(tracing.sample("ffffffffffffffffff" + "3" + "f" * 13, None))
-        self.assertFalse(tracing.sample("000000000000000000" + "4" + "0" * 13, None))
+    def test_thresholds_from_the_spec_table(self):
+        # "Converting floating-point probability to threshold value", precision 4 (the SDKs' default).
+        table = {1.0: "0", 0.5: "8", 1 / 3: "aaab", 0.25: "c", 0.2: "cccd", 0.125: "e", 0.1: "e666", 0.0625: "f",
+                 0.01: "fd70a", 0.001: "ffbe77", 0.0001: "fff9724", 0.00001: "ffff583a", 0.000001: "ffffef39"}
+        for ratio, text in table.items():
+            with self.subTest(ratio=ratio):
+                self.assertEqual(sm.ratio_threshold(ratio), (text, int(text.ljust(14, "0"), 16)))
+
+    def test_ratio_compares_the_56_random_bits_with_the_threshold(self):
+        # "If rv >= th, keep the span, else drop the span"; rv is the trace id's least-significant 56 bits.
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)  # th = c0000000000000
+        self.assertEqual(tracing.sample("00000000000000000" + "0c0000000000000", None), (True, ("ot=th:c",)))
+        self.assertEqual(tracing.sample("ffffffffffffffffff" + "bfffffffffffff", None), (False, ()))
+        self.assertTrue(tracing.sample("ffffffffffffffffff" + "ffffffffffffff", None)[0])
+        self.assertFalse(tracing.sample("ffffffffffffffffff" + "00000000000000", None)[0])  # the old rule kept this
+        tenth = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.1)  # th = e666 -> e6660000000000
+        self.assertTrue(tenth.sample("0" * 18 + "e6660000000000", None)[0])
+        self.assertFalse(tenth.sample("f" * 18 + "e665ffffffffff", None)[0])
         ids = [sm.new_trace_id() for _ in range(4000)]
-        self.assertAlmostEqual(sum(tracing.sample(t, None) for t in ids) / 4000, 0.25, delta=0.04)
+        self.assertAlmostEqual(sum(tracing.sample(t, None)[0] for t in ids) / 4000, 0.25, delta=0.04)
+        never = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.0)
+        self.assertFalse(never.sample("f" * 32, None)[0])
+
+    def test_explicit_randomness_wins_over_the_trace_id(self):
+        # "OpenTelemetry samplers SHOULD presume that TraceIDs meet the W3C Trace Context Level 2 randomness
+        # requirements, unless an explicit randomness value is present in the rv sub-key"
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)
+        members = ("a=1", "ot=rv:c0000000000000")
+        self.assertEqual(tracing.sample("0" * 32, None, members), (True, ("ot=th:c;rv:c0000000000000", "a=1")))
+        self.assertFalse(tracing.sample("f" * 32, None, ("ot=rv:bfffffffffffff",))[0])
+        self.assertTrue(tracing.sample("f" * 32, None, ("ot=rv:BFFFFFFFFFFFFF",))[0])  # invalid rv: the id decides
+
+    def test_parent_based_keeps_a_consistent_threshold_and_erases_the_rest(self):
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="parentbased_traceidratio", ratio=0.5)
+        trace_id = "0" * 18 + "d0000000000000"
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:c",)), (True, ("ot=th:c",)))
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:e", "a=1")), (True, ("a=1",)))  # rv < th
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:zz;rv:1",)), (True, ("ot=rv:1",)))
 
 
 
@@ -1172,16 +1206,44 @@ def prometheus_get(port, path):
 # --- Span export ----------------------------------------------------------------------------------------------
 
 class OTLPReceiver:
-    """A local OTLP/HTTP collector: keeps every JSON payload posted to /v1/traces.
+    """A local OTLP/HTTP collector on /v1/traces that takes one encoding only, as Elastic APM and Seq do: binary
+    protobuf (``application/x-protobuf``) unless told ``application/json``; anything else gets 415.
 
-    ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200.
+    Every payload is parsed strictly with the opentelemetry-proto schema (protobuf: the bytes must re-serialize
+    identically, so no unknown or misplaced field passes; JSON: json_format rejects unknown fields) and kept as
+    OTLP JSON dicts with hex ids. A payload that does not parse gets 400 and is noted in ``errors``.
+    ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200; ``rejected`` makes
+    each 200 a partial success naming that many rejected spans.
     """
 
-    def __init__(self, answers=()):
+    def __init__(self, testcase, answers=(), content_type="application/x-protobuf", rejected=0):
+        require_module(testcase, "opentelemetry.proto")
+        from google.protobuf import json_format
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
         self.payloads = []
+        self.errors = []
         self.posts = 0
+        self.refused_types = []
         answers = list(answers)
         receiver = self
+        testcase.addCleanup(lambda: testcase.assertEqual(receiver.errors, [], "payloads that did not parse"))
+
+        def parse(body):
+            if content_type == "application/json":
+                return strict_otlp_json(json.loads(body))
+            message = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+            if message.SerializeToString() != body:
+                raise ValueError("the payload does not re-serialize to the same bytes")
+            return message
+
+        def answer(partial):
+            response = trace_service_pb2.ExportTraceServiceResponse()
+            if partial:
+                response.partial_success.rejected_spans = partial
+                response.partial_success.error_message = "too old"
+            if content_type == "application/json":
+                return json_format.MessageToJson(response).encode()
+            return response.SerializeToString()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -1190,19 +1252,30 @@ class OTLPReceiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.posts += 1
                 status, retry_after = answers.pop(0) if answers else (200, None)
+                if self.headers.get("Content-Type") != content_type:
+                    receiver.refused_types.append(self.headers.get("Content-Type"))
+                    status, retry_after = 415, None
+                data = b""
                 if status == 200:
                     if self.headers.get("Content-Encoding") == "gzip":
                         body = gzip.decompress(body)
                     receiver.path = self.path
                     receiver.headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.payloads.append(json.loads(body))
+                    try:
+                        message = parse(body)
+                    except Exception as error:  # the test fails in its cleanup, naming the error
+                        receiver.errors.append(f"{type(error).__name__}: {error}")
+                        status = 400
+                    else:
+                        receiver.payloads.append(otlp_dict(json_format, message))
+                        data = answer(rejected)
                 self.send_response(status)
                 if retry_after is not None:
                     self.send_header("Retry-After", retry_after)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(data)
 
             def log_message(self, *args):
                 pass
@@ -1211,13 +1284,17 @@ class OTLPReceiver:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.protocol = "http/json" if content_type == "application/json" else "http/protobuf"
+        testcase.addCleanup(self.close)
 
     def tracing(self, **overrides):
         environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        if self.protocol == "http/json":
+            environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/json"
         return sm.TracingConfig.from_env(environ).replace(**overrides)
 
     def spans(self):
-        """[(service name, span)] of everything received."""
+        """[(service name, span)] of everything received, spans as OTLP JSON dicts."""
         found = []
         for payload in self.payloads:
             for resource_spans in payload["resourceSpans"]:
@@ -1231,12 +1308,11 @@ class OTLPReceiver:
         self.server.server_close()
 
 
-def strict_otlp_parse(testcase, payload):
+def strict_otlp_json(payload):
     """Parse an OTLP/HTTP JSON payload into the official ExportTraceServiceRequest, rejecting unknown fields.
 
     OTLP's JSON differs from proto3 JSON in one documented way: trace and span ids are hex, not base64.
     """
-    require_module(testcase, "opentelemetry.proto")
     from google.protobuf import json_format
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     payload = json.loads(json.dumps(payload))
@@ -1246,13 +1322,24 @@ def strict_otlp_parse(testcase, payload):
                 for key in ("traceId", "spanId", "parentSpanId"):
                     if key in span:
                         span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
-    message = json_format.Parse(json.dumps(payload), ExportTraceServiceRequest())
+    return json_format.Parse(json.dumps(payload), ExportTraceServiceRequest())
+
+
+def otlp_dict(json_format, message):
+    """A parsed ExportTraceServiceRequest as OTLP JSON: camelCase, int64 as strings, enums as numbers, hex ids."""
     for resource_spans in message.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                testcase.assertEqual((len(span.trace_id), len(span.span_id)), (16, 8))
-                testcase.assertIn(len(span.parent_span_id), (0, 8))
-    return message
+                assert (len(span.trace_id), len(span.span_id)) == (16, 8), "ids of the wrong size"
+                assert len(span.parent_span_id) in (0, 8), "a parent id of the wrong size"
+    payload = json_format.MessageToDict(message, use_integers_for_enums=True)
+    for resource_spans in payload.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return payload
 
 
 class TestOtelEnvironment(unittest.TestCase):
@@ -1286,59 +1373,128 @@ class TestOtelEnvironment(unittest.TestCase):
         config = sm.Config.from_env({"HOST": "a", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
         self.assertEqual(sm.node_resource(config)["service.name"], "a")
 
+    def test_protocol(self):
+        # The SDKs' default is http/protobuf; http/json when asked; gRPC is a clear start-up error.
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
+        self.assertEqual(sm.TracingConfig.from_env(environ).protocol, "http/protobuf")
+        for name in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+            self.assertEqual(sm.TracingConfig.from_env(dict(environ, **{name: "http/json"})).protocol, "http/json")
+        self.assertEqual(sm.TracingConfig.from_env(dict(environ, OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
+                                                        OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf")).protocol,
+                         "http/protobuf")
+        with self.assertRaises(sm.ConfigError) as caught:
+            sm.TracingConfig.from_env(dict(environ, OTEL_EXPORTER_OTLP_PROTOCOL="grpc"))
+        self.assertIn("gRPC is not supported", str(caught.exception))
+        result = run_cli("serve", env=dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+                                           OTEL_EXPORTER_OTLP_PROTOCOL="grpc", PORT=str(free_port())))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("OTEL_EXPORTER_OTLP_PROTOCOL='grpc'", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
     def test_bad_values_are_named(self):
         for name, value in (("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_TRACES_SAMPLER", "sometimes"),
                             ("OTEL_PROPAGATORS", "xray"), ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
-                            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")):
+                            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+                            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")):
             environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", name: value}
             with self.subTest(name=name), self.assertRaises(sm.ConfigError) as caught:
                 sm.Config.from_env(environ)
             self.assertIn(name if name != "OTEL_EXPORTER_OTLP_ENDPOINT" else "endpoint", str(caught.exception))
 
 
-class TestOtlpJsonEncoding(unittest.TestCase):
+class TestOtlpEncoding(unittest.TestCase):
+    """The span writers are pure: what they write must parse strictly with opentelemetry-proto, in both encodings,
+    whatever a client put in the request."""
+
+    def setUp(self):
+        require_module(self, "opentelemetry.proto")
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        self.pb = trace_service_pb2
+
+    def parse(self, encoding, payload):
+        if encoding == "http/json":
+            return strict_otlp_json(json.loads(payload))
+        message = self.pb.ExportTraceServiceRequest.FromString(payload)
+        self.assertEqual(message.SerializeToString(), payload)  # no unknown, repeated or misplaced field
+        return message
+
     def test_a_strange_host_header_cannot_break_a_span(self):
         trace = sm.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", {}, native=True, sampled=True)
         for host in ["a:\u00b9", "a:99999999999999999999", "a:", ":80", ""]:
             request = sm.Request("GET", "/", "", sm.Headers({"host": host}))
-            span = json.loads(sm.server_span_json(trace, request, 200, time.time_ns()))
-            self.assertEqual(span["traceId"], trace.trace_id)
-
-    """The span writers are pure: what they write must parse strictly, whatever a client put in the request."""
+            span = sm.span_from_queue(sm.server_span(trace, request, 200, time.time_ns()))
+            for encoding, encode in sm.OTLP_ENCODERS.items():
+                message = self.parse(encoding, encode({"service.name": "a"}, [span]))
+                self.assertEqual(message.resource_spans[0].scope_spans[0].spans[0].trace_id.hex(), trace.trace_id)
 
     def test_spans_with_hostile_text_parse_strictly(self):
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces")
-        headers = sm.Headers({"host": "a:8080", "user-agent": 'evil "agent"\\\n\u00e9', "traceparent": VALID_TP,
+        headers = sm.Headers({"host": "a:8080", "user-agent": 'evil "agent"\\\n\u00e9\udcff', "traceparent": VALID_TP,
                               "tracestate": "rojo=00f067aa0ba902b7"})
-        request = sm.Request("POST", '/b/"q\u2603', "x=1&y=%22", headers, b"", 0.0, 1700000000.5)
+        request = sm.Request("POST", '/b/"q\u2603', "x=1&y=%22", headers, b"x" * 1000, 0.0, 1700000000.5)
         trace = sm.TraceContext.from_headers(headers, (), tracing)
         trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": 0.25})
         trace.event("simplemesh.error", **{"http.response.status_code": 503})
         peer = sm.Peer(("10.0.0.1", 80), "b", "http://b/\"q")
-        spans = [sm.server_span_json(trace, request, 503, 1700000001_000_000_000),
-                 sm.client_span_json(trace, "1234567812345678", "POST", sm.Target("b"), peer, 504,
-                                     'timeout after 1s "x"', 1700000000_600_000_000, 1700000000_700_000_000)]
-        payload = json.loads(sm.otlp_request({"service.name": "a", "flag": True, "n": 3}, spans))
-        message = strict_otlp_parse(self, payload)
-        server, client = message.resource_spans[0].scope_spans[0].spans
-        self.assertEqual((server.kind, client.kind), (2, 3))
-        self.assertEqual(server.parent_span_id.hex(), "00f067aa0ba902b7")
-        self.assertEqual(client.parent_span_id, server.span_id)
-        self.assertEqual(server.trace_state, "rojo=00f067aa0ba902b7")
-        self.assertEqual(server.start_time_unix_nano, 1700000000_500_000_000)
-        attributes = {a.key: a.value for a in server.attributes}
-        self.assertEqual(attributes["user_agent.original"].string_value, 'evil "agent"\\\n\u00e9')
-        self.assertEqual(attributes["url.path"].string_value, '/b/"q\u2603')
-        self.assertEqual(attributes["server.port"].int_value, 8080)
-        self.assertEqual([(e.name, e.attributes[0].value.double_value or e.attributes[0].value.int_value)
-                          for e in server.events], [("simplemesh.delay", 0.25), ("simplemesh.error", 503)])
-        self.assertEqual((server.status.code, client.status.code, client.status.message), (2, 2, 'timeout after 1s "x"'))
+        queued = [sm.server_span(trace, request, 503, 1700000001_000_000_000),
+                  sm.client_span(trace, "1234567812345678", "POST", "b", peer, 504, 'timeout after 1s "x"',
+                                 1700000000_600_000_000, 1700000000_700_000_000)]
+        spans = [sm.span_from_queue(item) for item in queued]
+        resource = {"service.name": "a", "flag": True, "n": -3, "ratio": 0.5}
+        for encoding, encode in sm.OTLP_ENCODERS.items():
+            with self.subTest(encoding=encoding):
+                message = self.parse(encoding, encode(resource, spans))
+                attributes = {a.key: a.value for a in message.resource_spans[0].resource.attributes}
+                self.assertEqual((attributes["flag"].bool_value, attributes["n"].int_value,
+                                  attributes["ratio"].double_value), (True, -3, 0.5))
+                scope = message.resource_spans[0].scope_spans[0]
+                self.assertEqual((scope.scope.name, scope.scope.version), ("simplemesh", sm.__version__))
+                server, client = scope.spans
+                self.assertEqual((server.kind, client.kind), (2, 3))
+                self.assertEqual(server.trace_id.hex(), "4bf92f3577b34da6a3ce929d0e0e4736")
+                self.assertEqual(server.parent_span_id.hex(), "00f067aa0ba902b7")
+                self.assertEqual(client.parent_span_id, server.span_id)
+                self.assertEqual(server.trace_state, "rojo=00f067aa0ba902b7")
+                self.assertEqual(server.flags, 0x301)  # sampled, and the parent is remote
+                self.assertEqual(client.flags, 0x101)  # sampled, and the parent is local
+                self.assertEqual(server.start_time_unix_nano, 1700000000_500_000_000)
+                attributes = {a.key: a.value for a in server.attributes}
+                self.assertTrue(attributes["user_agent.original"].string_value.startswith('evil "agent"\\\n\u00e9'))
+                self.assertEqual(attributes["url.path"].string_value, '/b/"q\u2603')
+                self.assertEqual(attributes["server.port"].int_value, 8080)
+                self.assertEqual([(e.name, e.attributes[0].value.double_value or e.attributes[0].value.int_value)
+                                  for e in server.events], [("simplemesh.delay", 0.25), ("simplemesh.error", 503)])
+                self.assertEqual((server.status.code, client.status.code, client.status.message),
+                                 (2, 2, 'timeout after 1s "x"'))
+
+    def test_a_queued_span_holds_only_what_a_span_needs(self):
+        # Issue 11: a queued span kept its whole request, body included. Now it is a tuple of strings and numbers.
+        trace = sm.TraceContext(VALID_TP[3:35], "00f067aa0ba902b7", {}, native=True, sampled=True, events=[])
+        request = sm.Request("PUT", "/b", "", sm.Headers({"host": "a"}), b"x" * 1_000_000, 0.0, 1700000000.5)
+        queued = sm.server_span(trace, request, 200, time.time_ns())
+        self.assertTrue(all(isinstance(item, (str, int, tuple)) for item in queued), queued)
+        self.assertLess(sum(sys.getsizeof(item) for item in queued), 2000)
+        peer = sm.Peer(("10.0.0.1", 80), "b", "http://b/")
+        queued = sm.client_span(trace, "1234567812345678", "PUT", "b", peer, 200, "", 1, 2)
+        self.assertTrue(all(isinstance(item, (str, int)) for item in queued), queued)
+
+    def test_partial_success_answers(self):
+        response = self.pb.ExportTraceServiceResponse()
+        self.assertEqual(sm.export_partial_success(response.SerializeToString(), "application/x-protobuf"), (0, ""))
+        response.partial_success.rejected_spans = 7
+        response.partial_success.error_message = "spans too old"
+        self.assertEqual(sm.export_partial_success(response.SerializeToString(), "application/x-protobuf"),
+                         (7, "spans too old"))
+        self.assertEqual(sm.export_partial_success(
+            b'{"partialSuccess":{"rejectedSpans":"3","errorMessage":"x"}}', "application/json"), (3, "x"))
+        for body, content_type in ((b"\xff\xff", "application/x-protobuf"), (b"[1]", "application/json"),
+                                   (b"\x0a\x05\x08", "application/x-protobuf"), (b"<html>", "text/html")):
+            self.assertEqual(sm.export_partial_success(body, content_type), (0, ""))
 
 
 class TestNativeSpans(unittest.TestCase):
     def setUp(self):
-        self.receiver = OTLPReceiver()
-        self.addCleanup(self.receiver.close)
+        self.receiver = OTLPReceiver(self)
 
     def run_mesh(self, nodes, path, tracing=None, headers=None):
         with Mesh(nodes, tracing=tracing or self.receiver.tracing()) as mesh:
@@ -1351,8 +1507,6 @@ class TestNativeSpans(unittest.TestCase):
         status, answer, counts = self.run_mesh({"a": {}, "b": {"delay": "20ms"}, "c": {}, "d": {}},
                                                "/b~(c/d)/d?parallel")
         self.assertEqual(status, 200)
-        for payload in self.receiver.payloads:
-            strict_otlp_parse(self, payload)
         self.assertEqual(self.receiver.path, "/v1/traces")
         spans = self.receiver.spans()
         # a: SERVER + 2 CLIENT; b: SERVER + CLIENT; c: SERVER + CLIENT; d (from b): SERVER;
@@ -1404,8 +1558,7 @@ class TestNativeSpans(unittest.TestCase):
         self.assertEqual(answer["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736")
 
     def test_retries_honour_retry_after_then_export(self):
-        receiver = OTLPReceiver([(503, "0"), (429, "0"), (502, None)])
-        self.addCleanup(receiver.close)
+        receiver = OTLPReceiver(self, [(503, "0"), (429, "0"), (502, None)])
         started = time.monotonic()
         with Mesh({"a": {}}, tracing=receiver.tracing()) as mesh:
             mesh.request("a", "/")
@@ -1416,8 +1569,7 @@ class TestNativeSpans(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)  # Retry-After: 0 twice, one backoff of at most 0.5 s
 
     def test_refused_export_is_counted_not_retried(self):
-        receiver = OTLPReceiver([(400, None)])
-        self.addCleanup(receiver.close)
+        receiver = OTLPReceiver(self, [(400, None)])
         with Mesh({"a": {}}, tracing=receiver.tracing()) as mesh:
             mesh.request("a", "/")
             mesh.node("a").flush_spans()
@@ -1442,6 +1594,49 @@ class TestNativeSpans(unittest.TestCase):
         self.assertEqual(len(self.receiver.spans()), 1)
         self.assertEqual(self.receiver.headers["content-encoding"], "gzip")
         self.assertEqual(self.receiver.headers["authorization"], "Bearer t")
+
+    def test_protobuf_is_the_default_and_http_json_is_sent_when_asked(self):
+        self.run_mesh({"a": {}, "b": {}}, "/b")
+        self.assertEqual(self.receiver.headers["content-type"], "application/x-protobuf")
+        self.assertEqual(len(self.receiver.spans()), 3)
+        json_receiver = OTLPReceiver(self, content_type="application/json")
+        tracing = json_receiver.tracing()
+        self.assertEqual(tracing.protocol, "http/json")
+        _status, answer, counts = self.run_mesh({"a": {}, "b": {}}, "/b", tracing=tracing)
+        self.assertEqual(json_receiver.headers["content-type"], "application/json")
+        self.assertEqual({span["traceId"] for _service, span in json_receiver.spans()}, {answer["trace_id"]})
+        self.assertEqual((counts["a"]["exported"], counts["b"]["exported"]), (2, 1))
+
+    def test_a_receiver_that_refuses_the_encoding_is_not_retried(self):
+        tracing = self.receiver.tracing(protocol="http/json")  # a protobuf-only receiver answers 415
+        _status, _answer, counts = self.run_mesh({"a": {}}, "/", tracing=tracing)
+        self.assertEqual(self.receiver.refused_types, ["application/json"])
+        self.assertEqual((counts["a"]["failed"], self.receiver.posts), (1, 1))
+
+    def test_partial_success_is_counted_and_logged(self):
+        for content_type in ("application/x-protobuf", "application/json"):
+            receiver = OTLPReceiver(self, content_type=content_type, rejected=1)
+            with self.subTest(content_type=content_type), Mesh({"a": {}, "b": {}}, tracing=receiver.tracing()) as mesh:
+                lines = self.stdout_of(lambda: (mesh.request("a", "/b"), mesh.node("a").flush_spans()))
+                self.assertEqual((mesh.node("a").metrics.spans["exported"],
+                                  mesh.node("a").metrics.spans["rejected"]), (1, 1))
+                self.assertIn('simplemesh_spans_total{result="rejected"} 1', mesh.request("a", "/metrics")[2])
+                self.assertEqual(receiver.posts, 1)  # "The client MUST NOT retry the request" on partial success
+                self.assertIn("rejected_spans=1", lines)
+                self.assertIn("too old", lines)
+
+    def stdout_of(self, action):
+        """What the process wrote on descriptor 1 (where log_line writes) while ``action`` ran."""
+        with tempfile.TemporaryFile() as log:
+            saved = os.dup(1)
+            os.dup2(log.fileno(), 1)
+            try:
+                action()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            log.seek(0)
+            return log.read().decode()
 
     def test_mesh_command_exports_each_node_under_its_name_and_flushes_on_sigterm(self):
         port = free_port_run(3)
