@@ -746,6 +746,144 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
         check()
 
 
+class TestOpenTelemetryPropagatorsAsClients(unittest.TestCase):
+    """OpenTelemetry's own Python propagators inject a client's context, a real chain carries it (a -> b -> a
+    capturing last hop, on loopback), and the same propagators extract what arrived there."""
+
+    TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    SPAN_ID = 0x00F067AA0BA902B7
+
+    def setUp(self):
+        self.api = require_module(self, "opentelemetry.trace")
+        tracecontext = require_module(self, "opentelemetry.trace.propagation.tracecontext")
+        baggage = require_module(self, "opentelemetry.baggage.propagation")
+        b3 = require_module(self, "opentelemetry.propagators.b3")
+        self.baggage = require_module(self, "opentelemetry.baggage")
+        self.w3c = tracecontext.TraceContextTextMapPropagator()
+        self.w3c_baggage = baggage.W3CBaggagePropagator()
+        self.b3_single = b3.B3SingleFormat()
+        self.b3_multi = b3.B3MultiFormat()
+        self.peer = CapturingPeer()
+        self.addCleanup(self.peer.close)
+        self.receiver = OTLPReceiver(self)
+
+    def client_context(self, sampled=True, tracestate=()):
+        api = self.api
+        span_context = api.SpanContext(self.TRACE_ID, self.SPAN_ID, is_remote=True,
+                                       trace_flags=api.TraceFlags(api.TraceFlags.SAMPLED if sampled else 0),
+                                       trace_state=api.TraceState(list(tracestate)))
+        context = api.set_span_in_context(api.NonRecordingSpan(span_context))
+        return self.baggage.set_baggage("user.id", "alice", self.baggage.set_baggage("tier", "gold 1", context))
+
+    def inject(self, propagators, context):
+        headers = {}
+        for propagator in propagators:
+            propagator.inject(headers, context=context)
+        return headers
+
+    def chain(self, headers, native=False, **tracing):
+        """(answer, headers the last hop got, exported spans) after a -> b -> capturing peer."""
+        with Mesh({"a": {}, "b": {}}, tracing=self.receiver.tracing(**tracing) if native else None) as mesh:
+            mesh.peers["cap"] = [self.peer.address]
+            status, _headers, answer = mesh.request("a", "/b/cap", headers=headers)
+            for name in ("a", "b"):
+                mesh.node(name).flush_spans()
+        self.assertEqual(status, 200, answer)
+        return answer, self.peer.captured[-1], self.receiver.spans()
+
+    def extracted(self, propagator, headers):
+        return self.api.get_current_span(propagator.extract(headers)).get_span_context()
+
+    def test_w3c_tracecontext_and_baggage(self):
+        sent = self.inject([self.w3c, self.w3c_baggage],
+                           self.client_context(tracestate=[("congo", "t61rcWkgMzE"), ("rojo", "00f067aa0ba902b7")]))
+        for native in (False, True):
+            with self.subTest(native=native):
+                answer, got, spans = self.chain(sent, native)
+                context = self.extracted(self.w3c, got)
+                self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, True))
+                self.assertEqual(list(context.trace_state.items()),
+                                 [("congo", "t61rcWkgMzE"), ("rojo", "00f067aa0ba902b7")])
+                baggage = self.baggage.get_all(self.w3c_baggage.extract(got))
+                self.assertEqual(dict(baggage), {"tier": "gold 1", "user.id": "alice"})
+                self.assertEqual(answer["trace_id"], f"{self.TRACE_ID:032x}")
+                if not native:  # pass-through: the client's span stays the parent
+                    self.assertEqual(context.span_id, self.SPAN_ID)
+                    self.assertEqual(spans, [])
+                else:  # the last hop's parent is b's CLIENT span, exported, in a chain up to the client's span
+                    by_id = {span["spanId"]: span for _service, span in spans}
+                    self.assertEqual(len(by_id), 4)
+                    span = by_id[f"{context.span_id:016x}"]
+                    self.assertEqual(span["kind"], 3)
+                    while "parentSpanId" in span and span["parentSpanId"] in by_id:
+                        span = by_id[span["parentSpanId"]]
+                    self.assertEqual(span["parentSpanId"], f"{self.SPAN_ID:016x}")
+
+    def test_w3c_unsampled_stays_unsampled(self):
+        sent = self.inject([self.w3c], self.client_context(sampled=False))
+        for native in (False, True):
+            _answer, got, spans = self.chain(sent, native)
+            context = self.extracted(self.w3c, got)
+            self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, False))
+            self.assertEqual(spans, [])
+
+    def test_b3_single_and_multi(self):
+        for propagator in (self.b3_single, self.b3_multi):
+            sent = self.inject([propagator], self.client_context())
+            for native in (False, True):
+                with self.subTest(propagator=type(propagator).__name__, native=native):
+                    answer, got, _spans = self.chain(sent, native, propagators=("tracecontext", "baggage"))
+                    context = self.extracted(propagator, got)
+                    self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, True))
+                    self.assertEqual(answer["trace_id"], f"{self.TRACE_ID:032x}")
+                    self.assertEqual(context.span_id == self.SPAN_ID, not native)
+                    self.assertNotIn("x-b3-parentspanid", got)
+                    if native:  # the W3C header names the same CLIENT span
+                        self.assertEqual(self.extracted(self.w3c, got).span_id, context.span_id)
+
+    def test_b3_deny_and_debug_reach_the_last_hop(self):
+        # OpenTelemetry's B3 propagator cannot write a decision alone or debug: these are written by hand.
+        for sent in ({"b3": "0"}, {"x-b3-sampled": "0"}):
+            for native in (False, True):
+                with self.subTest(sent=sent, native=native):
+                    _answer, got, spans = self.chain(sent, native)
+                    self.assertFalse(self.extracted(self.w3c, got).trace_flags.sampled)
+                    propagator = self.b3_single if "b3" in sent else self.b3_multi
+                    if not native:
+                        self.assertEqual({name: got.get(name) for name in sent}, sent)
+                    else:
+                        self.assertFalse(self.extracted(propagator, got).trace_flags.sampled)
+                    self.assertEqual(spans, [])
+        debug = {"b3": f"{self.TRACE_ID:032x}-{self.SPAN_ID:016x}-d"}
+        _answer, got, spans = self.chain(debug, True, sampler="always_off")
+        self.assertEqual(got["b3"].split("-")[2], "d")
+        self.assertTrue(self.extracted(self.b3_single, got).trace_flags.sampled)
+        self.assertEqual(len(spans), 4)
+
+    def test_ratio_decisions_agree_with_the_sdk_consistent_sampler(self):
+        sampling = require_module(self, "opentelemetry.sdk.trace._sampling_experimental")
+        rng = random.Random(12)
+        for ratio in (0.5, 0.25, 0.1, 0.01):
+            sdk = sampling.composite_sampler(sampling.composable_traceid_ratio_based(ratio))
+            ours = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=ratio)
+            sdk_threshold = (1 << 56) - round(ratio * 2 ** 56)  # the SDK keeps all 56 bits of precision
+            _text, threshold = sm.ratio_threshold(ratio)  # 4 hex digits, as the spec recommends to SDKs
+            for _ in range(2000):
+                trace_id = rng.getrandbits(128)
+                randomness = trace_id & ((1 << 56) - 1)
+                if min(threshold, sdk_threshold) <= randomness < max(threshold, sdk_threshold):
+                    continue  # the sliver the two precisions disagree on: at most 16^-4 / 2 of traces
+                result = sdk.should_sample(None, trace_id, "GET")
+                decided, members = ours.sample(f"{trace_id:032x}", None)
+                self.assertEqual(decided, result.decision.is_sampled(), (ratio, f"{trace_id:032x}"))
+                self.assertEqual(members, (f"ot=th:{_text}",) if decided else ())
+        # Through nodes: the decision and its threshold reach the next hop.
+        sent = {"traceparent": f"00-{'0' * 18}{'f' * 14}-{self.SPAN_ID:016x}-01"}
+        _answer, got, _spans = self.chain(sent, True, sampler="traceidratio", ratio=0.25)
+        self.assertEqual(got["tracestate"], "ot=th:c")
+        self.assertTrue(self.extracted(self.w3c, got).trace_flags.sampled)
+
+
 class TestSamplers(unittest.TestCase):
     """OpenTelemetry's consistent probability sampling, with vectors computed from the spec's own tables."""
 
