@@ -2255,7 +2255,12 @@ def otlp_json(resource, spans):
 # (collector/trace/v1, trace/v1, common/v1, resource/v1). Each message is its fields' bytes in number order;
 # a nested message is a length-delimited field.
 
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
 def pb_varint(value):
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     value &= 0xFFFFFFFFFFFFFFFF  # a negative int64 is its 64-bit two's complement
     out = bytearray()
     while value > 0x7F:
@@ -2286,9 +2291,20 @@ def pb_any_value(value):
 
 
 def pb_key_values(number, attributes):
-    """Repeated KeyValue (1 key, 2 value) as field ``number`` of the enclosing message."""
-    return b"".join(pb_field(number, pb_text(1, key) + pb_field(2, pb_any_value(value)))
-                    for key, value in attributes.items())
+    """Repeated KeyValue (1 key, 2 value) as field ``number`` of the enclosing message.
+
+    Most attributes repeat from span to span (method, port, status, host), so the bytes of short ones are kept
+    in a bounded cache: it makes protobuf as cheap to write as JSON text.
+    """
+    return b"".join((pb_key_value_cached if not isinstance(value, str) or len(value) <= 64 else pb_key_value)(
+        number, key, value) for key, value in attributes.items())
+
+
+def pb_key_value(number, key, value):
+    return pb_field(number, pb_text(1, key) + pb_field(2, pb_any_value(value)))
+
+
+pb_key_value_cached = functools.lru_cache(maxsize=4096, typed=True)(pb_key_value)  # typed: True is not 1
 
 
 def pb_span(span):

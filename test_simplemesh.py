@@ -1605,6 +1605,12 @@ class TestOtlpEncoding(unittest.TestCase):
                 self.assertEqual((server.status.code, client.status.code, client.status.message),
                                  (2, 2, 'timeout after 1s "x"'))
 
+    def test_cached_attribute_bytes_keep_their_types(self):
+        for value, field in ((True, "bool_value"), (1, "int_value"), (1.0, "double_value"), ("1", "string_value")):
+            message = self.parse("http/protobuf", sm.otlp_protobuf({"x": value}, []))
+            any_value = message.resource_spans[0].resource.attributes[0].value
+            self.assertEqual((any_value.WhichOneof("value"), getattr(any_value, field)), (field, value))
+
     def test_a_queued_span_holds_only_what_a_span_needs(self):
         # Issue 11: a queued span kept its whole request, body included. Now it is a tuple of strings and numbers.
         trace = sm.TraceContext(VALID_TP[3:35], "00f067aa0ba902b7", {}, native=True, sampled=True, events=[])
