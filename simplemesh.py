@@ -1995,12 +1995,7 @@ class TracingConfig(Record):
             good = False
         if not good:
             raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
-        protocol = signal("OTEL_EXPORTER_OTLP_PROTOCOL").lower() or "http/protobuf"  # the SDKs' default
-        if protocol not in OTLP_PROTOCOLS:
-            name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
-                else "OTEL_EXPORTER_OTLP_PROTOCOL"
-            raise ConfigError(f"{name}={protocol!r}: simple-mesh exports OTLP over HTTP "
-                              "(port 4318) as http/protobuf (the default) or http/json; gRPC is not supported")
+        protocol = otlp_protocol(get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"), get("OTEL_EXPORTER_OTLP_PROTOCOL"))
         compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
         if compression not in ("", "none", "gzip"):
             raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
@@ -2052,6 +2047,16 @@ class TracingConfig(Record):
         if sampler == "always_off":
             return False, members
         return ratio_sample(self.ratio, trace_id, members)
+
+
+def otlp_protocol(traces_setting, general_setting):
+    """The OTLP protocol the variables ask for: the traces-specific one wins; http/protobuf is the SDKs' default."""
+    name, protocol = (("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", traces_setting) if traces_setting
+                      else ("OTEL_EXPORTER_OTLP_PROTOCOL", general_setting or "http/protobuf"))
+    if protocol.lower() not in OTLP_PROTOCOLS:
+        raise ConfigError(f"{name}={protocol!r}: simple-mesh exports OTLP over HTTP (port 4318) as http/protobuf "
+                          "(the default) or http/json; gRPC is not supported")
+    return protocol.lower()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1349,81 +1349,71 @@ class OTLPReceiver:
 
     Every payload is parsed strictly with the opentelemetry-proto schema (protobuf: the bytes must re-serialize
     identically, so no unknown or misplaced field passes; JSON: json_format rejects unknown fields) and kept as
-    OTLP JSON dicts with hex ids. A payload that does not parse gets 400 and is noted in ``errors``.
-    ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200; ``rejected`` makes
-    each 200 a partial success naming that many rejected spans.
+    OTLP JSON dicts with hex ids. A payload that does not parse gets 400, is noted in ``errors`` and fails the
+    test. ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200; ``rejected``
+    makes each 200 a partial success naming that many rejected spans.
     """
 
     def __init__(self, testcase, answers=(), content_type="application/x-protobuf", rejected=0):
         require_module(testcase, "opentelemetry.proto")
-        from google.protobuf import json_format
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
         self.payloads = []
         self.errors = []
-        self.posts = 0
         self.refused_types = []
-        answers = list(answers)
-        receiver = self
-        testcase.addCleanup(lambda: testcase.assertEqual(receiver.errors, [], "payloads that did not parse"))
-
-        def parse(body):
-            if content_type == "application/json":
-                return strict_otlp_json(json.loads(body))
-            message = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-            if message.SerializeToString() != body:
-                raise ValueError("the payload does not re-serialize to the same bytes")
-            return message
-
-        def answer(partial):
-            response = trace_service_pb2.ExportTraceServiceResponse()
-            if partial:
-                response.partial_success.rejected_spans = partial
-                response.partial_success.error_message = "too old"
-            if content_type == "application/json":
-                return json_format.MessageToJson(response).encode()
-            return response.SerializeToString()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts += 1
-                status, retry_after = answers.pop(0) if answers else (200, None)
-                if self.headers.get("Content-Type") != content_type:
-                    receiver.refused_types.append(self.headers.get("Content-Type"))
-                    status, retry_after = 415, None
-                data = b""
-                if status == 200:
-                    if self.headers.get("Content-Encoding") == "gzip":
-                        body = gzip.decompress(body)
-                    receiver.path = self.path
-                    receiver.headers = {k.lower(): v for k, v in self.headers.items()}
-                    try:
-                        message = parse(body)
-                    except Exception as error:  # the test fails in its cleanup, naming the error
-                        receiver.errors.append(f"{type(error).__name__}: {error}")
-                        status = 400
-                    else:
-                        receiver.payloads.append(otlp_dict(json_format, message))
-                        data = answer(rejected)
-                self.send_response(status)
-                if retry_after is not None:
-                    self.send_header("Retry-After", retry_after)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.posts = 0
+        self.answers = list(answers)
+        self.content_type = content_type
+        self.rejected = rejected
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OTLPReceiverHandler)
         self.server.daemon_threads = True
+        self.server.receiver = self
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.protocol = "http/json" if content_type == "application/json" else "http/protobuf"
+        testcase.addCleanup(lambda: testcase.assertEqual(self.errors, [], "payloads that did not parse"))
         testcase.addCleanup(self.close)
+
+    def receive(self, path, headers, body):
+        """(status, Retry-After or None, answer body) for one POST."""
+        self.posts += 1
+        status, retry_after = self.answers.pop(0) if self.answers else (200, None)
+        if headers.get("Content-Type") != self.content_type:
+            self.refused_types.append(headers.get("Content-Type"))
+            return 415, None, b""
+        if status != 200:
+            return status, retry_after, b""
+        if headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.path = path
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        from google.protobuf import json_format
+        try:
+            message = self.parse(body)
+        except Exception as error:  # the test fails in its cleanup, naming the error
+            self.errors.append(f"{type(error).__name__}: {error}")
+            return 400, None, b""
+        self.payloads.append(otlp_dict(json_format, message))
+        return 200, None, self.answer()
+
+    def parse(self, body):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        if self.content_type == "application/json":
+            return strict_otlp_json(json.loads(body))
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        if message.SerializeToString() != body:
+            raise ValueError("the payload does not re-serialize to the same bytes")
+        return message
+
+    def answer(self):
+        """An ExportTraceServiceResponse in the request's encoding, with a partial success when asked."""
+        from google.protobuf import json_format
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        response = trace_service_pb2.ExportTraceServiceResponse()
+        if self.rejected:
+            response.partial_success.rejected_spans = self.rejected
+            response.partial_success.error_message = "too old"
+        if self.content_type == "application/json":
+            return json_format.MessageToJson(response).encode()
+        return response.SerializeToString()
 
     def tracing(self, **overrides):
         environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
@@ -1444,6 +1434,25 @@ class OTLPReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class OTLPReceiverHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        receiver = self.server.receiver
+        status, retry_after, data = receiver.receive(self.path, self.headers, body)
+        self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Type", receiver.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
 
 
 def strict_otlp_json(payload):
