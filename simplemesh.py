@@ -2414,6 +2414,12 @@ def retry_after_seconds(text):
     return max(0.0, when.timestamp() - time.time())
 
 
+def log_warning(config, fields):
+    """A warning log line (unless LOG_LEVEL=error): for what goes wrong in the export thread, which no answer shows."""
+    if config.log_level != "error":
+        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
+
+
 class ExportAnswer(Record):
     """What one POST got: status (None when nothing answered), Retry-After seconds, Content-Type, body."""
     status: object = None
@@ -3018,12 +3024,6 @@ def internal_error(config, error):
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
                       "error": ascii(message), "at": place})
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
-
-
-def log_warning(config, fields):
-    """A warning line (unless LOG_LEVEL=error): something went wrong that no request's answer shows."""
-    if config.log_level != "error":
-        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
 
 
 def log_line(config, fields):
