@@ -1770,11 +1770,15 @@ class TestNativeSpans(unittest.TestCase):
         for content_type in ("application/x-protobuf", "application/json"):
             receiver = OTLPReceiver(self, content_type=content_type, rejected=1)
             with self.subTest(content_type=content_type), Mesh({"a": {}, "b": {}}, tracing=receiver.tracing()) as mesh:
-                lines = self.stdout_of(lambda: (mesh.request("a", "/b"), mesh.node("a").flush_spans()))
+                lines = self.stdout_of(lambda: (mesh.request("a", "/b"), mesh.node("a").flush_spans(),
+                                                mesh.node("b").flush_spans()))
                 self.assertEqual((mesh.node("a").metrics.spans["exported"],
                                   mesh.node("a").metrics.spans["rejected"]), (1, 1))
+                self.assertEqual((mesh.node("b").metrics.spans["exported"],
+                                  mesh.node("b").metrics.spans["rejected"]), (0, 1))
                 self.assertIn('simplemesh_spans_total{result="rejected"} 1', mesh.request("a", "/metrics")[2])
-                self.assertEqual(receiver.posts, 1)  # "The client MUST NOT retry the request" on partial success
+                # One post a node: "The client MUST NOT retry the request when it receives a partial success"
+                self.assertEqual(receiver.posts, 2)
                 self.assertIn("rejected_spans=1", lines)
                 self.assertIn("too old", lines)
 
