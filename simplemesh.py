@@ -782,6 +782,7 @@ TRACESTATE_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_\-*/@]{0,255}")
 TRACESTATE_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 B3_HEADERS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
 TRACE_HEADERS = ("traceparent", "tracestate") + B3_HEADERS  # what a native node writes itself
+B3_SIGNAL_HEADERS = ("b3", "x-b3-traceid", "x-b3-sampled", "x-b3-flags")  # any of them may carry a B3 context
 PROPAGATED_HEADERS = (
     "traceparent", "tracestate", "baggage",
     "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
@@ -1007,8 +1008,7 @@ class TraceContext:
         outbound = {name: headers[name] for name in copied_headers(forward_headers, True).intersection(headers)}
         propagators = tracing.propagators
         parent = parse_traceparent(headers.get("traceparent")) if "tracecontext" in propagators else None
-        b3 = parse_b3(headers) if "b3" in headers or "x-b3-traceid" in headers or "x-b3-sampled" in headers \
-            or "x-b3-flags" in headers else None
+        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
         decision = {"1": True, "d": True, "0": False}.get(b3.state) if b3 else None
         members, forced = (), None
         if parent:
