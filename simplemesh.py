@@ -866,8 +866,9 @@ def parse_tracestate(value):
 def format_tracestate(members, limit=TRACESTATE_MAX_LENGTH):
     """Join list-members, truncated to ``limit`` characters as W3C says: "the vendor MUST truncate whole entries.
     Entries larger than 128 characters long SHOULD be removed first. Then entries SHOULD be removed starting from
-    the end of tracestate." (Vendors SHOULD propagate at least 512 characters: this node sends up to 512.)"""
-    members = list(members)
+    the end of tracestate." (Vendors SHOULD propagate at least 512 characters: this node sends up to 512.)
+    An entry this node adds (``ot``) can make 33 members out of 32: the right-most goes, as when truncating."""
+    members = list(members[:TRACESTATE_MAX_MEMBERS])
     if len(",".join(members)) > limit:
         members = [member for member in members if len(member) <= TRACESTATE_LONG_MEMBER]
         while members and len(",".join(members)) > limit:

@@ -491,6 +491,8 @@ class TestW3CTracestateRules(unittest.TestCase):
         members = [f"bar{i:02d}={i:02d}" for i in range(1, 34)]
         self.assertEqual(len(sm.parse_tracestate(",".join(members[:32]))), 32)
         self.assertEqual(sm.parse_tracestate(",".join(members)), ())
+        added = sm.with_ot_threshold(sm.parse_tracestate(",".join(members[:32])), "c")  # a sampler's own entry
+        self.assertEqual(sm.format_tracestate(added), ",".join(["ot=th:c"] + members[:31]))
 
     def test_truncation_drops_long_members_first_then_from_the_end(self):
         # "Entries larger than 128 characters long SHOULD be removed first. Then entries SHOULD be removed starting
@@ -725,9 +727,11 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
         hypothesis = require_module(self, "hypothesis")
         strategies = hypothesis.strategies
         pieces = strategies.sampled_from(["00", "ff", "cc", "-", "4bf92f3577b34da6a3ce929d0e0e4736", "0" * 16,
-                                          "00f067aa0ba902b7", "01", "x", ",", "=", "@", " ", "k=v", "\u00e9"])
+                                          "00f067aa0ba902b7", "01", "x", ",", "=", "@", " ", "k=v", "\u00e9", "d",
+                                          "1k@t=v", "ot=th:c;rv:"])
         header = strategies.one_of(strategies.text(max_size=80), strategies.lists(pieces, max_size=12).map("".join))
-        names = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "baggage")
+        names = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags",
+                 "baggage")
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces", propagators=("tracecontext", "b3", "b3multi"))
 
         @hypothesis.settings(max_examples=150, deadline=None)
@@ -742,6 +746,12 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
                     self.assertEqual(sm.parse_traceparent(sent)[0], "00")
                 if mode and "tracestate" in outbound:
                     self.assertLessEqual(len(outbound["tracestate"]), 512)
+                    self.assertEqual(sm.format_tracestate(sm.parse_tracestate(outbound["tracestate"])),
+                                     outbound["tracestate"])  # what a native node sends is valid as it stands
+                if mode and "b3" in outbound:
+                    self.assertIn(outbound["b3"].split("-")[2], ("0", "1", "d"))
+                if mode:
+                    self.assertNotIn("x-b3-parentspanid", outbound)
 
         check()
 
