@@ -897,6 +897,8 @@ def with_ot_threshold(members, threshold):
         subkeys = dict(th=threshold, **subkeys)
     others = tuple(member for member in members if not member.startswith("ot="))
     entry = "ot=" + ";".join(f"{key}:{value}" for key, value in subkeys.items())
+    if len(entry) > 3 + 256:  # OpenTelemetry: past 256 characters "SDKs are advised to abort the operation"
+        return members
     return ((entry,) if subkeys else ()) + others
 
 

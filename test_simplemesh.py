@@ -517,6 +517,8 @@ class TestW3CTracestateRules(unittest.TestCase):
                          ("ot=th:c;rv:0123456789abcd", "a=1", "b=2"))
         self.assertEqual(sm.with_ot_threshold(("a=1", "ot=th:8"), None), ("a=1",))
         self.assertEqual(sm.with_ot_threshold(("a=1",), None), ("a=1",))
+        full = ("ot=x:" + "v" * 250,)  # th would take the ot value past 256 characters: left as it was
+        self.assertEqual(sm.with_ot_threshold(full, "c"), full)
         self.assertEqual(sm.ot_subkeys(("ot=th:c;rv:0123456789abcd",)), {"th": "c", "rv": "0123456789abcd"})
 
 
