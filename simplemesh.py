@@ -1393,7 +1393,8 @@ ROUTES = RouteCache()
 
 
 # --- Trace context -----------------------------------------------------------------------------------------
-# SPEC 5, W3C Trace Context (level 1 and 2), B3. Two modes:
+# SPEC 5: W3C Trace Context (the Level 2 editor's draft), B3 as openzipkin and OpenTelemetry's B3 requirements
+# say, and OpenTelemetry's consistent probability sampling. Two modes:
 # - mesh only (no exporter): the trace headers a node got go on unchanged, so the sidecar's inbound span is the
 #   parent of its outbound span. A node starts a trace itself only when no valid context arrived at all.
 # - native spans (config.tracing set): the node is a tracing participant; every call carries a fresh CLIENT span
@@ -1409,10 +1410,14 @@ KNOWN_FLAGS = FLAG_SAMPLED | FLAG_RANDOM
 TRACESTATE_MAX_MEMBERS = 32
 TRACESTATE_MAX_LENGTH = 512
 TRACESTATE_LONG_MEMBER = 128
-TRACESTATE_KEY_RE = re.compile(r"[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}")
+# key = ( lcalpha / DIGIT ) 0*255 ( keychar ); keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@".
+# Level 1's multi-tenant form (tenant-id "@" system-id) is one case of this grammar, so it needs no rule of its own.
+TRACESTATE_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_\-*/@]{0,255}")
+# value = 0*255(chr) nblk-chr; nblk-chr = %x21-2B / %x2D-3C / %x3E-7E; chr = %x20 / nblk-chr
 TRACESTATE_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 B3_HEADERS = ("b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
 TRACE_HEADERS = ("traceparent", "tracestate") + B3_HEADERS  # what a native node writes itself
+B3_SIGNAL_HEADERS = ("b3", "x-b3-traceid", "x-b3-sampled", "x-b3-flags")  # any of them may carry a B3 context
 PROPAGATED_HEADERS = (
     "traceparent", "tracestate", "baggage",
     "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
@@ -1467,31 +1472,38 @@ def parse_traceparent(value):
 
 
 def parse_tracestate(value):
-    """The list-members of a W3C tracestate, in order, or () when it is invalid and must be discarded.
+    """The list-members of a W3C tracestate, in order, or () when the header is invalid and must be discarded.
 
-    Empty members (",,") are allowed and dropped; a bad key or value, a repeated key or more than 32 members
-    invalidates the whole header.
+    Repeated headers arrive joined with ", ", which is how W3C says to combine them. "Empty and whitespace-only
+    list members are allowed" and dropped. A bad key or value, or more than 32 members, invalidates the whole
+    header; a repeated key drops only the repeat: "Only one entry per key is allowed because the entry represents
+    that last position in the trace", and the left-most entry is the latest.
     """
     members = []
     keys = set()
+    count = 0
     for item in (value or "").split(","):
-        item = item.strip(" \t")
+        item = item.strip(" \t")  # "Spaces and horizontal tabs surrounding list-members are ignored."
         if not item:
             continue
+        count += 1
         key, sep, text = item.partition("=")
-        if not sep or key in keys or not TRACESTATE_KEY_RE.fullmatch(key) or not TRACESTATE_VALUE_RE.fullmatch(text):
+        if not sep or not TRACESTATE_KEY_RE.fullmatch(key) or not TRACESTATE_VALUE_RE.fullmatch(text):
             return ()
-        keys.add(key)
-        members.append(item)
-    if len(members) > TRACESTATE_MAX_MEMBERS:
+        if key not in keys:
+            keys.add(key)
+            members.append(item)
+    if count > TRACESTATE_MAX_MEMBERS:  # "There can be a maximum of 32 list-members in a list."
         return ()
     return tuple(members)
 
 
 def format_tracestate(members, limit=TRACESTATE_MAX_LENGTH):
-    """Join list-members, truncated to ``limit`` characters as W3C says: members over 128 characters go first,
-    then members from the end (the right-most entries are the oldest)."""
-    members = list(members)
+    """Join list-members, truncated to ``limit`` characters as W3C says: "the vendor MUST truncate whole entries.
+    Entries larger than 128 characters long SHOULD be removed first. Then entries SHOULD be removed starting from
+    the end of tracestate." (Vendors SHOULD propagate at least 512 characters: this node sends up to 512.)
+    An entry this node adds (``ot``) can make 33 members out of 32: the right-most goes, as when truncating."""
+    members = list(members[:TRACESTATE_MAX_MEMBERS])
     if len(",".join(members)) > limit:
         members = [member for member in members if len(member) <= TRACESTATE_LONG_MEMBER]
         while members and len(",".join(members)) > limit:
@@ -1499,47 +1511,84 @@ def format_tracestate(members, limit=TRACESTATE_MAX_LENGTH):
     return ",".join(members)
 
 
-def parse_b3(headers):
-    """(trace_id as 32 hex, span_id, sampled: True/False/None, form "single"|"multi") from B3 headers, or None.
+def ot_subkeys(members):
+    """The sub-keys of the OpenTelemetry ``ot=`` entry (``ot=th:c;rv:0123456789abcd``) as a dict."""
+    for member in members:
+        if member.startswith("ot="):
+            return dict(part.partition(":")[::2] for part in member[3:].split(";") if part)
+    return {}
 
-    Single: ``b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]``; multi: ``x-b3-traceid`` and friends. A
-    64-bit trace id is left-padded to 128 bits, as Zipkin does.
+
+def with_ot_threshold(members, threshold):
+    """The members with the ``ot`` entry's ``th`` set (or removed when ``threshold`` is None).
+
+    W3C: "Modified keys MUST be moved to the beginning (left) of the list."; an ``ot`` entry left empty goes.
+    """
+    subkeys = ot_subkeys(members)
+    if subkeys.get("th") == threshold or (threshold is None and "th" not in subkeys):
+        return members
+    subkeys.pop("th", None)
+    if threshold is not None:
+        subkeys = dict(th=threshold, **subkeys)
+    others = tuple(member for member in members if not member.startswith("ot="))
+    entry = "ot=" + ";".join(f"{key}:{value}" for key, value in subkeys.items())
+    if len(entry) > 3 + 256:  # OpenTelemetry: past 256 characters "SDKs are advised to abort the operation"
+        return members
+    return ((entry,) if subkeys else ()) + others
+
+
+class B3(Record):
+    """One B3 context: ids ("" when only a sampling state arrived, like ``b3: 0``), the sampling state
+    ("1" accept, "0" deny, "d" debug, "" defer) and the form it came in ("single" or "multi")."""
+    trace_id: str
+    span_id: str
+    state: str
+    form: str
+
+
+def parse_b3(headers):
+    """The B3 context of a request, or None; the single ``b3`` header wins over the ``x-b3-*`` ones (openzipkin).
+
+    Single: ``b3: {traceid}-{spanid}[-{state}[-{parentspanid}]]`` or the state alone (``b3: 0``). Multi: a
+    64-bit trace id is left-padded to 128 bits, as Zipkin does; ``X-B3-Flags: 1`` is debug.
     """
     single = headers.get("b3")
-    if single:
-        parts = single.strip().split("-")
-        if len(parts) < 2 or len(parts) > 4:
-            return None
-        trace_id, span_id = parts[0], parts[1]
-        sampled = _b3_sampled(parts[2]) if len(parts) > 2 else None
-        if len(parts) > 2 and sampled is False and parts[2] != "0":
-            return None
-        if len(parts) == 4 and not (len(parts[3]) == 16 and _is_hex(parts[3])):
-            return None
-        form = "single"
-    else:
-        trace_id, span_id = headers.get("x-b3-traceid"), headers.get("x-b3-spanid")
-        if not trace_id or not span_id:
-            return None
-        trace_id, span_id = trace_id.strip().lower(), span_id.strip().lower()
-        sampled = True if headers.get("x-b3-flags", "").strip() == "1" else _b3_sampled(headers.get("x-b3-sampled"))
-        form = "multi"
+    if single is not None:
+        return _parse_b3_single(single.strip(" \t"))
+    trace_id = _first_value(headers.get("x-b3-traceid")).lower()
+    span_id = _first_value(headers.get("x-b3-spanid")).lower()
+    sampled = _first_value(headers.get("x-b3-sampled")).lower()
+    state = "d" if _first_value(headers.get("x-b3-flags")) == "1" else {
+        "1": "1", "true": "1", "0": "0", "false": "0"}.get(sampled, "")  # "a lenient implementation may accept"
+    if not trace_id and not span_id:
+        return B3("", "", state, "multi") if state else None  # a sampling decision alone, like X-B3-Sampled: 0
+    return _b3_ids(trace_id, span_id, state, "multi")
+
+
+def _parse_b3_single(value):
+    parts = value.split("-")
+    if len(parts) == 1:  # "Sampling state can also be sent on its own (with no identifiers)."
+        return B3("", "", value, "single") if value in ("0", "1", "d") else None
+    if len(parts) > 4 or (len(parts) > 2 and parts[2] not in ("0", "1", "d")):
+        return None
+    if len(parts) == 4 and not (len(parts[3]) == 16 and _is_hex(parts[3])):
+        return None
+    return _b3_ids(parts[0], parts[1], parts[2] if len(parts) > 2 else "", "single")
+
+
+def _b3_ids(trace_id, span_id, state, form):
     if len(trace_id) not in (16, 32) or not _is_hex(trace_id) or len(span_id) != 16 or not _is_hex(span_id):
         return None
     trace_id = trace_id.rjust(32, "0")
     if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:
         return None
-    return trace_id, span_id, sampled, form
+    return B3(trace_id, span_id, state, form)
 
 
-def _b3_sampled(text):
-    """B3 sampling state: "1"/"d"/"true" -> True, "0"/"false" -> False, absent or unknown -> None (defer)."""
-    text = (text or "").strip().lower()
-    if text in ("1", "d", "true"):
-        return True
-    if text in ("0", "false"):
-        return False
-    return None
+def _first_value(value):
+    """The first of repeated header values joined with ", ": for B3, "When extracting state headers, the first
+    value wins"."""
+    return (value or "").partition(",")[0].strip(" \t")
 
 
 class TraceContext:
@@ -1549,10 +1598,10 @@ class TraceContext:
     received (the sidecar's), so logs and answers point at a span a backend has.
     """
     __slots__ = ("trace_id", "span_id", "outbound", "parent_id", "flags", "native", "sampled", "tracestate",
-                 "b3_forms", "events", "w3c")
+                 "b3_forms", "events", "w3c", "b3_debug")
 
     def __init__(self, trace_id, span_id, outbound, parent_id="", flags=FLAG_SAMPLED, native=False, sampled=False,
-                 tracestate="", b3_forms=(), events=None, w3c=True):
+                 tracestate="", b3_forms=(), events=None, w3c=True, b3_debug=False):
         self.trace_id = trace_id
         self.span_id = span_id
         self.outbound = outbound  # headers sent on with every call
@@ -1564,6 +1613,7 @@ class TraceContext:
         self.b3_forms = b3_forms
         self.events = events  # (name, time ns, attributes) of injected faults, when sampled
         self.w3c = w3c  # native spans: send traceparent (OTEL_PROPAGATORS has tracecontext)
+        self.b3_debug = b3_debug  # native spans: B3 debug arrived and goes on ("-d", X-B3-Flags: 1)
 
     @classmethod
     def from_headers(cls, headers, forward_headers=(), tracing=None):
@@ -1575,60 +1625,80 @@ class TraceContext:
             version, trace_id, parent_id, flags = parsed
             if version != "00":  # W3C: rebuild a higher version as the highest version known, 00
                 outbound["traceparent"] = f"00-{trace_id}-{parent_id}-{flags & KNOWN_FLAGS:02x}"
+            # "If the value of the traceparent field wasn't changed before propagation, tracestate MUST NOT be
+            # modified as well": a pass-through node sends tracestate on byte for byte.
             return cls(trace_id, parent_id, outbound, parent_id, flags)
-        # W3C: a vendor that failed to parse traceparent must not use tracestate.
+        # W3C: "If the vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate."
         outbound.pop("traceparent", None)
         outbound.pop("tracestate", None)
         b3 = parse_b3(headers)
-        if b3:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
-            return cls(b3[0], b3[1], outbound, b3[1], FLAG_SAMPLED if b3[2] is not False else 0)
+        if b3 and b3.trace_id:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
+            return cls(b3.trace_id, b3.span_id, outbound, b3.span_id, 0 if b3.state == "0" else FLAG_SAMPLED)
+        # A new trace, so the whole call tree shares one id; a B3 decision alone (b3: 0) goes on untouched and
+        # the new traceparent carries the same decision, never a made-up "sampled".
+        flags = FLAG_RANDOM | (0 if b3 and b3.state == "0" else FLAG_SAMPLED)
         trace_id, span_id = new_trace_id(), new_span_id()
-        outbound["traceparent"] = f"00-{trace_id}-{span_id}-{FLAG_SAMPLED | FLAG_RANDOM:02x}"
-        return cls(trace_id, span_id, outbound, "", FLAG_SAMPLED | FLAG_RANDOM)
+        outbound["traceparent"] = f"00-{trace_id}-{span_id}-{flags:02x}"
+        return cls(trace_id, span_id, outbound, "", flags)
 
     @classmethod
     def _native(cls, headers, forward_headers, tracing):
         outbound = {name: headers[name] for name in copied_headers(forward_headers, True).intersection(headers)}
         propagators = tracing.propagators
         parent = parse_traceparent(headers.get("traceparent")) if "tracecontext" in propagators else None
-        b3 = parse_b3(headers) if "b3" in headers or "x-b3-traceid" in headers else None
-        b3_forms = tracing.b3_forms
-        tracestate = headers.get("tracestate")
+        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
+        decision = {"1": True, "d": True, "0": False}.get(b3.state) if b3 else None
+        members, forced = (), None
         if parent:
             _version, trace_id, parent_id, flags = parent
             parent_sampled = bool(flags & FLAG_SAMPLED)
-            tracestate = format_tracestate(parse_tracestate(tracestate)) if tracestate else ""
+            members = parse_tracestate(headers.get("tracestate"))
             flags &= FLAG_RANDOM  # W3C: unknown flags are set to zero; the random flag stays with its trace id
-        elif b3:
-            trace_id, parent_id, parent_sampled, _form = b3
-            flags, tracestate = 0, ""
+        elif b3 and b3.trace_id:
+            trace_id, parent_id, parent_sampled, flags = b3.trace_id, b3.span_id, decision, 0
         else:
-            trace_id, parent_id, parent_sampled, flags, tracestate = new_trace_id(), "", None, FLAG_RANDOM, ""
-        if b3 and b3[3] not in b3_forms:
-            b3_forms += (b3[3],)  # answer B3 in the form it came in (Envoy's Zipkin tracer)
-        sampled = tracing.sample(trace_id, parent_sampled)
+            trace_id, parent_id, parent_sampled, flags = new_trace_id(), "", None, FLAG_RANDOM
+            forced = decision  # a B3 decision alone (b3: 0, X-B3-Sampled: 0) is honoured whatever the sampler
+        # OpenTelemetry's B3 requirements: "MUST preserve a debug trace flag, if received, and propagate it with
+        # subsequent requests. Additionally, an OpenTelemetry implementation MUST set the sampled trace flag".
+        debug = bool(b3) and b3.state == "d" and b3.trace_id in ("", trace_id)
+        if debug:
+            forced = True
+        if forced is None:
+            sampled, members = tracing.sample(trace_id, parent_sampled, members)
+        else:
+            sampled = forced
+        b3_forms = tracing.b3_forms
+        if b3 and b3.form not in b3_forms:
+            b3_forms += (b3.form,)  # answer B3 in the form it came in (Envoy's Zipkin tracer)
         if sampled:
             flags |= FLAG_SAMPLED
         return cls(trace_id, new_span_id(), outbound, parent_id, flags, native=True, sampled=sampled,
-                   tracestate=tracestate, b3_forms=b3_forms, events=[] if sampled else None,
-                   w3c="tracecontext" in propagators)
+                   tracestate=format_tracestate(members), b3_forms=b3_forms, events=[] if sampled else None,
+                   w3c="tracecontext" in propagators, b3_debug=debug)
 
     def headers_for(self, client_span_id):
-        """The headers of one call; with native spans its parent is that call's CLIENT span."""
+        """The headers of one call; with native spans its parent is that call's CLIENT span.
+
+        OpenTelemetry's B3 requirements: inject "MUST NOT propagate X-B3-ParentSpanId", so neither form sends it.
+        """
         if not self.native:
             return self.outbound
         headers = dict(self.outbound)
-        sampled = "1" if self.sampled else "0"
         if self.w3c:
             headers["traceparent"] = f"00-{self.trace_id}-{client_span_id}-{self.flags:02x}"
             if self.tracestate:
                 headers["tracestate"] = self.tracestate
+        state = "d" if self.b3_debug else "1" if self.sampled else "0"
         for form in self.b3_forms:
             if form == "single":
-                headers["b3"] = f"{self.trace_id}-{client_span_id}-{sampled}-{self.span_id}"
+                headers["b3"] = f"{self.trace_id}-{client_span_id}-{state}"
             else:
-                headers.update({"x-b3-traceid": self.trace_id, "x-b3-spanid": client_span_id,
-                                "x-b3-parentspanid": self.span_id, "x-b3-sampled": sampled})
+                headers.update({"x-b3-traceid": self.trace_id, "x-b3-spanid": client_span_id})
+                if self.b3_debug:  # "Debug implies an accept decision, so don't also send the X-B3-Sampled header."
+                    headers["x-b3-flags"] = "1"
+                else:
+                    headers["x-b3-sampled"] = state
         return headers
 
     def event(self, name, **attributes):
@@ -2823,7 +2893,7 @@ document.getElementById("waterfall").addEventListener("click", function (event) 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_TARGET_LABELS = 50
-SPAN_RESULTS = ("exported", "failed", "dropped")
+SPAN_RESULTS = ("exported", "failed", "dropped", "rejected")
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -2988,18 +3058,27 @@ def process_metrics(out, start_time, openmetrics=False):
 
 
 # --- Span export -------------------------------------------------------------------------------------------
-# SPEC 5, native spans. TracingConfig reads the standard OTEL_* variables once. Request threads only append a
-# small tuple to a bounded queue; the SpanExporter thread turns batches into OTLP/HTTP JSON, posts them to
-# /v1/traces and retries 429/502/503/504 (and no answer) with backoff, honouring Retry-After.
+# SPEC 5, native spans. TracingConfig reads the standard OTEL_* variables once; its sampler follows OpenTelemetry's
+# consistent probability sampling. Request threads only append a slim tuple (the span's own strings and numbers,
+# never the request) to a bounded queue; the SpanExporter thread encodes batches as OTLP/HTTP, binary protobuf
+# by default as the SDKs do, or JSON with http/json, both written here with the standard library. It posts them
+# to /v1/traces, retries 429/502/503/504 (and no answer) with backoff, honouring Retry-After, and counts the
+# spans a partial-success answer says were rejected.
 
 SPAN_KIND_SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
 SPAN_KIND_CLIENT = 3
 STATUS_ERROR = 2
+SPAN_FLAGS_HAS_IS_REMOTE = 0x100  # opentelemetry.proto.trace.v1.SpanFlags: bits 8 and 9 say if the parent is remote
+SPAN_FLAGS_IS_REMOTE = 0x200
 RETRYABLE_EXPORT = frozenset((429, 502, 503, 504))
 EXPORT_BACKOFF = 0.5  # seconds before the first retry without Retry-After; doubled each time, up to 8 s
+MAX_EXPORT_ANSWER = 64 * 1024  # bytes of a collector's answer read; an ExportTraceServiceResponse is tiny
+OTLP_PROTOCOLS = {"http/protobuf": "application/x-protobuf", "http/json": "application/json"}
 SAMPLERS = ("always_on", "always_off", "traceidratio",
             "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
 PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi", "none")
+MIN_SAMPLING_RATIO = 2.0 ** -56  # below this, "never" sampling, which "is not a form of probability sampling"
+RANDOMNESS_MASK = (1 << 56) - 1  # the right-most 7 bytes of a trace id, random in W3C level 2
 
 
 class TracingConfig(Record):
@@ -3009,6 +3088,7 @@ class TracingConfig(Record):
     timeout: float = 10.0  # one export request
     export_timeout: float = 30.0  # one batch, retries included
     compression: str = ""
+    protocol: str = "http/protobuf"  # or "http/json"
     service_name: str = ""  # "" = the node's HOST
     resource: tuple = ()  # (key, value) pairs from OTEL_RESOURCE_ATTRIBUTES
     sampler: str = "parentbased_always_on"
@@ -3062,12 +3142,7 @@ class TracingConfig(Record):
             good = False
         if not good:
             raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
-        # OTLP/HTTP receivers (Collector, Jaeger, Tempo) take JSON and protobuf on the same path, so an
-        # http/protobuf setting still works with JSON; gRPC is another port and protocol altogether.
-        protocol = signal("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/json"
-        if protocol not in ("http/json", "http/protobuf"):
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: simple-mesh exports OTLP/HTTP JSON "
-                              "(port 4318), not gRPC; use http/json")
+        protocol = otlp_protocol(get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"), get("OTEL_EXPORTER_OTLP_PROTOCOL"))
         compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
         if compression not in ("", "none", "gzip"):
             raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
@@ -3096,34 +3171,91 @@ class TracingConfig(Record):
                         else "OTEL_EXPORTER_OTLP_TIMEOUT")
         return cls(
             endpoint=endpoint, headers=headers, compression="gzip" if compression == "gzip" else "",
-            timeout=number(timeout_name, float, 10.0, 0.001),
+            protocol=protocol, timeout=number(timeout_name, float, 10.0, 0.001),
             export_timeout=number("OTEL_BSP_EXPORT_TIMEOUT", float, 30.0, 0.001),
             service_name=service_name, resource=tuple(resource.items()), sampler=sampler, ratio=ratio,
             propagators=propagators, max_queue=max_queue,
             max_batch=min(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", int, 512), max_queue),
             schedule_delay=number("OTEL_BSP_SCHEDULE_DELAY", float, 5.0, 0.001))
 
-    def sample(self, trace_id, parent_sampled):
-        """The sampler's decision for a new SERVER span; ``parent_sampled`` is None at a trace's root.
+    def sample(self, trace_id, parent_sampled, members=()):
+        """(sampled, tracestate members) for a new SERVER span; ``parent_sampled`` is None at a trace's root.
 
-        The ratio samplers compare the trace id's right-most 7 bytes, the part W3C level 2 makes random, so every
-        node of a trace decides alike.
+        The ratio samplers are OpenTelemetry's consistent probability sampling, so every node of a trace (and
+        every current SDK) decides alike; ``members`` gets the ``ot`` entry's ``th`` as the SDK sampler sets it.
         """
         sampler = self.sampler
         if sampler.startswith("parentbased_"):
             if parent_sampled is not None:
-                return parent_sampled
+                return parent_sampled, parent_threshold(trace_id, parent_sampled, members)
             sampler = sampler[12:]
         if sampler == "always_on":
-            return True
+            return True, members
         if sampler == "always_off":
-            return False
-        return int(trace_id[18:], 16) < self.ratio * (1 << 56)
+            return False, members
+        return ratio_sample(self.ratio, trace_id, members)
+
+
+def otlp_protocol(traces_setting, general_setting):
+    """The OTLP protocol the variables ask for: the traces-specific one wins; http/protobuf is the SDKs' default."""
+    name, protocol = (("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", traces_setting) if traces_setting
+                      else ("OTEL_EXPORTER_OTLP_PROTOCOL", general_setting or "http/protobuf"))
+    if protocol.lower() not in OTLP_PROTOCOLS:
+        raise ConfigError(f"{name}={protocol!r}: simple-mesh exports OTLP over HTTP (port 4318) as http/protobuf "
+                          "(the default) or http/json; gRPC is not supported")
+    return protocol.lower()
 
 
 @functools.lru_cache(maxsize=None)
 def _b3_forms(propagators):
     return tuple(form for form, name in (("single", "b3"), ("multi", "b3multi")) if name in propagators)
+
+
+@functools.lru_cache(maxsize=64)
+def ratio_threshold(ratio, precision=4):
+    """(``th`` text, 56-bit rejection threshold) for a sampling ratio in [2^-56, 1].
+
+    As OpenTelemetry's "Converting floating-point probability to threshold value" computes it, with the 4 hex
+    digits of precision it recommends to SDKs: 0.25 -> "c", 0.1 -> "e666", 0.01 -> "fd70a".
+    """
+    if ratio >= 1.0:
+        return "0", 0
+    _mantissa, exponent = math.frexp(ratio)
+    precision = max(1, min(12, precision + exponent // -4))  # more digits for ratios near zero
+    rejection = 2.0 - ratio + math.ldexp(0.5, -4 * precision)  # in [1, 2), rounded at the last digit kept
+    digits = "fffffffffffff" if rejection >= 2.0 else rejection.hex()[4:-3]
+    text = digits[:precision].rstrip("0") or "0"
+    return text, int(text.ljust(14, "0"), 16)
+
+
+def trace_randomness(trace_id, members):
+    """The 56 random bits a consistent sampler compares: the ``ot`` entry's explicit ``rv`` when it is valid
+    (14 lowercase hex digits), else the trace id's least-significant 56 bits (W3C level 2)."""
+    explicit = ot_subkeys(members).get("rv", "")
+    if len(explicit) == 14 and _is_hex(explicit):
+        return int(explicit, 16)
+    return int(trace_id, 16) & RANDOMNESS_MASK
+
+
+def ratio_sample(ratio, trace_id, members):
+    """TraceIdRatioBased: sampled when randomness >= the rejection threshold; a sampled span's tracestate gets
+    ``ot=th:<threshold>``, an unsampled one keeps no threshold (its sampling probability is not that one)."""
+    if ratio < MIN_SAMPLING_RATIO:
+        return False, with_ot_threshold(members, None)
+    text, threshold = ratio_threshold(ratio)
+    sampled = trace_randomness(trace_id, members) >= threshold
+    return sampled, with_ot_threshold(members, text if sampled else None)
+
+
+def parent_threshold(trace_id, parent_sampled, members):
+    """A parent-based decision keeps the parent's ``th``, unless it is "apparently inconsistent" (the sampled
+    flag does not match ``rv >= th``) or malformed: then OpenTelemetry says to erase it."""
+    text = ot_subkeys(members).get("th")
+    if text is None:
+        return members
+    consistent = 1 <= len(text) <= 14 and _is_hex(text) and \
+        (trace_randomness(trace_id, members) >= int(text.ljust(14, "0"), 16)) == parent_sampled
+    return members if consistent else with_ot_threshold(members, None)
 
 
 def parse_key_values(text):
@@ -3147,13 +3279,94 @@ def node_resource(config):
     return attributes
 
 
-# Spans are written straight to OTLP JSON text: building dicts for json.dumps costs about twice as much, and
-# the export thread shares the GIL with the request threads.
-_quote = json.encoder.encode_basestring_ascii
+# What the queue holds: a request thread builds one of these slim tuples (strings and numbers only) and the
+# export thread turns it into a Span. A queued span never keeps the request, its headers or its body alive.
+
+def server_span(trace, request, status, end_ns):
+    """The SERVER span of one request, as the slim tuple the exporter queues."""
+    headers = request.headers
+    return (SPAN_KIND_SERVER, trace.trace_id, trace.span_id, trace.parent_id, trace.flags, trace.tracestate,
+            tuple(trace.events or ()), request.method, request.path, request.query, headers.get("host") or "",
+            headers.get("user-agent") or "", status, int(request.received_wall * 1e9), end_ns)
 
 
-def otlp_attributes(attributes):
-    """OTLP JSON KeyValues of a dict; ints travel as strings, as proto3 JSON writes int64."""
+def client_span(trace, span_id, method, target_name, peer, status, error, start_ns, end_ns):
+    """The CLIENT span of one downstream call; ``error`` is why it got no answer ("" when it got one)."""
+    return (SPAN_KIND_CLIENT, trace.trace_id, span_id, trace.span_id, trace.flags, method, target_name,
+            peer.address[1], peer.url, status, error, start_ns, end_ns)
+
+
+class Span(Record):
+    """One span as both OTLP encodings write it; ``events`` are (name, time ns, attributes) triples."""
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    attributes: dict
+    events: tuple = ()
+    status_code: int = 0
+    status_message: str = ""
+    trace_state: str = ""
+    flags: int = 0  # W3C trace flags in bits 0-7, and whether the parent is remote (SpanFlags)
+
+
+def span_from_queue(queued):
+    return _server_span_fields(queued) if queued[0] == SPAN_KIND_SERVER else _client_span_fields(queued)
+
+
+def _server_span_fields(queued):
+    """HTTP semantic-convention attributes of a SERVER span, and its fault events."""
+    (_kind, trace_id, span_id, parent_id, flags, tracestate, events, method, path, query, host_header, user_agent,
+     status, start_ns, end_ns) = queued
+    host, _, port = host_header.rpartition(":")
+    if not is_number(port) or len(port) > 5:
+        host, port = host_header, ""
+    attributes = {"http.request.method": method, "url.scheme": "http", "url.path": path}
+    if query:
+        attributes["url.query"] = query
+    if host:
+        attributes["server.address"] = host
+    if port:
+        attributes["server.port"] = int(port)
+    attributes["network.protocol.version"] = "1.1"
+    if user_agent:
+        attributes["user_agent.original"] = user_agent
+    if status:
+        attributes["http.response.status_code"] = status
+    error = not status or status >= 500  # semconv: a server's 4xx is the client's fault, not a span error
+    if error:
+        attributes["error.type"] = str(status) if status else "reset"
+    remote = SPAN_FLAGS_HAS_IS_REMOTE | (SPAN_FLAGS_IS_REMOTE if parent_id else 0)
+    return Span(trace_id, span_id, parent_id, method, SPAN_KIND_SERVER, start_ns, max(end_ns, start_ns),
+                attributes, events, STATUS_ERROR if error else 0, "", tracestate, (flags & 0xFF) | remote)
+
+
+def _client_span_fields(queued):
+    _kind, trace_id, span_id, parent_id, flags, method, target, port, url, status, error, start_ns, end_ns = queued
+    attributes = {"http.request.method": method, "server.address": target, "server.port": port, "url.full": url}
+    if status and not error:
+        attributes["http.response.status_code"] = status
+    failed = bool(error) or status >= 400
+    if failed:
+        attributes["error.type"] = ("timeout" if status == 504 else "connection") if error else str(status)
+    return Span(trace_id, span_id, parent_id, method, SPAN_KIND_CLIENT, start_ns, max(end_ns, start_ns),
+                attributes, (), STATUS_ERROR if failed else 0, error, "", (flags & 0xFF) | SPAN_FLAGS_HAS_IS_REMOTE)
+
+
+# OTLP JSON is written straight to text: building dicts for json.dumps costs about twice as much, and the export
+# thread shares the GIL with the request threads. Ids are hex and int64s are strings, as OTLP's JSON mapping says.
+_quote_ascii = json.encoder.encode_basestring_ascii
+
+
+def _quote(text):
+    """A JSON string; a lone surrogate (from undecodable request bytes) becomes U+FFFD, as UTF-8 requires."""
+    return _quote_ascii(text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8"))
+
+
+def otlp_json_attributes(attributes):
     parts = []
     for key, value in attributes.items():
         if isinstance(value, bool):
@@ -3168,65 +3381,170 @@ def otlp_attributes(attributes):
     return "[" + ",".join(parts) + "]"
 
 
-def server_span_json(trace, request, status, end_ns):
-    """The SERVER span of one request as OTLP JSON: HTTP semantic-convention attributes and fault events."""
-    host, _, port = (request.headers.get("host") or "").rpartition(":")
-    if not is_number(port) or len(port) > 5:
-        host, port = (request.headers.get("host") or ""), ""
-    attributes = {"http.request.method": request.method, "url.scheme": "http", "url.path": request.path}
-    if request.query:
-        attributes["url.query"] = request.query
-    if host:
-        attributes["server.address"] = host
-    if port:
-        attributes["server.port"] = int(port)
-    attributes["network.protocol.version"] = "1.1"
-    if request.headers.get("user-agent"):
-        attributes["user_agent.original"] = request.headers.get("user-agent")
-    if status:
-        attributes["http.response.status_code"] = status
-    error = not status or status >= 500  # semconv: a server's 4xx is the client's fault, not a span error
-    if error:
-        attributes["error.type"] = str(status) if status else "reset"
-    extra = ""
-    if trace.tracestate:
-        extra += f',"traceState":{_quote(trace.tracestate)}'
-    if trace.events:
+def otlp_json_span(span):
+    parent = f'"parentSpanId":"{span.parent_id}",' if span.parent_id else ""
+    extra = f',"traceState":{_quote(span.trace_state)}' if span.trace_state else ""
+    if span.events:
         extra += ',"events":[' + ",".join(
-            f'{{"timeUnixNano":"{when}","name":{_quote(name)},"attributes":{otlp_attributes(values)}}}'
-            for name, when, values in trace.events) + "]"
-    if error:
-        extra += f',"status":{{"code":{STATUS_ERROR}}}'
-    return _span_json(trace.trace_id, trace.span_id, trace.parent_id, request.method, SPAN_KIND_SERVER,
-                      int(request.received_wall * 1e9), end_ns, attributes, extra)
+            f'{{"timeUnixNano":"{when}","name":{_quote(name)},"attributes":{otlp_json_attributes(values)}}}'
+            for name, when, values in span.events) + "]"
+    if span.status_code:
+        message = f',"message":{_quote(span.status_message)}' if span.status_message else ""
+        extra += f',"status":{{"code":{span.status_code}{message}}}'
+    return (f'{{"traceId":"{span.trace_id}","spanId":"{span.span_id}",{parent}"flags":{span.flags},'
+            f'"name":{_quote(span.name)},"kind":{span.kind},"startTimeUnixNano":"{span.start_ns}",'
+            f'"endTimeUnixNano":"{span.end_ns}","attributes":{otlp_json_attributes(span.attributes)}{extra}}}')
 
 
-def client_span_json(trace, span_id, method, target, peer, status, error, start_ns, end_ns):
-    """The CLIENT span of one downstream call; ``error`` is why it got no answer ("" when it got one)."""
-    attributes = {"http.request.method": method, "server.address": target.name,
-                  "server.port": peer.address[1], "url.full": peer.url}
-    if status and not error:
-        attributes["http.response.status_code"] = status
-    extra = ""
-    if error or status >= 400:
-        attributes["error.type"] = ("timeout" if status == 504 else "connection") if error else str(status)
-        extra = f',"status":{{"code":{STATUS_ERROR}' + (f',"message":{_quote(error)}}}' if error else "}")
-    return _span_json(trace.trace_id, span_id, trace.span_id, method, SPAN_KIND_CLIENT, start_ns, end_ns,
-                      attributes, extra)
+def otlp_json(resource, spans):
+    """An ExportTraceServiceRequest in OTLP/HTTP JSON (bytes)."""
+    return (f'{{"resourceSpans":[{{"resource":{{"attributes":{otlp_json_attributes(resource)}}},'
+            f'"scopeSpans":[{{"scope":{{"name":"simplemesh","version":{_quote(__version__)}}},"spans":['
+            + ",".join(otlp_json_span(span) for span in spans) + "]}]}]}").encode()
 
 
-def _span_json(trace_id, span_id, parent_id, name, kind, start_ns, end_ns, attributes, extra):
-    parent = f'"parentSpanId":"{parent_id}",' if parent_id else ""
-    return (f'{{"traceId":"{trace_id}","spanId":"{span_id}",{parent}"name":{_quote(name)},"kind":{kind},'
-            f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{max(end_ns, start_ns)}",'
-            f'"attributes":{otlp_attributes(attributes)}{extra}}}')
+# OTLP protobuf, by hand: the few messages a trace export needs, field numbers from opentelemetry-proto
+# (collector/trace/v1, trace/v1, common/v1, resource/v1). Each message is its fields' bytes in number order;
+# a nested message is a length-delimited field.
+
+_ONE_BYTE_VARINTS = tuple(bytes((value,)) for value in range(0x80))
 
 
-def otlp_request(resource, spans):
-    """An ExportTraceServiceRequest in OTLP/HTTP JSON (ids as hex, as OTLP's JSON mapping says) from span texts."""
-    return (f'{{"resourceSpans":[{{"resource":{{"attributes":{otlp_attributes(resource)}}},'
-            f'"scopeSpans":[{{"scope":{{"name":"simplemesh","version":"{__version__}"}},"spans":['
-            + ",".join(spans) + "]}]}]}")
+def pb_varint(value):
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
+    value &= 0xFFFFFFFFFFFFFFFF  # a negative int64 is its 64-bit two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def pb_field(number, data):
+    """A length-delimited field (bytes, string or message)."""
+    return pb_varint(number << 3 | 2) + pb_varint(len(data)) + data
+
+
+def pb_text(number, text):
+    return pb_field(number, text.encode("utf-8", "replace"))
+
+
+def pb_any_value(value):
+    """AnyValue: 1 string_value, 2 bool_value, 3 int_value, 4 double_value."""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + pb_varint(value)
+    if isinstance(value, float):
+        return b"\x21" + struct.pack("<d", value)
+    return pb_text(1, str(value))
+
+
+def pb_key_values(number, attributes):
+    """Repeated KeyValue (1 key, 2 value) as field ``number`` of the enclosing message.
+
+    Most attributes repeat from span to span (method, port, status, host), so the bytes of short ones are kept
+    in a bounded cache: it makes protobuf as cheap to write as JSON text.
+    """
+    return b"".join((pb_key_value_cached if not isinstance(value, str) or len(value) <= 64 else pb_key_value)(
+        number, key, value) for key, value in attributes.items())
+
+
+def pb_key_value(number, key, value):
+    return pb_field(number, pb_text(1, key) + pb_field(2, pb_any_value(value)))
+
+
+pb_key_value_cached = functools.lru_cache(maxsize=4096, typed=True)(pb_key_value)  # typed: True is not 1
+
+
+def pb_span(span):
+    """Span: 1 trace_id, 2 span_id, 3 trace_state, 4 parent_span_id, 5 name, 6 kind, 7/8 start/end (fixed64),
+    9 attributes, 11 events (1 time fixed64, 2 name, 3 attributes), 15 status (2 message, 3 code), 16 flags."""
+    parts = [pb_field(1, bytes.fromhex(span.trace_id)), pb_field(2, bytes.fromhex(span.span_id))]
+    if span.trace_state:
+        parts.append(pb_text(3, span.trace_state))
+    if span.parent_id:
+        parts.append(pb_field(4, bytes.fromhex(span.parent_id)))
+    parts += [pb_text(5, span.name), b"\x30" + pb_varint(span.kind)]
+    if span.start_ns:  # proto3 leaves a field at its default (0, "") out
+        parts.append(struct.pack("<BQ", 0x39, span.start_ns))
+    if span.end_ns:
+        parts.append(struct.pack("<BQ", 0x41, span.end_ns))
+    parts.append(pb_key_values(9, span.attributes))
+    for name, when, values in span.events:
+        parts.append(pb_field(11, struct.pack("<BQ", 0x09, when) + pb_text(2, name) + pb_key_values(3, values)))
+    if span.status_code:
+        message = pb_text(2, span.status_message) if span.status_message else b""
+        parts.append(pb_field(15, message + b"\x18" + pb_varint(span.status_code)))
+    parts.append(b"\x85\x01" + struct.pack("<I", span.flags))  # field 16, fixed32
+    return b"".join(parts)
+
+
+def otlp_protobuf(resource, spans):
+    """An ExportTraceServiceRequest (1 resource_spans) > ResourceSpans (1 resource, 2 scope_spans) > ScopeSpans
+    (1 scope, 2 spans), in the binary protobuf encoding."""
+    scope = pb_text(1, "simplemesh") + pb_text(2, __version__)
+    scope_spans = pb_field(1, scope) + b"".join(pb_field(2, pb_span(span)) for span in spans)
+    return pb_field(1, pb_field(1, pb_key_values(1, resource)) + pb_field(2, scope_spans))
+
+
+OTLP_ENCODERS = {"http/protobuf": otlp_protobuf, "http/json": otlp_json}
+
+
+def pb_fields(data):
+    """(number, wire type, value) of each field of a protobuf message; ValueError when it is malformed."""
+    position = 0
+    while position < len(data):
+        key, position = _pb_read_varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _pb_read_varint(data, position)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, position = data[position:position + size], position + size
+        elif wire == 2:
+            size, position = _pb_read_varint(data, position)
+            value, position = data[position:position + size], position + size
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if position > len(data):
+            raise ValueError("protobuf field runs past the end")
+        yield number, wire, value
+
+
+def _pb_read_varint(data, position):
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise ValueError("bad protobuf varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position
+
+
+def export_partial_success(body, content_type):
+    """(rejected spans, error message) of an ExportTraceServiceResponse's partial_success (1 rejected_spans,
+    2 error_message), in the encoding its Content-Type names; (0, "") when there is none or it is unreadable."""
+    try:
+        if "json" in content_type:
+            partial = json.loads(body or b"{}").get("partialSuccess") or {}
+            return int(partial.get("rejectedSpans") or 0), str(partial.get("errorMessage") or "")
+        rejected, message = 0, ""
+        for number, wire, value in pb_fields(body):
+            if number == 1 and wire == 2:
+                for inner, inner_wire, inner_value in pb_fields(value):
+                    if inner == 1 and inner_wire == 0:
+                        rejected = inner_value - (1 << 64) if inner_value >= 1 << 63 else inner_value
+                    elif inner == 2 and inner_wire == 2:
+                        message = inner_value.decode("utf-8", "replace")
+        return rejected, message
+    except (ValueError, TypeError, AttributeError):
+        return 0, ""
 
 
 def retry_after_seconds(text):
@@ -3243,18 +3561,38 @@ def retry_after_seconds(text):
     return max(0.0, when.timestamp() - time.time())
 
 
-class SpanExporter:
-    """A background batch exporter: a bounded queue of raw spans, one thread that encodes and posts them."""
+def log_warning(config, fields):
+    """A warning log line (unless LOG_LEVEL=error): for what goes wrong in the export thread, which no answer shows."""
+    if config.log_level != "error":
+        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
 
-    def __init__(self, tracing, resource, metrics):
+
+class ExportAnswer(Record):
+    """What one POST got: status (None when nothing answered), Retry-After seconds, Content-Type, body."""
+    status: object = None
+    retry_after: object = None
+    content_type: str = ""
+    body: bytes = b""
+
+
+class SpanExporter:
+    """A background batch exporter: a bounded queue of slim spans, one thread that encodes and posts them.
+
+    Request threads call add_server_span() and add_client_span(); ``warn`` gets a dict of log fields.
+    """
+
+    def __init__(self, tracing, resource, metrics, warn=None):
         self.tracing = tracing
         self.resource = resource
         self.metrics = metrics
+        self.warn = warn or (lambda fields: None)
+        self.encode = OTLP_ENCODERS[tracing.protocol]
         url = urlsplit(tracing.endpoint)
         self.https = url.scheme == "https"
         self.address = (url.hostname, url.port or (443 if self.https else 80))
         self.path = (url.path or "/") + ("?" + url.query if url.query else "")
-        self.headers = {"Content-Type": "application/json", "User-Agent": f"simplemesh/{__version__}"}
+        self.headers = {"Content-Type": OTLP_PROTOCOLS[tracing.protocol],
+                        "User-Agent": f"simplemesh/{__version__}"}
         if tracing.compression:
             self.headers["Content-Encoding"] = "gzip"
         self.headers.update(tracing.headers)
@@ -3266,8 +3604,14 @@ class SpanExporter:
         self.thread = threading.Thread(target=self.run, name="span-export", daemon=True)
         self.thread.start()
 
+    def add_server_span(self, trace, request, status, end_ns):
+        self.add(server_span(trace, request, status, end_ns))
+
+    def add_client_span(self, trace, span_id, method, target_name, peer, status, error, start_ns, end_ns):
+        self.add(client_span(trace, span_id, method, target_name, peer, status, error, start_ns, end_ns))
+
     def add(self, span):
-        """Queue one raw span: a (kind, arguments) pair the export thread turns into JSON."""
+        """Queue one slim span tuple (server_span() or client_span())."""
         with self.lock:
             queued = len(self.queue)
             if queued < self.tracing.max_queue:
@@ -3298,27 +3642,38 @@ class SpanExporter:
                 return
 
     def export(self, batch):
-        spans = [encode(*arguments) for encode, arguments in batch]
-        payload = otlp_request(self.resource, spans).encode()
+        payload = self.encode(self.resource, [span_from_queue(queued) for queued in batch])
         if self.tracing.compression:
             payload = gzip.compress(payload)
         deadline = time.monotonic() + self.tracing.export_timeout
         backoff = EXPORT_BACKOFF
         while True:
-            status, retry_after = self.post(payload)
-            if status is not None and 200 <= status < 300:
-                self.metrics.count_spans("exported", len(batch))
+            answer = self.post(payload)
+            if answer.status is not None and 200 <= answer.status < 300:
+                self.count_accepted(len(batch), answer)
                 return
-            wait = retry_after if retry_after is not None else backoff * random.uniform(0.5, 1.0)
-            if (status is not None and status not in RETRYABLE_EXPORT) or time.monotonic() + wait > deadline:
+            wait = answer.retry_after if answer.retry_after is not None else backoff * random.uniform(0.5, 1.0)
+            if (answer.status is not None and answer.status not in RETRYABLE_EXPORT) or \
+                    time.monotonic() + wait > deadline:
                 self.metrics.count_spans("failed", len(batch))
                 return
             self.metrics.count_span_retry()
             time.sleep(wait)
             backoff = min(backoff * 2, 8.0)
 
+    def count_accepted(self, count, answer):
+        """OTLP: a partial success names the spans the receiver rejected; it is logged and never retried."""
+        rejected, message = export_partial_success(answer.body, answer.content_type)
+        rejected = min(max(rejected, 0), count)
+        self.metrics.count_spans("exported", count - rejected)
+        if rejected:
+            self.metrics.count_spans("rejected", rejected)
+        if rejected or message:
+            self.warn({"level": "warning", "event": "span export partial success", "rejected_spans": rejected,
+                       "error": ascii(message[:200])})
+
     def post(self, payload):
-        """(status or None when nothing answered, Retry-After seconds or None) of one POST."""
+        """The ExportAnswer of one POST."""
         for _ in range(2):  # a kept-alive connection the collector closed gets one fresh retry
             reused = self.connection is not None
             if not reused:
@@ -3327,17 +3682,18 @@ class SpanExporter:
             try:
                 self.connection.request("POST", self.path, body=payload, headers=self.headers)
                 response = self.connection.getresponse()
-                response.read()
-                if response.will_close:
+                body = response.read(MAX_EXPORT_ANSWER)
+                if response.will_close or not response.isclosed():  # closed, or more answer than read
                     self.connection.close()
                     self.connection = None
-                return response.status, retry_after_seconds(response.getheader("retry-after"))
+                return ExportAnswer(response.status, retry_after_seconds(response.getheader("retry-after")),
+                                    response.getheader("content-type") or "", body)
             except (OSError, http.client.HTTPException):
                 self.connection.close()
                 self.connection = None
                 if not reused:
-                    return None, None
-        return None, None
+                    return ExportAnswer()
+        return ExportAnswer()
 
     def shutdown(self, timeout=5.0):
         """Export what is queued, then stop the thread (SPEC 8: spans are flushed on SIGTERM)."""
@@ -3400,7 +3756,8 @@ class Node:
         self.cpu_lock = threading.Lock()
         self.metrics = Metrics()
         self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
-        self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics) if config.tracing else None
+        self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics,
+                                     warn=functools.partial(log_warning, config)) if config.tracing else None
         self.ready = True
         self.rng = random.Random()
         self.lock = threading.Lock()
@@ -3650,16 +4007,16 @@ class Node:
             elapsed = time.perf_counter() - started
             self.metrics.observe_call(target.name, str(status), elapsed, trace)
             if trace.sampled:
-                self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, status, "",
-                                                      started_ns, time.time_ns())))
+                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, status, "",
+                                             started_ns, time.time_ns())
             return child_record(target.name, peer.url, status, content_type, data, request.method, elapsed)
         except CallFailed as failure:
             elapsed = time.perf_counter() - started
             code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
             self.metrics.observe_call(target.name, code, elapsed, trace)
             if trace.sampled:
-                self.exporter.add((client_span_json, (trace, span_id, request.method, target, peer, failure.status,
-                                                      str(failure), started_ns, time.time_ns())))
+                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
+                                             str(failure), started_ns, time.time_ns())
             extra = {"rule": failure.rule} if failure.rule else {}
             return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
                                  **extra)
@@ -3831,7 +4188,7 @@ class Handler:
         except Exception as error:  # a bug: answer and log one line rather than drop the connection
             outcome = internal_error(node.config, error)
         if outcome.trace is not None and outcome.trace.sampled:  # queued before the answer leaves
-            node.exporter.add((server_span_json, (outcome.trace, request, outcome.status, time.time_ns())))
+            node.exporter.add_server_span(outcome.trace, request, outcome.status, time.time_ns())
         return outcome
 
     def dispatch(self, node, request):

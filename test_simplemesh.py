@@ -697,6 +697,8 @@ class TestW3CTraceparentRules(unittest.TestCase):
 
 
 class TestW3CTracestateRules(unittest.TestCase):
+    """The current W3C Trace Context editor's draft (Level 2): each case quotes the rule it checks."""
+
     def test_keys_values_and_order_are_kept(self):
         self.assertEqual(sm.parse_tracestate("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7,tenant1@sys=v"),
                          ("congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7", "tenant1@sys=v"))
@@ -704,22 +706,57 @@ class TestW3CTracestateRules(unittest.TestCase):
     def test_empty_list_members_are_allowed(self):
         # "Empty and whitespace-only list members are allowed."
         self.assertEqual(sm.parse_tracestate("a=1,, ,b=2"), ("a=1", "b=2"))
+        self.assertEqual(sm.parse_tracestate(" \t "), ())
 
-    def test_invalid_member_discards_the_header(self):
-        for bad in ("Upper=1", "a=1,b", "a=1,=2", "a=x\x01", "a=x=y", "k=" + "v" * 257, "1key=v",
-                    "tenant@toolongsystemid=v", "a=1,a=2"):
+    def test_optional_whitespace_around_members(self):
+        # "Spaces and horizontal tabs surrounding list-members are ignored."
+        self.assertEqual(sm.parse_tracestate("foo=1 \t , \t bar=2, \t baz=3"), ("foo=1", "bar=2", "baz=3"))
+        self.assertEqual(sm.parse_tracestate("\t foo=1 \t"), ("foo=1",))
+        # "all leading spaces MUST be preserved as part of the value"
+        self.assertEqual(sm.parse_tracestate("foo= 1"), ("foo= 1",))
+
+    def test_level_2_key_grammar(self):
+        # key = ( lcalpha / DIGIT ) 0*255 ( keychar ); keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"
+        for key in ("1key", "0", "tenant@toolongsystemid", "foo@bar@baz", "foo@", "a*b/c-d_e", "z" * 256,
+                    "t" * 241 + "@" + "v" * 14, "t" * 242 + "@v", "t@" + "v" * 15,
+                    "abcdefghijklmnopqrstuvwxyz0123456789_-*/@a-z0-9_-*/"):
+            with self.subTest(key=key):
+                self.assertEqual(sm.parse_tracestate(f"{key}=1,bar=2"), (f"{key}=1", "bar=2"))
+        for key in ("z" * 257, "@foo", "_a", "-a", "*a", "/a", "Foo", "foo.bar", "foo bar", "foo ", ""):
+            with self.subTest(key=key):
+                self.assertEqual(sm.parse_tracestate(f"{key}=1,bar=2"), ())
+
+    def test_value_grammar(self):
+        # value = 0*255(chr) nblk-chr; nblk-chr = %x21-2B / %x2D-3C / %x3E-7E; chr = %x20 / nblk-chr
+        every = "".join(map(chr, range(0x20, 0x2C))) + "".join(map(chr, range(0x2D, 0x3D))) + \
+            "".join(map(chr, range(0x3E, 0x7F)))
+        self.assertEqual(sm.parse_tracestate("k=" + every), ("k=" + every,))
+        self.assertEqual(sm.parse_tracestate("k=" + "v" * 256), ("k=" + "v" * 256,))
+        for bad in ("k=" + "v" * 257, "k=", "k=a=b", "k=x\x01", "k=\u00e9", "k"):
             with self.subTest(bad=bad):
-                self.assertEqual(sm.parse_tracestate(bad), ())
+                self.assertEqual(sm.parse_tracestate(bad + ",bar=2"), ())
+
+    def test_a_repeated_key_drops_only_the_repeat(self):
+        # "Only one entry per key is allowed because the entry represents that last position in the trace":
+        # the left-most entry is the latest; the repeat goes, everyone else's entries stay.
+        self.assertEqual(sm.parse_tracestate("foo=1,foo=1"), ("foo=1",))
+        self.assertEqual(sm.parse_tracestate("foo=1,foo=2"), ("foo=1",))
+        self.assertEqual(sm.parse_tracestate("foo=1, foo=2"), ("foo=1",))  # two headers, joined
+        self.assertEqual(sm.parse_tracestate("foo=1,bar=2,baz=3,foo=4"), ("foo=1", "bar=2", "baz=3"))
+        self.assertEqual(sm.parse_tracestate("foo=1,foo@tenant=2,tenant@foo=3"),
+                         ("foo=1", "foo@tenant=2", "tenant@foo=3"))
 
     def test_at_most_32_members(self):
         # "There can be a maximum of 32 list-members in a list."
-        members = [f"k{i}=v" for i in range(33)]
+        members = [f"bar{i:02d}={i:02d}" for i in range(1, 34)]
         self.assertEqual(len(sm.parse_tracestate(",".join(members[:32]))), 32)
         self.assertEqual(sm.parse_tracestate(",".join(members)), ())
+        added = sm.with_ot_threshold(sm.parse_tracestate(",".join(members[:32])), "c")  # a sampler's own entry
+        self.assertEqual(sm.format_tracestate(added), ",".join(["ot=th:c"] + members[:31]))
 
     def test_truncation_drops_long_members_first_then_from_the_end(self):
-        # "If truncation is required, entries larger than 128 characters long SHOULD be removed first. Then
-        # entries SHOULD be removed starting from the end of tracestate."
+        # "Entries larger than 128 characters long SHOULD be removed first. Then entries SHOULD be removed starting
+        # from the end of tracestate."
         long_member = "big=" + "x" * 130
         members = ["first=1", long_member] + [f"k{i:02d}=" + "v" * 40 for i in range(12)]
         text = sm.format_tracestate(members)
@@ -729,23 +766,62 @@ class TestW3CTracestateRules(unittest.TestCase):
         self.assertEqual(kept[0], "first=1")
         self.assertEqual(kept, [m for m in members if m != long_member][:len(kept)])
         self.assertEqual(sm.format_tracestate(["a=1", "b=2"]), "a=1,b=2")
+        over = [f"k{i}=" + "v" * 125 for i in range(4)]  # 4 x 128 + 3 commas = 515: the last entry goes
+        self.assertEqual(sm.format_tracestate(over), ",".join(over[:3]))
+        fits = [f"k{i}=" + "v" * 124 for i in range(4)]  # 511 stay whole
+        self.assertEqual(sm.format_tracestate(fits), ",".join(fits))
+
+    def test_ot_threshold_is_a_modified_key_moved_left(self):
+        # "Modified keys MUST be moved to the beginning (left) of the list."
+        self.assertEqual(sm.with_ot_threshold(("a=1", "ot=rv:0123456789abcd", "b=2"), "c"),
+                         ("ot=th:c;rv:0123456789abcd", "a=1", "b=2"))
+        self.assertEqual(sm.with_ot_threshold(("a=1", "ot=th:8"), None), ("a=1",))
+        self.assertEqual(sm.with_ot_threshold(("a=1",), None), ("a=1",))
+        full = ("ot=x:" + "v" * 250,)  # th would take the ot value past 256 characters: left as it was
+        self.assertEqual(sm.with_ot_threshold(full, "c"), full)
+        self.assertEqual(sm.ot_subkeys(("ot=th:c;rv:0123456789abcd",)), {"th": "c", "rv": "0123456789abcd"})
 
 
 class TestB3Parsing(unittest.TestCase):
+    """openzipkin/b3-propagation: single header, multi headers, sampling states."""
+
     def test_single_header(self):
         self.assertEqual(sm.parse_b3({"b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"}),
-                         ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1", True, "single"))
-        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0"})[:3],
-                         ("0000000000000000a3ce929d0e0e4736", "00f067aa0ba902b7", False))
-        self.assertIsNone(sm.parse_b3({"b3": "0"}))  # a sampling decision alone carries no ids
-        self.assertIsNone(sm.parse_b3({"b3": "xyz-e457b5a2e4d86bd1"}))
+                         sm.B3("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1", "1", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0"}),
+                         sm.B3("0000000000000000a3ce929d0e0e4736", "00f067aa0ba902b7", "0", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-d"}).state, "d")
+        self.assertEqual(sm.parse_b3({"b3": "a3ce929d0e0e4736-00f067aa0ba902b7"}).state, "")  # defer
+        for bad in ("xyz-e457b5a2e4d86bd1", "a3ce929d0e0e4736-00f067aa0ba902b7-2", "a3ce929d0e0e4736",
+                    "a3ce929d0e0e4736-00f067aa0ba902b7-1-xyz", "2", ""):
+            with self.subTest(bad=bad):
+                self.assertIsNone(sm.parse_b3({"b3": bad}))
+
+    def test_a_sampling_state_alone(self):
+        # "A deny decision may omit identifiers and look like this: b3: 0"
+        self.assertEqual(sm.parse_b3({"b3": "0"}), sm.B3("", "", "0", "single"))
+        self.assertEqual(sm.parse_b3({"b3": "d"}), sm.B3("", "", "d", "single"))
+        # "While valid to propagate only a reject sampling decision (X-B3-Sampled: 0) ..."
+        self.assertEqual(sm.parse_b3({"x-b3-sampled": "0"}), sm.B3("", "", "0", "multi"))
+        self.assertEqual(sm.parse_b3({"x-b3-flags": "1"}), sm.B3("", "", "d", "multi"))
+        self.assertIsNone(sm.parse_b3({"x-b3-parentspanid": "0020000000000001"}))
 
     def test_multi_header(self):
         headers = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
                    "x-b3-sampled": "1"}
-        self.assertEqual(sm.parse_b3(headers), ("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312", True,
-                                                "multi"))
+        self.assertEqual(sm.parse_b3(headers), sm.B3("463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312", "1",
+                                                     "multi"))
+        # "Debug is encoded as X-B3-Flags: 1"; "When extracting state headers, the first value wins."
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-flags": "1"})).state, "d")
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-sampled": "0, 1"})).state, "0")
+        self.assertEqual(sm.parse_b3(dict(headers, **{"x-b3-sampled": "true"})).state, "1")  # lenient
         self.assertIsNone(sm.parse_b3({"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124"}))
+
+    def test_single_header_wins(self):
+        # "The single-header variant takes precedence over the multiple header one when extracting fields."
+        headers = {"b3": "a3ce929d0e0e4736-00f067aa0ba902b7-0", "x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124",
+                   "x-b3-spanid": "a2fb4a1d1a96d312", "x-b3-sampled": "1"}
+        self.assertEqual(sm.parse_b3(headers).form, "single")
 
 
 class TestPropagationThroughANode(unittest.TestCase):
@@ -766,6 +842,7 @@ class TestPropagationThroughANode(unittest.TestCase):
             mesh.peers["cap"] = [self.peer.address]
             status, _headers, answer = mesh.request("a", "/cap", headers=headers)
             mesh.node("a").flush_spans(0.1)
+            self.spans_seen = sum(mesh.node("a").metrics.spans.values())  # exported, failed or dropped
         self.assertEqual(status, 200, answer)
         return answer, self.peer.captured[-1]
 
@@ -835,20 +912,74 @@ class TestPropagationThroughANode(unittest.TestCase):
         self.assertNotIn("tracestate", got)
 
     def test_native_b3_single_and_multi_carry_the_client_span(self):
-        answer, got = self.through({"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1"}, self.native())
-        trace_id, span_id, sampled, parent = got["b3"].split("-")
-        self.assertEqual((trace_id, sampled, parent), ("463ac35c9f6413ad48485a3953bb6124", "1", answer["span_id"]))
+        # OpenTelemetry's B3 requirements: inject "MUST NOT propagate X-B3-ParentSpanId".
+        answer, got = self.through({"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1-05e3ac9a4f6e3b90"},
+                                   self.native())
+        trace_id, span_id, sampled = got["b3"].split("-")
+        self.assertEqual((trace_id, sampled), ("463ac35c9f6413ad48485a3953bb6124", "1"))
         self.assertEqual(sm.parse_traceparent(got["traceparent"])[2], span_id)
+        self.assertNotIn(span_id, ("a2fb4a1d1a96d312", answer["span_id"]))  # "MUST NOT reuse X-B3-SpanId"
         answer, got = self.through({"x-b3-traceid": "a3ce929d0e0e4736", "x-b3-spanid": "a2fb4a1d1a96d312",
-                                    "x-b3-sampled": "0"}, self.native())
+                                    "x-b3-parentspanid": "05e3ac9a4f6e3b90", "x-b3-sampled": "0"}, self.native())
         self.assertEqual(got["x-b3-traceid"], "0000000000000000a3ce929d0e0e4736")
-        self.assertEqual((got["x-b3-parentspanid"], got["x-b3-sampled"]), (answer["span_id"], "0"))
+        self.assertEqual(got["x-b3-sampled"], "0")
+        self.assertNotIn("x-b3-parentspanid", got)
         self.assertEqual(got["x-b3-spanid"], sm.parse_traceparent(got["traceparent"])[2])
+        self.assertEqual(self.spans_seen, 0)  # "0": nothing recorded
 
     def test_native_propagators_choose_the_formats(self):
         _answer, got = self.through({}, self.native(propagators=("b3",)))
         self.assertNotIn("traceparent", got)
-        self.assertEqual(len(got["b3"].split("-")), 4)
+        self.assertEqual(len(got["b3"].split("-")), 3)
+
+    def test_mesh_only_tracestate_goes_on_byte_for_byte(self):
+        # "If the value of the traceparent field wasn't changed before propagation, tracestate MUST NOT be modified"
+        for state in ("foo=1,foo=2,1key=v", "x" * 600 + "=1", "Bad=1"):
+            _answer, got = self.through({"traceparent": VALID_TP, "tracestate": state})
+            self.assertEqual(got["tracestate"], state)
+
+    def test_native_tracestate_follows_level_2(self):
+        sent = "1key=v,foo=1,tenant@sys=x,foo=2,k@t@s=3"
+        _answer, got = self.through({"traceparent": VALID_TP, "tracestate": sent}, self.native())
+        self.assertEqual(got["tracestate"], "1key=v,foo=1,tenant@sys=x,k@t@s=3")
+        _answer, got = self.through({"traceparent": VALID_TP, "tracestate": "ok=1,Bad=1"}, self.native())
+        self.assertNotIn("tracestate", got)  # an invalid member: the header is discarded
+
+    def test_b3_deny_alone_is_honoured_in_both_modes(self):
+        for sent in ({"b3": "0"}, {"x-b3-sampled": "0"}):
+            with self.subTest(sent=sent, mode="mesh only"):
+                answer, got = self.through(sent)
+                for name, value in sent.items():
+                    self.assertEqual(got[name], value)  # the decision goes on as it came
+                flags = sm.parse_traceparent(got["traceparent"])[3]
+                self.assertEqual(flags & sm.FLAG_SAMPLED, 0)  # and no made-up "sampled"
+                self.assertEqual(sm.parse_traceparent(got["traceparent"])[1], answer["trace_id"])
+            with self.subTest(sent=sent, mode="native"):
+                answer, got = self.through(sent, self.native())
+                self.assertEqual(sm.parse_traceparent(got["traceparent"])[3] & sm.FLAG_SAMPLED, 0)
+                if "b3" in sent:
+                    self.assertEqual(got["b3"].split("-")[2], "0")
+                else:
+                    self.assertEqual(got["x-b3-sampled"], "0")
+                self.assertEqual(self.spans_seen, 0)  # nothing recorded, whatever the sampler
+
+    def test_b3_debug_is_kept(self):
+        # OpenTelemetry: "MUST preserve a debug trace flag, if received, and propagate it with subsequent requests.
+        # Additionally, an OpenTelemetry implementation MUST set the sampled trace flag when the debug flag is set."
+        single = {"b3": "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-d"}
+        _answer, got = self.through(single)
+        self.assertEqual(got["b3"], single["b3"])
+        _answer, got = self.through(single, self.native(sampler="always_off"))
+        self.assertEqual(got["b3"].split("-")[2], "d")
+        self.assertEqual(sm.parse_traceparent(got["traceparent"])[3] & sm.FLAG_SAMPLED, 1)
+        self.assertGreater(self.spans_seen, 0)
+        multi = {"x-b3-traceid": "463ac35c9f6413ad48485a3953bb6124", "x-b3-spanid": "a2fb4a1d1a96d312",
+                 "x-b3-flags": "1"}
+        _answer, got = self.through(multi, self.native(sampler="parentbased_always_off"))
+        # "Debug implies an accept decision, so don't also send the X-B3-Sampled header."
+        self.assertEqual(got["x-b3-flags"], "1")
+        self.assertNotIn("x-b3-sampled", got)
+        self.assertGreater(self.spans_seen, 0)
 
 
 class TestTraceHeadersNeverBreakANode(unittest.TestCase):
@@ -858,9 +989,11 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
         hypothesis = require_module(self, "hypothesis")
         strategies = hypothesis.strategies
         pieces = strategies.sampled_from(["00", "ff", "cc", "-", "4bf92f3577b34da6a3ce929d0e0e4736", "0" * 16,
-                                          "00f067aa0ba902b7", "01", "x", ",", "=", "@", " ", "k=v", "\u00e9"])
+                                          "00f067aa0ba902b7", "01", "x", ",", "=", "@", " ", "k=v", "\u00e9", "d",
+                                          "1k@t=v", "ot=th:c;rv:"])
         header = strategies.one_of(strategies.text(max_size=80), strategies.lists(pieces, max_size=12).map("".join))
-        names = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "baggage")
+        names = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags",
+                 "baggage")
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces", propagators=("tracecontext", "b3", "b3multi"))
 
         @hypothesis.settings(max_examples=150, deadline=None)
@@ -875,23 +1008,201 @@ class TestTraceHeadersNeverBreakANode(unittest.TestCase):
                     self.assertEqual(sm.parse_traceparent(sent)[0], "00")
                 if mode and "tracestate" in outbound:
                     self.assertLessEqual(len(outbound["tracestate"]), 512)
+                    self.assertEqual(sm.format_tracestate(sm.parse_tracestate(outbound["tracestate"])),
+                                     outbound["tracestate"])  # what a native node sends is valid as it stands
+                if mode and "b3" in outbound:
+                    self.assertIn(outbound["b3"].split("-")[2], ("0", "1", "d"))
+                if mode:
+                    self.assertNotIn("x-b3-parentspanid", outbound)
 
         check()
 
 
+class TestOpenTelemetryPropagatorsAsClients(unittest.TestCase):
+    """OpenTelemetry's own Python propagators inject a client's context, a real chain carries it (a -> b -> a
+    capturing last hop, on loopback), and the same propagators extract what arrived there."""
+
+    TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    SPAN_ID = 0x00F067AA0BA902B7
+
+    def setUp(self):
+        self.api = require_module(self, "opentelemetry.trace")
+        tracecontext = require_module(self, "opentelemetry.trace.propagation.tracecontext")
+        baggage = require_module(self, "opentelemetry.baggage.propagation")
+        b3 = require_module(self, "opentelemetry.propagators.b3")
+        self.baggage = require_module(self, "opentelemetry.baggage")
+        self.w3c = tracecontext.TraceContextTextMapPropagator()
+        self.w3c_baggage = baggage.W3CBaggagePropagator()
+        self.b3_single = b3.B3SingleFormat()
+        self.b3_multi = b3.B3MultiFormat()
+        self.peer = CapturingPeer()
+        self.addCleanup(self.peer.close)
+        self.receiver = OTLPReceiver(self)
+
+    def client_context(self, sampled=True, tracestate=()):
+        api = self.api
+        span_context = api.SpanContext(self.TRACE_ID, self.SPAN_ID, is_remote=True,
+                                       trace_flags=api.TraceFlags(api.TraceFlags.SAMPLED if sampled else 0),
+                                       trace_state=api.TraceState(list(tracestate)))
+        context = api.set_span_in_context(api.NonRecordingSpan(span_context))
+        return self.baggage.set_baggage("user.id", "alice", self.baggage.set_baggage("tier", "gold 1", context))
+
+    def inject(self, propagators, context):
+        headers = {}
+        for propagator in propagators:
+            propagator.inject(headers, context=context)
+        return headers
+
+    def chain(self, headers, native=False, **tracing):
+        """(answer, headers the last hop got, exported spans) after a -> b -> capturing peer."""
+        with Mesh({"a": {}, "b": {}}, tracing=self.receiver.tracing(**tracing) if native else None) as mesh:
+            mesh.peers["cap"] = [self.peer.address]
+            status, _headers, answer = mesh.request("a", "/b/cap", headers=headers)
+            for name in ("a", "b"):
+                mesh.node(name).flush_spans()
+        self.assertEqual(status, 200, answer)
+        return answer, self.peer.captured[-1], self.receiver.spans()
+
+    def extracted(self, propagator, headers):
+        return self.api.get_current_span(propagator.extract(headers)).get_span_context()
+
+    def test_w3c_tracecontext_and_baggage(self):
+        sent = self.inject([self.w3c, self.w3c_baggage],
+                           self.client_context(tracestate=[("congo", "t61rcWkgMzE"), ("rojo", "00f067aa0ba902b7")]))
+        for native in (False, True):
+            with self.subTest(native=native):
+                answer, got, spans = self.chain(sent, native)
+                context = self.extracted(self.w3c, got)
+                self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, True))
+                self.assertEqual(list(context.trace_state.items()),
+                                 [("congo", "t61rcWkgMzE"), ("rojo", "00f067aa0ba902b7")])
+                baggage = self.baggage.get_all(self.w3c_baggage.extract(got))
+                self.assertEqual(dict(baggage), {"tier": "gold 1", "user.id": "alice"})
+                self.assertEqual(answer["trace_id"], f"{self.TRACE_ID:032x}")
+                if not native:  # pass-through: the client's span stays the parent
+                    self.assertEqual(context.span_id, self.SPAN_ID)
+                    self.assertEqual(spans, [])
+                else:  # the last hop's parent is b's CLIENT span, exported, in a chain up to the client's span
+                    by_id = {span["spanId"]: span for _service, span in spans}
+                    self.assertEqual(len(by_id), 4)
+                    span = by_id[f"{context.span_id:016x}"]
+                    self.assertEqual(span["kind"], 3)
+                    while "parentSpanId" in span and span["parentSpanId"] in by_id:
+                        span = by_id[span["parentSpanId"]]
+                    self.assertEqual(span["parentSpanId"], f"{self.SPAN_ID:016x}")
+
+    def test_w3c_unsampled_stays_unsampled(self):
+        sent = self.inject([self.w3c], self.client_context(sampled=False))
+        for native in (False, True):
+            _answer, got, spans = self.chain(sent, native)
+            context = self.extracted(self.w3c, got)
+            self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, False))
+            self.assertEqual(spans, [])
+
+    def test_b3_single_and_multi(self):
+        for propagator in (self.b3_single, self.b3_multi):
+            sent = self.inject([propagator], self.client_context())
+            for native in (False, True):
+                with self.subTest(propagator=type(propagator).__name__, native=native):
+                    answer, got, _spans = self.chain(sent, native, propagators=("tracecontext", "baggage"))
+                    context = self.extracted(propagator, got)
+                    self.assertEqual((context.trace_id, context.trace_flags.sampled), (self.TRACE_ID, True))
+                    self.assertEqual(answer["trace_id"], f"{self.TRACE_ID:032x}")
+                    self.assertEqual(context.span_id == self.SPAN_ID, not native)
+                    self.assertNotIn("x-b3-parentspanid", got)
+                    if native:  # the W3C header names the same CLIENT span
+                        self.assertEqual(self.extracted(self.w3c, got).span_id, context.span_id)
+
+    def test_b3_deny_and_debug_reach_the_last_hop(self):
+        # OpenTelemetry's B3 propagator cannot write a decision alone or debug: these are written by hand.
+        for sent in ({"b3": "0"}, {"x-b3-sampled": "0"}):
+            for native in (False, True):
+                with self.subTest(sent=sent, native=native):
+                    _answer, got, spans = self.chain(sent, native)
+                    self.assertFalse(self.extracted(self.w3c, got).trace_flags.sampled)
+                    propagator = self.b3_single if "b3" in sent else self.b3_multi
+                    if not native:
+                        self.assertEqual({name: got.get(name) for name in sent}, sent)
+                    else:
+                        self.assertFalse(self.extracted(propagator, got).trace_flags.sampled)
+                    self.assertEqual(spans, [])
+        debug = {"b3": f"{self.TRACE_ID:032x}-{self.SPAN_ID:016x}-d"}
+        _answer, got, spans = self.chain(debug, True, sampler="always_off")
+        self.assertEqual(got["b3"].split("-")[2], "d")
+        self.assertTrue(self.extracted(self.b3_single, got).trace_flags.sampled)
+        self.assertEqual(len(spans), 4)
+
+    def test_ratio_decisions_agree_with_the_sdk_consistent_sampler(self):
+        sampling = require_module(self, "opentelemetry.sdk.trace._sampling_experimental")
+        rng = random.Random(12)
+        for ratio in (0.5, 0.25, 0.1, 0.01):
+            sdk = sampling.composite_sampler(sampling.composable_traceid_ratio_based(ratio))
+            ours = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=ratio)
+            sdk_threshold = (1 << 56) - round(ratio * 2 ** 56)  # the SDK keeps all 56 bits of precision
+            _text, threshold = sm.ratio_threshold(ratio)  # 4 hex digits, as the spec recommends to SDKs
+            for _ in range(2000):
+                trace_id = rng.getrandbits(128)
+                randomness = trace_id & ((1 << 56) - 1)
+                if min(threshold, sdk_threshold) <= randomness < max(threshold, sdk_threshold):
+                    continue  # the sliver the two precisions disagree on: at most 16^-4 / 2 of traces
+                result = sdk.should_sample(None, trace_id, "GET")
+                decided, members = ours.sample(f"{trace_id:032x}", None)
+                self.assertEqual(decided, result.decision.is_sampled(), (ratio, f"{trace_id:032x}"))
+                self.assertEqual(members, (f"ot=th:{_text}",) if decided else ())
+        # Through nodes: the decision and its threshold reach the next hop.
+        sent = {"traceparent": f"00-{'0' * 18}{'f' * 14}-{self.SPAN_ID:016x}-01"}
+        _answer, got, _spans = self.chain(sent, True, sampler="traceidratio", ratio=0.25)
+        self.assertEqual(got["tracestate"], "ot=th:c")
+        self.assertTrue(self.extracted(self.w3c, got).trace_flags.sampled)
+
+
 class TestSamplers(unittest.TestCase):
+    """OpenTelemetry's consistent probability sampling, with vectors computed from the spec's own tables."""
+
     def test_parent_based_follows_the_parent(self):
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces", sampler="parentbased_always_off")
-        self.assertTrue(tracing.sample("f" * 32, True))
-        self.assertFalse(tracing.sample("f" * 32, None))
-        self.assertFalse(sm.TracingConfig(endpoint="http://x", sampler="always_off").sample("f" * 32, True))
+        self.assertEqual(tracing.sample("f" * 32, True), (True, ()))
+        self.assertEqual(tracing.sample("f" * 32, None), (False, ()))
+        self.assertFalse(sm.TracingConfig(endpoint="http://x", sampler="always_off").sample("f" * 32, True)[0])
 
-    def test_ratio_uses_the_random_part_of_the_trace_id(self):
-        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)
-        self.assertTrue(tracing.sample("ffffffffffffffffff" + "3" + "f" * 13, None))
-        self.assertFalse(tracing.sample("000000000000000000" + "4" + "0" * 13, None))
+    def test_thresholds_from_the_spec_table(self):
+        # "Converting floating-point probability to threshold value", precision 4 (the SDKs' default).
+        table = {1.0: "0", 0.5: "8", 1 / 3: "aaab", 0.25: "c", 0.2: "cccd", 0.125: "e", 0.1: "e666", 0.0625: "f",
+                 0.01: "fd70a", 0.001: "ffbe77", 0.0001: "fff9724", 0.00001: "ffff583a", 0.000001: "ffffef39"}
+        for ratio, text in table.items():
+            with self.subTest(ratio=ratio):
+                self.assertEqual(sm.ratio_threshold(ratio), (text, int(text.ljust(14, "0"), 16)))
+
+    def test_ratio_compares_the_56_random_bits_with_the_threshold(self):
+        # "If rv >= th, keep the span, else drop the span"; rv is the trace id's least-significant 56 bits.
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)  # th = c0000000000000
+        self.assertEqual(tracing.sample("00000000000000000" + "0c0000000000000", None), (True, ("ot=th:c",)))
+        self.assertEqual(tracing.sample("ffffffffffffffffff" + "bfffffffffffff", None), (False, ()))
+        self.assertTrue(tracing.sample("ffffffffffffffffff" + "ffffffffffffff", None)[0])
+        self.assertFalse(tracing.sample("ffffffffffffffffff" + "00000000000000", None)[0])  # the old rule kept this
+        tenth = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.1)  # th = e666 -> e6660000000000
+        self.assertTrue(tenth.sample("0" * 18 + "e6660000000000", None)[0])
+        self.assertFalse(tenth.sample("f" * 18 + "e665ffffffffff", None)[0])
         ids = [sm.new_trace_id() for _ in range(4000)]
-        self.assertAlmostEqual(sum(tracing.sample(t, None) for t in ids) / 4000, 0.25, delta=0.04)
+        self.assertAlmostEqual(sum(tracing.sample(t, None)[0] for t in ids) / 4000, 0.25, delta=0.04)
+        never = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.0)
+        self.assertFalse(never.sample("f" * 32, None)[0])
+
+    def test_explicit_randomness_wins_over_the_trace_id(self):
+        # "OpenTelemetry samplers SHOULD presume that TraceIDs meet the W3C Trace Context Level 2 randomness
+        # requirements, unless an explicit randomness value is present in the rv sub-key"
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="traceidratio", ratio=0.25)
+        members = ("a=1", "ot=rv:c0000000000000")
+        self.assertEqual(tracing.sample("0" * 32, None, members), (True, ("ot=th:c;rv:c0000000000000", "a=1")))
+        self.assertFalse(tracing.sample("f" * 32, None, ("ot=rv:bfffffffffffff",))[0])
+        self.assertTrue(tracing.sample("f" * 32, None, ("ot=rv:BFFFFFFFFFFFFF",))[0])  # invalid rv: the id decides
+
+    def test_parent_based_keeps_a_consistent_threshold_and_erases_the_rest(self):
+        tracing = sm.TracingConfig(endpoint="http://x", sampler="parentbased_traceidratio", ratio=0.5)
+        trace_id = "0" * 18 + "d0000000000000"
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:c",)), (True, ("ot=th:c",)))
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:e", "a=1")), (True, ("a=1",)))  # rv < th
+        self.assertEqual(tracing.sample(trace_id, True, ("ot=th:zz;rv:1",)), (True, ("ot=rv:1",)))
 
 
 
@@ -1849,52 +2160,85 @@ def prometheus_get(port, path):
 # --- Span export ----------------------------------------------------------------------------------------------
 
 class OTLPReceiver:
-    """A local OTLP/HTTP collector: keeps every JSON payload posted to /v1/traces.
+    """A local OTLP/HTTP collector on /v1/traces that takes one encoding only, as Elastic APM and Seq do: binary
+    protobuf (``application/x-protobuf``) unless told ``application/json``; anything else gets 415.
 
-    ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200.
+    Every payload is parsed strictly with the opentelemetry-proto schema (protobuf: the bytes must re-serialize
+    identically, so no unknown or misplaced field passes; JSON: json_format rejects unknown fields) and kept as
+    OTLP JSON dicts with hex ids. A payload that does not parse gets 400, is noted in ``errors`` and fails the
+    test. ``answers`` lists (status, Retry-After or None) to give, in turn, before answering 200; ``rejected``
+    makes each 200 a partial success naming that many rejected spans.
     """
 
-    def __init__(self, answers=()):
+    def __init__(self, testcase, answers=(), content_type="application/x-protobuf", rejected=0):
+        require_module(testcase, "opentelemetry.proto")
         self.payloads = []
+        self.errors = []
+        self.refused_types = []
         self.posts = 0
-        answers = list(answers)
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts += 1
-                status, retry_after = answers.pop(0) if answers else (200, None)
-                if status == 200:
-                    if self.headers.get("Content-Encoding") == "gzip":
-                        body = gzip.decompress(body)
-                    receiver.path = self.path
-                    receiver.headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.payloads.append(json.loads(body))
-                self.send_response(status)
-                if retry_after is not None:
-                    self.send_header("Retry-After", retry_after)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.answers = list(answers)
+        self.content_type = content_type
+        self.rejected = rejected
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OTLPReceiverHandler)
         self.server.daemon_threads = True
+        self.server.receiver = self
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.protocol = "http/json" if content_type == "application/json" else "http/protobuf"
+        testcase.addCleanup(lambda: testcase.assertEqual(self.errors, [], "payloads that did not parse"))
+        testcase.addCleanup(self.close)
+
+    def receive(self, path, headers, body):
+        """(status, Retry-After or None, answer body) for one POST."""
+        self.posts += 1
+        status, retry_after = self.answers.pop(0) if self.answers else (200, None)
+        if headers.get("Content-Type") != self.content_type:
+            self.refused_types.append(headers.get("Content-Type"))
+            return 415, None, b""
+        if status != 200:
+            return status, retry_after, b""
+        if headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.path = path
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        from google.protobuf import json_format
+        try:
+            message = self.parse(body)
+        except Exception as error:  # the test fails in its cleanup, naming the error
+            self.errors.append(f"{type(error).__name__}: {error}")
+            return 400, None, b""
+        self.payloads.append(otlp_dict(json_format, message))
+        return 200, None, self.answer()
+
+    def parse(self, body):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        if self.content_type == "application/json":
+            return strict_otlp_json(json.loads(body))
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        if message.SerializeToString() != body:
+            raise ValueError("the payload does not re-serialize to the same bytes")
+        return message
+
+    def answer(self):
+        """An ExportTraceServiceResponse in the request's encoding, with a partial success when asked."""
+        from google.protobuf import json_format
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        response = trace_service_pb2.ExportTraceServiceResponse()
+        if self.rejected:
+            response.partial_success.rejected_spans = self.rejected
+            response.partial_success.error_message = "too old"
+        if self.content_type == "application/json":
+            return json_format.MessageToJson(response).encode()
+        return response.SerializeToString()
 
     def tracing(self, **overrides):
         environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        if self.protocol == "http/json":
+            environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/json"
         return sm.TracingConfig.from_env(environ).replace(**overrides)
 
     def spans(self):
-        """[(service name, span)] of everything received."""
+        """[(service name, span)] of everything received, spans as OTLP JSON dicts."""
         found = []
         for payload in self.payloads:
             for resource_spans in payload["resourceSpans"]:
@@ -1908,12 +2252,30 @@ class OTLPReceiver:
         self.server.server_close()
 
 
-def strict_otlp_parse(testcase, payload):
+class OTLPReceiverHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        receiver = self.server.receiver
+        status, retry_after, data = receiver.receive(self.path, self.headers, body)
+        self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Type", receiver.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def strict_otlp_json(payload):
     """Parse an OTLP/HTTP JSON payload into the official ExportTraceServiceRequest, rejecting unknown fields.
 
     OTLP's JSON differs from proto3 JSON in one documented way: trace and span ids are hex, not base64.
     """
-    require_module(testcase, "opentelemetry.proto")
     from google.protobuf import json_format
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     payload = json.loads(json.dumps(payload))
@@ -1923,13 +2285,24 @@ def strict_otlp_parse(testcase, payload):
                 for key in ("traceId", "spanId", "parentSpanId"):
                     if key in span:
                         span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
-    message = json_format.Parse(json.dumps(payload), ExportTraceServiceRequest())
+    return json_format.Parse(json.dumps(payload), ExportTraceServiceRequest())
+
+
+def otlp_dict(json_format, message):
+    """A parsed ExportTraceServiceRequest as OTLP JSON: camelCase, int64 as strings, enums as numbers, hex ids."""
     for resource_spans in message.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                testcase.assertEqual((len(span.trace_id), len(span.span_id)), (16, 8))
-                testcase.assertIn(len(span.parent_span_id), (0, 8))
-    return message
+                assert (len(span.trace_id), len(span.span_id)) == (16, 8), "ids of the wrong size"
+                assert len(span.parent_span_id) in (0, 8), "a parent id of the wrong size"
+    payload = json_format.MessageToDict(message, use_integers_for_enums=True)
+    for resource_spans in payload.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return payload
 
 
 class TestOtelEnvironment(unittest.TestCase):
@@ -1963,59 +2336,134 @@ class TestOtelEnvironment(unittest.TestCase):
         config = sm.Config.from_env({"HOST": "a", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
         self.assertEqual(sm.node_resource(config)["service.name"], "a")
 
+    def test_protocol(self):
+        # The SDKs' default is http/protobuf; http/json when asked; gRPC is a clear start-up error.
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
+        self.assertEqual(sm.TracingConfig.from_env(environ).protocol, "http/protobuf")
+        for name in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+            self.assertEqual(sm.TracingConfig.from_env(dict(environ, **{name: "http/json"})).protocol, "http/json")
+        self.assertEqual(sm.TracingConfig.from_env(dict(environ, OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
+                                                        OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf")).protocol,
+                         "http/protobuf")
+        with self.assertRaises(sm.ConfigError) as caught:
+            sm.TracingConfig.from_env(dict(environ, OTEL_EXPORTER_OTLP_PROTOCOL="grpc"))
+        self.assertIn("gRPC is not supported", str(caught.exception))
+        result = run_cli("serve", env=dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+                                           OTEL_EXPORTER_OTLP_PROTOCOL="grpc", PORT=str(free_port())))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("OTEL_EXPORTER_OTLP_PROTOCOL='grpc'", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
     def test_bad_values_are_named(self):
         for name, value in (("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_TRACES_SAMPLER", "sometimes"),
                             ("OTEL_PROPAGATORS", "xray"), ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
-                            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")):
+                            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+                            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")):
             environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", name: value}
             with self.subTest(name=name), self.assertRaises(sm.ConfigError) as caught:
                 sm.Config.from_env(environ)
             self.assertIn(name if name != "OTEL_EXPORTER_OTLP_ENDPOINT" else "endpoint", str(caught.exception))
 
 
-class TestOtlpJsonEncoding(unittest.TestCase):
+class TestOtlpEncoding(unittest.TestCase):
+    """The span writers are pure: what they write must parse strictly with opentelemetry-proto, in both encodings,
+    whatever a client put in the request."""
+
+    def setUp(self):
+        require_module(self, "opentelemetry.proto")
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        self.pb = trace_service_pb2
+
+    def parse(self, encoding, payload):
+        if encoding == "http/json":
+            return strict_otlp_json(json.loads(payload))
+        message = self.pb.ExportTraceServiceRequest.FromString(payload)
+        self.assertEqual(message.SerializeToString(), payload)  # no unknown, repeated or misplaced field
+        return message
+
     def test_a_strange_host_header_cannot_break_a_span(self):
         trace = sm.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", {}, native=True, sampled=True)
         for host in ["a:\u00b9", "a:99999999999999999999", "a:", ":80", ""]:
             request = sm.Request("GET", "/", "", sm.Headers({"host": host}))
-            span = json.loads(sm.server_span_json(trace, request, 200, time.time_ns()))
-            self.assertEqual(span["traceId"], trace.trace_id)
-
-    """The span writers are pure: what they write must parse strictly, whatever a client put in the request."""
+            span = sm.span_from_queue(sm.server_span(trace, request, 200, time.time_ns()))
+            for encoding, encode in sm.OTLP_ENCODERS.items():
+                message = self.parse(encoding, encode({"service.name": "a"}, [span]))
+                self.assertEqual(message.resource_spans[0].scope_spans[0].spans[0].trace_id.hex(), trace.trace_id)
 
     def test_spans_with_hostile_text_parse_strictly(self):
         tracing = sm.TracingConfig(endpoint="http://x/v1/traces")
-        headers = sm.Headers({"host": "a:8080", "user-agent": 'evil "agent"\\\n\u00e9', "traceparent": VALID_TP,
+        headers = sm.Headers({"host": "a:8080", "user-agent": 'evil "agent"\\\n\u00e9\udcff', "traceparent": VALID_TP,
                               "tracestate": "rojo=00f067aa0ba902b7"})
-        request = sm.Request("POST", '/b/"q\u2603', "x=1&y=%22", headers, b"", 0.0, 1700000000.5)
+        request = sm.Request("POST", '/b/"q\u2603', "x=1&y=%22", headers, b"x" * 1000, 0.0, 1700000000.5)
         trace = sm.TraceContext.from_headers(headers, (), tracing)
         trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": 0.25})
         trace.event("simplemesh.error", **{"http.response.status_code": 503})
         peer = sm.Peer(("10.0.0.1", 80), "b", "http://b/\"q")
-        spans = [sm.server_span_json(trace, request, 503, 1700000001_000_000_000),
-                 sm.client_span_json(trace, "1234567812345678", "POST", sm.Target("b"), peer, 504,
-                                     'timeout after 1s "x"', 1700000000_600_000_000, 1700000000_700_000_000)]
-        payload = json.loads(sm.otlp_request({"service.name": "a", "flag": True, "n": 3}, spans))
-        message = strict_otlp_parse(self, payload)
-        server, client = message.resource_spans[0].scope_spans[0].spans
-        self.assertEqual((server.kind, client.kind), (2, 3))
-        self.assertEqual(server.parent_span_id.hex(), "00f067aa0ba902b7")
-        self.assertEqual(client.parent_span_id, server.span_id)
-        self.assertEqual(server.trace_state, "rojo=00f067aa0ba902b7")
-        self.assertEqual(server.start_time_unix_nano, 1700000000_500_000_000)
-        attributes = {a.key: a.value for a in server.attributes}
-        self.assertEqual(attributes["user_agent.original"].string_value, 'evil "agent"\\\n\u00e9')
-        self.assertEqual(attributes["url.path"].string_value, '/b/"q\u2603')
-        self.assertEqual(attributes["server.port"].int_value, 8080)
-        self.assertEqual([(e.name, e.attributes[0].value.double_value or e.attributes[0].value.int_value)
-                          for e in server.events], [("simplemesh.delay", 0.25), ("simplemesh.error", 503)])
-        self.assertEqual((server.status.code, client.status.code, client.status.message), (2, 2, 'timeout after 1s "x"'))
+        queued = [sm.server_span(trace, request, 503, 1700000001_000_000_000),
+                  sm.client_span(trace, "1234567812345678", "POST", "b", peer, 504, 'timeout after 1s "x"',
+                                 1700000000_600_000_000, 1700000000_700_000_000)]
+        spans = [sm.span_from_queue(item) for item in queued]
+        resource = {"service.name": "a", "flag": True, "n": -3, "ratio": 0.5}
+        for encoding, encode in sm.OTLP_ENCODERS.items():
+            with self.subTest(encoding=encoding):
+                message = self.parse(encoding, encode(resource, spans))
+                attributes = {a.key: a.value for a in message.resource_spans[0].resource.attributes}
+                self.assertEqual((attributes["flag"].bool_value, attributes["n"].int_value,
+                                  attributes["ratio"].double_value), (True, -3, 0.5))
+                scope = message.resource_spans[0].scope_spans[0]
+                self.assertEqual((scope.scope.name, scope.scope.version), ("simplemesh", sm.__version__))
+                server, client = scope.spans
+                self.assertEqual((server.kind, client.kind), (2, 3))
+                self.assertEqual(server.trace_id.hex(), "4bf92f3577b34da6a3ce929d0e0e4736")
+                self.assertEqual(server.parent_span_id.hex(), "00f067aa0ba902b7")
+                self.assertEqual(client.parent_span_id, server.span_id)
+                self.assertEqual(server.trace_state, "rojo=00f067aa0ba902b7")
+                self.assertEqual(server.flags, 0x301)  # sampled, and the parent is remote
+                self.assertEqual(client.flags, 0x101)  # sampled, and the parent is local
+                self.assertEqual(server.start_time_unix_nano, 1700000000_500_000_000)
+                attributes = {a.key: a.value for a in server.attributes}
+                self.assertTrue(attributes["user_agent.original"].string_value.startswith('evil "agent"\\\n\u00e9'))
+                self.assertEqual(attributes["url.path"].string_value, '/b/"q\u2603')
+                self.assertEqual(attributes["server.port"].int_value, 8080)
+                self.assertEqual([(e.name, e.attributes[0].value.double_value or e.attributes[0].value.int_value)
+                                  for e in server.events], [("simplemesh.delay", 0.25), ("simplemesh.error", 503)])
+                self.assertEqual((server.status.code, client.status.code, client.status.message),
+                                 (2, 2, 'timeout after 1s "x"'))
+
+    def test_cached_attribute_bytes_keep_their_types(self):
+        for value, field in ((True, "bool_value"), (1, "int_value"), (1.0, "double_value"), ("1", "string_value")):
+            message = self.parse("http/protobuf", sm.otlp_protobuf({"x": value}, []))
+            any_value = message.resource_spans[0].resource.attributes[0].value
+            self.assertEqual((any_value.WhichOneof("value"), getattr(any_value, field)), (field, value))
+
+    def test_a_queued_span_holds_only_what_a_span_needs(self):
+        # Issue 11: a queued span kept its whole request, body included. Now it is a tuple of strings and numbers.
+        trace = sm.TraceContext(VALID_TP[3:35], "00f067aa0ba902b7", {}, native=True, sampled=True, events=[])
+        request = sm.Request("PUT", "/b", "", sm.Headers({"host": "a"}), b"x" * 1_000_000, 0.0, 1700000000.5)
+        queued = sm.server_span(trace, request, 200, time.time_ns())
+        self.assertTrue(all(isinstance(item, (str, int, tuple)) for item in queued), queued)
+        self.assertLess(sum(sys.getsizeof(item) for item in queued), 2000)
+        peer = sm.Peer(("10.0.0.1", 80), "b", "http://b/")
+        queued = sm.client_span(trace, "1234567812345678", "PUT", "b", peer, 200, "", 1, 2)
+        self.assertTrue(all(isinstance(item, (str, int)) for item in queued), queued)
+
+    def test_partial_success_answers(self):
+        response = self.pb.ExportTraceServiceResponse()
+        self.assertEqual(sm.export_partial_success(response.SerializeToString(), "application/x-protobuf"), (0, ""))
+        response.partial_success.rejected_spans = 7
+        response.partial_success.error_message = "spans too old"
+        self.assertEqual(sm.export_partial_success(response.SerializeToString(), "application/x-protobuf"),
+                         (7, "spans too old"))
+        self.assertEqual(sm.export_partial_success(
+            b'{"partialSuccess":{"rejectedSpans":"3","errorMessage":"x"}}', "application/json"), (3, "x"))
+        for body, content_type in ((b"\xff\xff", "application/x-protobuf"), (b"[1]", "application/json"),
+                                   (b"\x0a\x05\x08", "application/x-protobuf"), (b"<html>", "text/html")):
+            self.assertEqual(sm.export_partial_success(body, content_type), (0, ""))
 
 
 class TestNativeSpans(unittest.TestCase):
     def setUp(self):
-        self.receiver = OTLPReceiver()
-        self.addCleanup(self.receiver.close)
+        self.receiver = OTLPReceiver(self)
 
     def run_mesh(self, nodes, path, tracing=None, headers=None):
         with Mesh(nodes, tracing=tracing or self.receiver.tracing()) as mesh:
@@ -2028,8 +2476,6 @@ class TestNativeSpans(unittest.TestCase):
         status, answer, counts = self.run_mesh({"a": {}, "b": {"delay": "20ms"}, "c": {}, "d": {}},
                                                "/b~(c/d)/d?parallel")
         self.assertEqual(status, 200)
-        for payload in self.receiver.payloads:
-            strict_otlp_parse(self, payload)
         self.assertEqual(self.receiver.path, "/v1/traces")
         spans = self.receiver.spans()
         # a: SERVER + 2 CLIENT; b: SERVER + CLIENT; c: SERVER + CLIENT; d (from b): SERVER;
@@ -2081,8 +2527,7 @@ class TestNativeSpans(unittest.TestCase):
         self.assertEqual(answer["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736")
 
     def test_retries_honour_retry_after_then_export(self):
-        receiver = OTLPReceiver([(503, "0"), (429, "0"), (502, None)])
-        self.addCleanup(receiver.close)
+        receiver = OTLPReceiver(self, [(503, "0"), (429, "0"), (502, None)])
         started = time.monotonic()
         with Mesh({"a": {}}, tracing=receiver.tracing()) as mesh:
             mesh.request("a", "/")
@@ -2093,8 +2538,7 @@ class TestNativeSpans(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)  # Retry-After: 0 twice, one backoff of at most 0.5 s
 
     def test_refused_export_is_counted_not_retried(self):
-        receiver = OTLPReceiver([(400, None)])
-        self.addCleanup(receiver.close)
+        receiver = OTLPReceiver(self, [(400, None)])
         with Mesh({"a": {}}, tracing=receiver.tracing()) as mesh:
             mesh.request("a", "/")
             mesh.node("a").flush_spans()
@@ -2119,6 +2563,53 @@ class TestNativeSpans(unittest.TestCase):
         self.assertEqual(len(self.receiver.spans()), 1)
         self.assertEqual(self.receiver.headers["content-encoding"], "gzip")
         self.assertEqual(self.receiver.headers["authorization"], "Bearer t")
+
+    def test_protobuf_is_the_default_and_http_json_is_sent_when_asked(self):
+        self.run_mesh({"a": {}, "b": {}}, "/b")
+        self.assertEqual(self.receiver.headers["content-type"], "application/x-protobuf")
+        self.assertEqual(len(self.receiver.spans()), 3)
+        json_receiver = OTLPReceiver(self, content_type="application/json")
+        tracing = json_receiver.tracing()
+        self.assertEqual(tracing.protocol, "http/json")
+        _status, answer, counts = self.run_mesh({"a": {}, "b": {}}, "/b", tracing=tracing)
+        self.assertEqual(json_receiver.headers["content-type"], "application/json")
+        self.assertEqual({span["traceId"] for _service, span in json_receiver.spans()}, {answer["trace_id"]})
+        self.assertEqual((counts["a"]["exported"], counts["b"]["exported"]), (2, 1))
+
+    def test_a_receiver_that_refuses_the_encoding_is_not_retried(self):
+        tracing = self.receiver.tracing(protocol="http/json")  # a protobuf-only receiver answers 415
+        _status, _answer, counts = self.run_mesh({"a": {}}, "/", tracing=tracing)
+        self.assertEqual(self.receiver.refused_types, ["application/json"])
+        self.assertEqual((counts["a"]["failed"], self.receiver.posts), (1, 1))
+
+    def test_partial_success_is_counted_and_logged(self):
+        for content_type in ("application/x-protobuf", "application/json"):
+            receiver = OTLPReceiver(self, content_type=content_type, rejected=1)
+            with self.subTest(content_type=content_type), Mesh({"a": {}, "b": {}}, tracing=receiver.tracing()) as mesh:
+                lines = self.stdout_of(lambda: (mesh.request("a", "/b"), mesh.node("a").flush_spans(),
+                                                mesh.node("b").flush_spans()))
+                self.assertEqual((mesh.node("a").metrics.spans["exported"],
+                                  mesh.node("a").metrics.spans["rejected"]), (1, 1))
+                self.assertEqual((mesh.node("b").metrics.spans["exported"],
+                                  mesh.node("b").metrics.spans["rejected"]), (0, 1))
+                self.assertIn('simplemesh_spans_total{result="rejected"} 1', mesh.request("a", "/metrics")[2])
+                # One post a node: "The client MUST NOT retry the request when it receives a partial success"
+                self.assertEqual(receiver.posts, 2)
+                self.assertIn("rejected_spans=1", lines)
+                self.assertIn("too old", lines)
+
+    def stdout_of(self, action):
+        """What the process wrote on descriptor 1 (where log_line writes) while ``action`` ran."""
+        with tempfile.TemporaryFile() as log:
+            saved = os.dup(1)
+            os.dup2(log.fileno(), 1)
+            try:
+                action()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            log.seek(0)
+            return log.read().decode()
 
     def test_mesh_command_exports_each_node_under_its_name_and_flushes_on_sigterm(self):
         port = free_port_run(3)
@@ -3566,11 +4057,10 @@ class RobustMemoryTest(unittest.TestCase):
         self.assertLessEqual(set(statuses), {200, 502, 503})
         self.served_again("/a", "POST", b"x" * (1 << 20))
 
-    @unittest.expectedFailure  # until queued spans are slim (issue 11, the trace branch): then drop this line
     def test_300_posts_of_1_mib_with_span_export(self):
-        sink = OTLPReceiver()
-        self.addCleanup(sink.close)
-        node, address = self.start_node(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint)
+        sink = OTLPReceiver(self)
+        node, address = self.start_node(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint,
+                                        OTEL_EXPORTER_OTLP_PROTOCOL=sink.protocol)
         self.addCleanup(node.kill)
         statuses = self.attack("300 POSTs of 1 MiB, spans exported", [("/a", "POST", b"x" * (1 << 20))] * 300,
                                node=node, address=address)
