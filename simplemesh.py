@@ -11,9 +11,25 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
     python3 simplemesh.py mesh 'a;delay=0.5' 'b;delay=1' 'c;delay=1.5'
     curl localhost:9090/a/b/c
 
-The module reads top to bottom in the order a request flows: configuration, the HTTP/1.1 wire, route grammar,
-directives, trace context, outbound calls, the answer and its views, metrics, span export, the node, the HTTP
-handler, the HTTP server, manifests, the command line.
+The module reads top to bottom in the order a request flows, in banner sections; each one uses only the
+sections above it (the server and the command line, which assemble everything, excepted):
+
+- Shared utilities: Record, setting converters, timestamps, the log line, a thread pool, an answer's JSON text.
+- HTTP/1.1 wire: requests and answers as bytes, both directions (the server's reader, the client's reader).
+- Directives: one directive's text to its typed value (the DIRECTIVES table); a request's Directives. A new
+  directive is a row in DIRECTIVES, a field of Directives, and the node's use of it.
+- Route grammar: the path parsed into Targets and Groups, the calls one node makes, the route's size.
+- Budgets: what a request may spend (answer bytes, CPU seconds), counted before any call and while it runs.
+- Trace context: W3C traceparent/tracestate and B3, parsed and written.
+- Outbound client: peers, name resolution, the connection pool, call_peer; a new way a peer can fail is
+  caught here and becomes a CallFailed, then the caller's record.
+- The node: one request in, faults injected, calls made, the answer's record out (an Outcome).
+- Views: the record as JSON, a terminal tree or an HTML page; a new view is a pure function of the record,
+  named in VIEWS.
+- Metrics, Span export: what a node reports, Prometheus text and OTLP spans.
+- Configuration: the environment read once into a Config.
+- Server: the handler (bytes to a Request, an Outcome to bytes) and the poller and workers that run it.
+- Manifests, Command line: Kubernetes objects for a mesh; ``serve``, ``mesh``, ``call``, ``load``.
 """
 
 import argparse
@@ -49,9 +65,10 @@ from urllib.parse import unquote, urlsplit
 __version__ = "0.1.0"
 
 
-# --- Configuration -----------------------------------------------------------------------------------------
-# Everything a node is told comes from its environment (SPEC 2, 4, 6, 8), read once at start-up into a frozen
-# Config. A bad value stops the program with a clear message instead of surfacing on the first request.
+# --- Shared utilities --------------------------------------------------------------------------------------
+# The small pieces every later section leans on: Record (a cheap stand-in for a dataclass), the converters that
+# read a setting's text, timestamps, the logfmt log line, a bounded thread pool, and the JSON text of an answer
+# (streamed in pieces, padded to a size). None of them knows about requests, routes or peers.
 
 class Record:
     """Named fields with class-level defaults: a small stand-in for a dataclass.
@@ -136,175 +153,6 @@ def split_pairs(text, expected):
     return pairs
 
 
-def parse_peers(text):
-    """``PEERS="a=127.0.0.1:9091,b=127.0.0.1:9092|127.0.0.1:9093"`` -> {name: [(host, port), ...]}.
-
-    Several addresses for one name (``|``) are used in turn: that is how ``mesh`` puts a v1 and a v2 behind a name.
-    """
-    peers = {}
-    for name, addresses in split_pairs(text, "name=host:port"):
-        targets = []
-        for address in addresses.split("|"):
-            host, sep, port = address.strip().rpartition(":")
-            if not sep or not host or not is_number(port) or not 0 < int(port) < 65536:
-                raise ValueError(f"expected host:port for {name!r}, got {address!r}")
-            targets.append((host, int(port)))
-        peers[name.lower()] = targets
-    return peers
-
-
-# The memory a node is given and the bytes its answers may hold are one decision, made here: ``manifests`` writes
-# MEMORY_LIMIT_MIB as each pod's limit, and MAX_INFLIGHT_BYTES defaults to what fits in it. A node at rest uses
-# about 30 MiB (BASE_MEMORY_MIB leaves room for threads, pools and caches); each in-flight answer byte costs up to
-# ANSWER_MEMORY_FACTOR bytes of memory (a body read, its parsed tree, the rendered answer), as measured by
-# RobustMemoryTest. To give a node more, raise both: limit >= BASE_MEMORY_MIB + factor * MAX_INFLIGHT_BYTES.
-MEMORY_LIMIT_MIB = 128
-BASE_MEMORY_MIB = 44
-ANSWER_MEMORY_FACTOR = 3
-
-
-def inflight_bytes_for(memory_limit_mib):
-    """The MAX_INFLIGHT_BYTES that keeps a node under ``memory_limit_mib`` (README: sizing a node)."""
-    return (memory_limit_mib - BASE_MEMORY_MIB) * 1024 * 1024 // ANSWER_MEMORY_FACTOR
-
-
-class Config(Record):
-    host: str = "localhost"
-    port: int = 9090
-    address: str = "0.0.0.0"
-    version: str = ""
-    upstream_port: int = 80
-    peers: dict = {}
-    defaults: dict = {}  # directive defaults from the environment, raw text by name
-    allow_directives: bool = True
-    allow_ip_targets: bool = False
-    allowed_hosts: tuple = ()
-    forward_headers: tuple = ()
-    max_calls: int = 100
-    max_depth: int = 16
-    max_delay: float = 60.0
-    max_cpu: float = 5.0
-    max_size: int = 10 * 1024 * 1024
-    max_timeout: float = 300.0
-    max_body: int = 1024 * 1024
-    max_upstream_body: int = 16 * 1024 * 1024
-    max_route_bytes: int = 10 * 1024 * 1024  # answer bytes one request may ask for across its tree
-    max_route_cpu: float = 10.0  # CPU seconds one request may ask for across its tree
-    max_inflight_bytes: int = inflight_bytes_for(MEMORY_LIMIT_MIB)  # all requests' answer and body bytes at once
-    max_inflight_cpu: float = 10.0  # CPU seconds all requests together may have queued or burning on this node
-    max_concurrency: int = 512
-    max_connections: int = 10000
-    max_fanout_threads: int = 64
-    keepalive_timeout: float = 75.0
-    shutdown_delay: float = 0.0
-    shutdown_grace: float = 30.0
-    log_format: str = "text"
-    log_level: str = "info"
-    trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
-    identity: dict = {}  # pod, namespace, ip, node from the downward API
-    tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
-
-    @classmethod
-    def from_env(cls, environ, **overrides):
-        """Build a Config from environment variables; ``overrides`` win (the ``mesh`` command uses them)."""
-        settings = {}
-
-        def read(name, attr, convert):
-            raw = environ.get(name)
-            if raw is None or raw == "":
-                return
-            try:
-                settings[attr] = convert(raw)
-            except ValueError as error:
-                raise ConfigError(f"{name}={raw!r}: {error}") from None
-
-        positive_int = _positive(ascii_int)
-        read("HOST", "host", str)
-        read("PORT", "port", _port)
-        read("ADDRESS", "address", listen_address)
-        read("VERSION", "version", str)
-        read("UPSTREAM_PORT", "upstream_port", _port)
-        read("PEERS", "peers", parse_peers)
-        read("ALLOW_DIRECTIVES", "allow_directives", parse_bool)
-        read("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool)
-        read("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text)))
-        read("FORWARD_HEADERS", "forward_headers", forward_header_names)
-        read("MAX_CALLS", "max_calls", positive_int)
-        read("MAX_DEPTH", "max_depth", positive_int)
-        read("MAX_DELAY", "max_delay", parse_duration)
-        read("MAX_CPU", "max_cpu", parse_duration)
-        read("MAX_SIZE", "max_size", parse_size)
-        read("MAX_TIMEOUT", "max_timeout", parse_duration)
-        read("MAX_BODY", "max_body", parse_size)
-        read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
-        read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
-        read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
-        read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
-        read("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration))
-        read("MAX_CONCURRENCY", "max_concurrency", positive_int)
-        read("MAX_CONNECTIONS", "max_connections", positive_int)
-        read("MAX_FANOUT_THREADS", "max_fanout_threads", positive_int)
-        read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
-        read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
-        read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
-        read("LOG_FORMAT", "log_format", _choice("text", "json"))
-        read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
-        read("TRACE_UI_URL", "trace_ui_url", str)
-        if "host" not in settings:
-            settings["host"] = socket.gethostname()
-        defaults = {}
-        for directive in DIRECTIVES.values():
-            raw = environ.get(directive.env)
-            if raw and directive.name == "parallel":  # FANOUT=parallel|sequential
-                if raw.lower() not in ("parallel", "sequential"):
-                    raise ConfigError(f"FANOUT={raw!r}: expected parallel or sequential")
-                raw = "true" if raw.lower() == "parallel" else "false"
-            if raw:
-                defaults[directive.name] = raw
-        settings["defaults"] = defaults
-        settings["identity"] = {key: environ[var] for key, var in IDENTITY_ENV.items() if environ.get(var)}
-        settings["tracing"] = TracingConfig.from_env(environ)
-        settings.update(overrides)
-        config = cls(**settings)
-        try:
-            base = Directives.resolve(config, config.defaults, {})
-        except DirectiveError as error:
-            raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
-        for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
-                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU"),
-                                              (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
-            if amount > limit:  # else every routed request would be refused
-                raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
-        return config
-
-
-IDENTITY_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "ip": "POD_IP", "node": "NODE_NAME"}
-
-
-def listen_address(text):
-    """ADDRESS: an IP address (``0.0.0.0``, ``::``, ``127.0.0.1``...) or ``localhost``; never a name to look up."""
-    if text == "localhost":
-        return text
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return text
-        except OSError:
-            continue
-    raise ValueError("expected an IP address to listen on, such as 0.0.0.0, ::, 127.0.0.1 or ::1")
-
-
-def forward_header_names(text):
-    """FORWARD_HEADERS: lower-cased names; a hop-by-hop or framing header is refused (the node writes those)."""
-    names = tuple(word.lower() for word in _word_list(text))
-    refused = [name for name in names if name in NOT_FORWARDABLE or name.startswith("proxy-")]
-    if refused:
-        raise ValueError(f"{', '.join(refused)} cannot be forwarded: a node writes hop-by-hop and framing "
-                         "headers (connection, keep-alive, te, trailer, transfer-encoding, upgrade, "
-                         "content-length, host, proxy-*) itself")
-    return names
-
-
 def ascii_int(text):
     """int() of ASCII digits only: int() alone also takes other scripts' digits, underscores and spaces."""
     if not is_number(text.strip()):
@@ -347,12 +195,261 @@ def _status_code(text):
     return code
 
 
+def json_bytes(record):
+    """A record as strict JSON (see answer_json), whole."""
+    return "".join(answer_json(record)[1]).encode()
+
+
+def finite_only(value):
+    """``value`` with every NaN or infinite float replaced by None (iteratively: a peer's JSON may be deep)."""
+    root = [value]
+    stack = [(root, 0)]
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            container[key] = None
+        elif isinstance(item, dict):
+            item = container[key] = dict(item)
+            stack.extend((item, name) for name in item)
+        elif isinstance(item, list):
+            item = container[key] = list(item)
+            stack.extend((item, index) for index in range(len(item)))
+    return root[0]
+
+
+class SecondFormat:
+    """A time format applied once a second: formatting the times of every answer costs a few percent otherwise."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.last = (None, "")  # one tuple, so no thread reads one second's number with another's text
+
+    def __call__(self, seconds):
+        second, text = self.last
+        if second != seconds:
+            text = time.strftime(self.pattern, time.gmtime(seconds))
+            self.last = (seconds, text)
+        return text
+
+
+ISO_SECONDS = SecondFormat("%Y-%m-%dT%H:%M:%S")
+HTTP_DATE = SecondFormat("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def iso_time(epoch):
+    """RFC 3339 UTC with microseconds."""
+    seconds = int(epoch)
+    return f"{ISO_SECONDS(seconds)}.{int((epoch - seconds) * 1e6):06d}Z"
+
+
+ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
+PADDING_FIELD = ', "padding": ""'
+STRICT_JSON = json.JSONEncoder(allow_nan=False)  # iterencode() yields the text piece by piece, for big answers
+
+
+def answer_json(record, size=0, big=False):
+    """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
+
+    The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
+    record (one holding large downstream answers) is encoded lazily, twice (once to count), so besides the
+    record only one of its strings is held as text at a time; the padding is never held whole. The JSON is
+    strict: a peer may answer NaN or Infinity (Python's json reads them), which no other JSON reader accepts, so
+    those values become null rather than make the whole answer invalid.
+    """
+    try:
+        if big:
+            length, pieces = sum(map(len, STRICT_JSON.iterencode(record))), STRICT_JSON.iterencode(record)
+        else:
+            text = STRICT_JSON.encode(record)
+            length, pieces = len(text), (text,)
+    except ValueError:
+        return answer_json(finite_only(record), size, big)
+    missing = size - length - len(PADDING_FIELD)
+    if missing <= 0:
+        return length, pieces
+    # A record is never empty, so the padding field always follows another.
+    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
+
+
+def _without_closing_brace(pieces):
+    held = None
+    for piece in pieces:
+        if held is not None:
+            yield held
+        held = piece
+    yield held[:-1]
+
+
+def _padding(count):
+    block = "x" * min(count, ANSWER_CHUNK)
+    for start in range(0, count, ANSWER_CHUNK):
+        yield block if count - start >= ANSWER_CHUNK else block[:count - start]
+
+
+def ascii_chunks(pieces):
+    """ASCII text pieces -> bytes of about ANSWER_CHUNK each, encoding one piece at a time."""
+    buffer, buffered = [], 0
+    for piece in pieces:
+        if len(piece) >= ANSWER_CHUNK:
+            if buffer:
+                yield "".join(buffer).encode("ascii")
+                buffer, buffered = [], 0
+            for start in range(0, len(piece), ANSWER_CHUNK):
+                yield piece[start:start + ANSWER_CHUNK].encode("ascii")
+            continue
+        buffer.append(piece)
+        buffered += len(piece)
+        if buffered >= ANSWER_CHUNK:
+            yield "".join(buffer).encode("ascii")
+            buffer, buffered = [], 0
+    if buffer:
+        yield "".join(buffer).encode("ascii")
+
+
+def log_warning(config, fields):
+    """A warning log line (unless LOG_LEVEL=error): for what goes wrong in the export thread, which no answer shows."""
+    if config.log_level != "error":
+        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
+
+
+# A logfmt value that needs no quotes: printable ASCII but space, '"', '=' and '\'. Anything else is quoted
+# with JSON's escapes, so no value (a path with %20, quotes or CR LF) can forge a field or a line.
+LOGFMT_BARE_RE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
+
+
+def logfmt_value(value):
+    text = ",".join(value) if isinstance(value, list) else str(value)
+    return text if LOGFMT_BARE_RE.fullmatch(text) else json.dumps(text)
+
+
+def log_line(config, fields):
+    """One line on stdout, written with a single os.write so lines from many threads never interleave."""
+    if config.log_format == "json":
+        line = json.dumps(fields)
+    else:
+        words = []
+        for key, value in fields.items():
+            if value == "" or value is None or value == []:
+                continue
+            words.append(logfmt_value(value) if key in ("time", "host") else f"{key}={logfmt_value(value)}")
+        line = " ".join(words)
+    try:
+        os.write(1, (line + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+class WorkerPool:
+    """At most ``max_threads`` threads, started when work waits and none is free, ended after ``idle_exit``
+    seconds without work. ``submit`` queues; ``try_submit`` refuses (False) when every thread is taken."""
+
+    def __init__(self, max_threads, name, idle_exit=30.0):
+        self.max_threads = max_threads
+        self.name = name
+        self.idle_exit = idle_exit
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = self.waiting = self.queued = 0
+
+    def submit(self, job):
+        self._submit(job, queue_when_full=True)
+
+    def try_submit(self, job):
+        return self._submit(job, queue_when_full=False)
+
+    def _submit(self, job, queue_when_full):
+        with self.lock:  # checked and counted at once: two try_submits never both take the last thread
+            if not queue_when_full and self.threads - self.waiting + self.queued >= self.max_threads:
+                return False
+            self.queued += 1
+            start = self.queued > self.waiting and self.threads < self.max_threads
+            if start:
+                self.threads += 1
+            self.jobs.put(job)
+        if start:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        return True
+
+    def _run(self):
+        while True:
+            with self.lock:
+                self.waiting += 1
+            try:
+                job = self.jobs.get(timeout=self.idle_exit)
+            except queue.Empty:
+                with self.lock:
+                    self.waiting -= 1
+                    if self.queued <= self.waiting:  # nothing unclaimed: this thread may go
+                        self.threads -= 1
+                        return
+                continue
+            with self.lock:
+                self.waiting -= 1
+                self.queued -= 1
+            job()
+
+
 # --- HTTP/1.1 wire -----------------------------------------------------------------------------------------
-# RFC 9110 and 9112 for what a node receives and sends as a server, apart from sockets and threads. Reading a
-# request is pure: a stream in (anything with readline(limit) and read(n): the server's SocketReader, or
-# io.BytesIO in the tests), a RequestHead and the body bytes out, or a BadRequest with the exact status and
-# message a client gets. Writing an answer is one function from its fields to the bytes sent in one send.
-# (The header reader, read_header_lines, is shared with the outbound side and lives in "Outbound calls".)
+# RFC 9110 and 9112, both directions, apart from sockets and threads: one wire for the server and the client.
+# Header lines are read by one function for requests and answers. Reading a request is pure: a stream in
+# (anything with readline(limit) and read(n): SocketReader, or io.BytesIO in the tests), a RequestHead and the body
+# bytes out, or a BadRequest with the exact status and message a client gets; encode_answer writes an answer in
+# one send. For calls, request_bytes writes a request, and read_answer reads an answer with our own rules, not
+# http.client's: it skips every interim 1xx answer, refuses conflicting framing at once, never takes a short read
+# for a whole body, and says how many bytes came (AnswerError carries the status a caller reports).
+
+class Headers(dict):
+    """HTTP headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+MAX_HEADER_LINE = 16 * 1024
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024  # all header lines together: 100 lines of 16 KiB would hold 1.6 MB per connection
+
+
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
+# A CR or LF inside a value a node forwards would inject a header line: control characters are refused on arrival.
+HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class HeaderError(ValueError):
+    """A malformed or oversized header block; ``status`` is what a server answers it with."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def read_header_lines(stream):
+    """Read header lines up to the blank line into Headers; HeaderError on malformed or oversized ones.
+
+    Used for requests (by the handler) and for answers (by read_answer), so both sides apply the same rules.
+    """
+    headers = Headers()
+    total = 0
+    for _ in range(MAX_HEADERS + 1):
+        line = stream.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise HeaderError(f"a header line is longer than {MAX_HEADER_LINE} bytes", 431)
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise HeaderError(f"the headers are longer than {MAX_HEADER_BYTES} bytes in all", 431)
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not TOKEN_RE.fullmatch(name):  # also refuses obs-fold continuation lines
+            raise HeaderError("malformed header line")
+        name = name.lower()
+        value = value.strip(" \t\r\n")
+        if HEADER_VALUE_BAD_RE.search(value):
+            raise HeaderError(f"control character in the value of header {name!r}")
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    raise HeaderError(f"more than {MAX_HEADERS} headers", 431)
+
 
 MAX_REQUEST_LINE = 16 * 1024
 MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
@@ -666,6 +763,18 @@ def split_target(target):
     return path, query
 
 
+def split_query(query):
+    """A query string into {key: raw text, or None for a bare key such as ``parallel``}."""
+    directives = {}
+    for item in query.split("&"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = unquote(key).lower()
+        directives[key] = unquote(value) if sep else None
+    return directives
+
+
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 CONTENT_LENGTH_RE = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*\r?\n", re.IGNORECASE)
 EXPECT_CONTINUE_RE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue", re.IGNORECASE)
@@ -721,33 +830,397 @@ def encode_answer(status, body, content_type="application/json", extra_headers=(
     return data if head_only else data + body
 
 
-def json_bytes(record):
-    """A record as strict JSON (see answer_json), whole."""
-    return "".join(answer_json(record)[1]).encode()
+class AnswerError(Exception):
+    """A peer's answer that cannot be taken as one: not HTTP, badly framed, cut short or over the budget.
+
+    ``received``: answer bytes that had arrived (0 with ``closed``: the peer closed before answering at all).
+    """
+
+    def __init__(self, message, received=0, status=None, closed=False, over_budget=False):
+        super().__init__(message)
+        self.received = received
+        self.status = status  # the status line's code, once read
+        self.closed = closed
+        self.over_budget = over_budget
 
 
-def finite_only(value):
-    """``value`` with every NaN or infinite float replaced by None (iteratively: a peer's JSON may be deep)."""
-    root = [value]
-    stack = [(root, 0)]
-    while stack:
-        container, key = stack.pop()
-        item = container[key]
-        if isinstance(item, float) and not math.isfinite(item):
-            container[key] = None
-        elif isinstance(item, dict):
-            item = container[key] = dict(item)
-            stack.extend((item, name) for name in item)
-        elif isinstance(item, list):
-            item = container[key] = list(item)
-            stack.extend((item, index) for index in range(len(item)))
-    return root[0]
+class Answer:
+    """A peer's final answer, whole: status, headers, body, and whether its connection may be used again."""
+    __slots__ = ("status", "reason", "headers", "body", "reusable")
+
+    def __init__(self, status, reason, headers, body, reusable):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.reusable = reusable
+
+
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
+MAX_INTERIM_ANSWERS = 32
+SMALL_BODY = 16 * 1024  # a request body up to this size is sent with its head in one send
+READ_PIECE = 64 * 1024
+
+
+def read_answer(reader, method, charge=None):
+    """Read one final answer from ``reader`` (a SocketReader): interim 1xx answers skipped, the body framed by
+    Content-Length, chunked coding or the close. ``charge(nbytes) -> bool`` is told of body bytes as they come
+    (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
+    reader.received = reader.buffered  # bytes of this answer: a keep-alive reader has read others before
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
+        version, status, reason = _status_line(reader)
+        try:
+            headers = read_header_lines(reader)
+        except HeaderError as error:
+            raise AnswerError(f"bad header block in a {status} answer: {error}", reader.received, status) from None
+        if reader.eof:
+            raise AnswerError(f"closed mid-answer, in the headers of a {status} answer", reader.received, status)
+        if status == 101:
+            raise AnswerError("answered 101 Switching Protocols, but no upgrade was asked for", reader.received, 101)
+        if status >= 200:
+            break
+    else:
+        raise AnswerError(f"more than {MAX_INTERIM_ANSWERS} interim 1xx answers", reader.received)
+    try:
+        framing, length = answer_framing(status, method, headers)
+    except ValueError as error:
+        raise AnswerError(str(error), reader.received, status) from None
+    body = _read_body(reader, framing, length, charge or (lambda nbytes: True), status)
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens and (version == b"1" or "keep-alive" in tokens)
+    return Answer(status, reason, headers, body, keep_alive and framing != "close")
+
+
+def _status_line(reader):
+    line = reader.readline(MAX_HEADER_LINE + 1)
+    if not line:
+        raise AnswerError("connection closed before an answer", reader.received, closed=reader.received == 0)
+    match = STATUS_LINE_RE.fullmatch(line)
+    if not match:
+        if not line.endswith(b"\n") and len(line) <= MAX_HEADER_LINE:
+            raise AnswerError("closed mid-answer, in the status line", reader.received)
+        raise AnswerError(f"the answer is not HTTP/1.x: {_printable(line[:40].decode('latin-1'))!r}", reader.received)
+    return match.group(1), int(match.group(2)), (match.group(3) or b"").decode("latin-1").strip()
+
+
+def answer_framing(status, method, headers):
+    """How an answer's body is delimited (RFC 9112 6.3): ("none", 0), ("length", n), ("chunked", None) or
+    ("close", None). ValueError for framing no client can trust: differing or invalid Content-Lengths, both
+    Transfer-Encoding and Content-Length, an empty Transfer-Encoding."""
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "none", 0
+    coding = headers.get("transfer-encoding")
+    length = headers.get("content-length")
+    if coding is not None:
+        if length is not None:
+            raise ValueError("the answer has both Transfer-Encoding and Content-Length")
+        codings = [item.strip().lower() for item in coding.split(",")]
+        if not all(codings):
+            raise ValueError(f"bad Transfer-Encoding {coding!r}")
+        return ("chunked", None) if codings[-1] == "chunked" else ("close", None)
+    if length is None:
+        return "close", None
+    values = {item.strip() for item in length.split(",")}  # "10, 10": one length sent twice, joined
+    if len(values) > 1:
+        raise ValueError(f"differing Content-Length headers ({length})")
+    value = values.pop()
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+    return "length", int(value)
+
+
+def _read_body(reader, framing, length, charge, status):
+    if framing == "none":
+        return b""
+    if framing == "length":
+        if not charge(length):
+            raise AnswerError(f"an answer of {length} bytes", reader.received, status, over_budget=True)
+        return _read_exactly(reader, length, status, f"after {{}} of {length} bytes")
+    if framing == "chunked":
+        return _read_chunked(reader, charge, status)
+    pieces = []
+    while True:
+        piece = reader.read_some(READ_PIECE)
+        if not piece:
+            return b"".join(pieces)
+        if not charge(len(piece)):
+            raise AnswerError("an answer read to its close", reader.received, status, over_budget=True)
+        pieces.append(piece)
+
+
+def _read_exactly(reader, size, status, cut, before=0):
+    data = reader.read_full(size)
+    if len(data) < size:
+        raise AnswerError("closed mid-answer " + cut.format(before + len(data)), reader.received, status)
+    return data
+
+
+def _read_chunked(reader, charge, status):
+    pieces, got = [], 0
+    while True:
+        line = reader.readline(1024)
+        match = CHUNK_SIZE_RE.fullmatch(line)
+        if not match:
+            if reader.eof and not line.endswith(b"\n"):
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError(f"bad chunk size line {_printable(line[:40].decode('latin-1'))!r}", reader.received,
+                              status)
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        if not charge(size):
+            raise AnswerError("a chunked answer", reader.received, status, over_budget=True)
+        pieces.append(_read_exactly(reader, size, status, "after {} bytes of a chunked answer", got))
+        got += size
+        if reader.readline(3) not in (b"\r\n", b"\n"):
+            if reader.eof:
+                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+            raise AnswerError("a chunk is not followed by CRLF", reader.received, status)
+    try:
+        read_header_lines(reader)  # trailers: read and dropped
+    except HeaderError as error:
+        raise AnswerError(f"bad trailer: {error}", reader.received, status) from None
+    if reader.eof:
+        raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
+    return b"".join(pieces)
+
+
+def request_bytes(method, path, host_header, headers, body):
+    """One request's bytes as the buffers to send: request line, Host, the given headers and Content-Length, with
+    the body in the same buffer when it is small (one send), apart when it is big (never copied)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return (head + body,) if len(body) <= SMALL_BODY else (head, body)
+
+
+def _printable(text):
+    """``text`` with control characters as spaces: a peer's bytes must not drive a terminal or break a line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
+
+
+# --- Directives --------------------------------------------------------------------------------------------
+# SPEC 2. A directive is written as text in three places (the environment, a query string, a route's matrix
+# parameter) and always validated by the same parser (check_directive, with the DIRECTIVES table: one Directive
+# schema per name). Directives.resolve() merges a node's defaults with what a request asked for, checks the caps,
+# and gives the typed values the node acts on. This section comes before the route because the route parser
+# checks each hop's directive text as it reads it.
+
+class DirectiveError(ValueError):
+    def __init__(self, message, name=None):
+        super().__init__(message)
+        self.name = name
+
+
+# re.ASCII: \d alone also matches other scripts' digits, which float() and int() would then read (``delay=٣s``).
+DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?", re.ASCII)
+SIZE_RE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE | re.ASCII)
+PROBABILITY_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(%?)", re.ASCII)
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_duration(text):
+    """``200ms``, ``1.5s``, ``2m`` or a plain number of seconds -> seconds as a float."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"bad duration {text!r} (examples: 200ms, 1.5s, 2m, 0.5)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text):
+    """``10k``, ``2m`` or a plain number of bytes -> bytes (k = 1024)."""
+    match = SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"bad size {text!r} (examples: 512, 10k, 1m)")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_probability(text):
+    """``0.25`` or ``25%`` (fortio's form) -> 0.25."""
+    match = PROBABILITY_RE.fullmatch(text.strip())  # float() alone takes "nan", "1_0", "٣"
+    value = float(match.group(1)) / (100 if match.group(2) else 1) if match else -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)")
+    return value
+
+
+def parse_weighted(text, parse_value):
+    """``v1:p1,v2:p2`` -> ((v1, p1), (v2, p2)); the probabilities add up to at most 1."""
+    choices = []
+    for item in text.split(","):
+        value, sep, weight = item.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad weighted list {text!r}: every item is value:probability")
+        choices.append((parse_value(value), parse_probability(weight)))
+    if sum(weight for _value, weight in choices) > 1.0 + 1e-9:
+        raise ValueError(f"bad weighted list {text!r}: the probabilities add up to more than 1")
+    return tuple(choices)
+
+
+class Delay(Record):
+    """A delay distribution: fixed (low == high), uniform in [low, high], or weighted choices."""
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple = ()
+
+    @property
+    def maximum(self):
+        return max([self.high] + [value for value, _weight in self.choices])
+
+    def sample(self, rng):
+        if self.choices:
+            draw = rng.random()
+            for value, weight in self.choices:
+                draw -= weight
+                if draw < 0:
+                    return value
+            return 0.0
+        return self.low if self.low == self.high else rng.uniform(self.low, self.high)
+
+
+def parse_delay(text):
+    """``200ms``, ``100ms..300ms`` (uniform) or ``10ms:0.9,2s:0.1`` (weighted; the rest of the time, none)."""
+    if ".." in text:
+        low, _, high = text.partition("..")
+        low, high = parse_duration(low), parse_duration(high)
+        if low > high:
+            raise ValueError(f"bad delay range {text!r}: the low end is above the high end")
+        return Delay(low, high)
+    if ":" in text:
+        return Delay(choices=parse_weighted(text, parse_duration))
+    value = parse_duration(text)
+    return Delay(value, value)
+
+
+def parse_status(text):
+    """``503`` (always) or ``503:0.2,429:0.1`` (each at its probability) -> ((code, weight-or-None), ...)."""
+    if ":" in text:
+        return parse_weighted(text, _status_code)
+    return ((_status_code(text), None),)
+
+
+class Directive(Record):
+    name: str
+    env: str
+    parse: object  # text -> value; flags take None for "on"
+    cap: object = None  # (value, config) -> (amount, limit, limit's variable name), or None: no cap
+    flag: bool = False
+
+
+def _flag(text):
+    return True if text is None else parse_bool(text)
+
+
+DIRECTIVES = {d.name: d for d in (
+    Directive("delay", "DELAY", parse_delay, lambda v, c: (v.maximum, c.max_delay, "MAX_DELAY")),
+    Directive("error", "ERROR_RATE", parse_probability),
+    Directive("status", "ERROR_STATUS", parse_status),
+    Directive("reset", "RESET_RATE", parse_probability),
+    Directive("size", "RESPONSE_SIZE", parse_size, lambda v, c: (v, c.max_size, "MAX_SIZE")),
+    Directive("cpu", "CPU", parse_duration, lambda v, c: (v, c.max_cpu, "MAX_CPU")),
+    Directive("timeout", "UPSTREAM_TIMEOUT", _positive(parse_duration),
+              lambda v, c: (v, c.max_timeout, "MAX_TIMEOUT")),
+    Directive("parallel", "FANOUT", _flag, flag=True),
+    Directive("headers", "ECHO_HEADERS", _flag, flag=True),
+)}
+
+
+def capped_directive(config, key, text):
+    """check_directive(), then the directive's cap under ``config``: DirectiveError above it."""
+    value = check_directive(key, text)
+    cap = DIRECTIVES[key].cap
+    if cap:
+        amount, limit, variable = cap(value, config)
+        if amount > limit:
+            raise DirectiveError(f"{key}={text} is above the limit {variable}={limit:g}", key)
+    return value
+
+
+def check_directive(key, value):
+    """Parse one directive's text, raising DirectiveError; returns the typed value (caps are checked later)."""
+    directive = DIRECTIVES.get(key)
+    if directive is None:
+        raise DirectiveError(f"unknown directive {key!r} (known: {', '.join(DIRECTIVES)})", key)
+    if value is None and not directive.flag:
+        raise DirectiveError(f"directive {key!r} needs a value ({key}=...)", key)
+    try:
+        return directive.parse(value)
+    except ValueError as error:
+        raise DirectiveError(f"{key}: {error}", key) from None
+
+
+class Directives(Record):
+    """The typed directives one request runs with."""
+    delay: Delay = None
+    error: float = None  # None: ``status`` alone decides (SPEC 2)
+    status: tuple = ()
+    reset: float = 0.0
+    size: int = 0
+    cpu: float = 0.0
+    timeout: float = 30.0
+    parallel: bool = False
+    headers: bool = False
+
+    @classmethod
+    def resolve(cls, config, defaults, requested):
+        """Merge node defaults (raw text, as in the environment) with a request's (raw text) and check caps."""
+        values = {}
+        for source in (defaults, requested):
+            for key, text in source.items():
+                values[key] = capped_directive(config, key, text)
+        if "status" in requested and "error" not in requested:
+            values["error"] = None
+        elif "error" not in values:
+            values["error"] = 0.0
+        return cls(**values)
+
+    def failure_status(self, rng):
+        """The status of the injected failure this request gets, or None."""
+        if self.error is None:  # status alone: always, or each code at its probability
+            draw = rng.random()
+            for code, weight in self.status:
+                if weight is None:
+                    return code
+                draw -= weight
+                if draw < 0:
+                    return code
+            return None
+        if not self.error or rng.random() >= self.error:
+            return None
+        if not self.status:
+            return 500
+        if len(self.status) == 1:
+            return self.status[0][0]
+        return _weighted_pick(self.status, rng)
+
+
+def _weighted_pick(choices, rng):
+    total = sum(weight or 0 for _value, weight in choices) or 1.0
+    draw = rng.random() * total
+    for value, weight in choices:
+        draw -= weight or 0
+        if draw < 0:
+            return value
+    return choices[-1][0]
+
+
+def burn_cpu(seconds):
+    """Spend ``seconds`` of this thread's CPU time (visible in CPU metrics and autoscalers), however busy the machine."""
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        for _ in range(1000):
+            n = (n * 1103515245 + 12345) & 0x7FFFFFFF
 
 
 # --- Route grammar -----------------------------------------------------------------------------------------
 # SPEC 1. The path is parsed by a pure function into Targets and Groups; a fault raises RouteError with its
 # position (an offset into the decoded path, the leading "/" being 0). plan_calls() turns a parsed route into
-# the calls one node makes, and route_size() counts the whole tree before anything is sent.
+# the calls one node makes, route_size() counts the whole tree before anything is sent, and check_route_caps()
+# applies every hop's directive caps at the entry node.
 
 class RouteError(ValueError):
     def __init__(self, message, position):
@@ -994,142 +1467,6 @@ def route_size(steps, max_calls, max_depth):
     return total, depth
 
 
-# --- Directives --------------------------------------------------------------------------------------------
-# SPEC 2. A directive is written as text in three places (the environment, a query string, a route's matrix
-# parameter) and always validated by the same parser. Directives.resolve() merges a node's defaults with what a
-# request asked for, checks the caps, and gives the typed values the handler acts on.
-
-class DirectiveError(ValueError):
-    def __init__(self, message, name=None):
-        super().__init__(message)
-        self.name = name
-
-
-# re.ASCII: \d alone also matches other scripts' digits, which float() and int() would then read (``delay=٣s``).
-DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?", re.ASCII)
-SIZE_RE = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE | re.ASCII)
-PROBABILITY_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(%?)", re.ASCII)
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-
-
-def parse_duration(text):
-    """``200ms``, ``1.5s``, ``2m`` or a plain number of seconds -> seconds as a float."""
-    match = DURATION_RE.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"bad duration {text!r} (examples: 200ms, 1.5s, 2m, 0.5)")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
-
-
-def parse_size(text):
-    """``10k``, ``2m`` or a plain number of bytes -> bytes (k = 1024)."""
-    match = SIZE_RE.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"bad size {text!r} (examples: 512, 10k, 1m)")
-    return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
-
-
-def parse_probability(text):
-    """``0.25`` or ``25%`` (fortio's form) -> 0.25."""
-    match = PROBABILITY_RE.fullmatch(text.strip())  # float() alone takes "nan", "1_0", "٣"
-    value = float(match.group(1)) / (100 if match.group(2) else 1) if match else -1.0
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"bad probability {text!r} (a number from 0 to 1, or a percentage)")
-    return value
-
-
-def parse_weighted(text, parse_value):
-    """``v1:p1,v2:p2`` -> ((v1, p1), (v2, p2)); the probabilities add up to at most 1."""
-    choices = []
-    for item in text.split(","):
-        value, sep, weight = item.rpartition(":")
-        if not sep:
-            raise ValueError(f"bad weighted list {text!r}: every item is value:probability")
-        choices.append((parse_value(value), parse_probability(weight)))
-    if sum(weight for _value, weight in choices) > 1.0 + 1e-9:
-        raise ValueError(f"bad weighted list {text!r}: the probabilities add up to more than 1")
-    return tuple(choices)
-
-
-class Delay(Record):
-    """A delay distribution: fixed (low == high), uniform in [low, high], or weighted choices."""
-    low: float = 0.0
-    high: float = 0.0
-    choices: tuple = ()
-
-    @property
-    def maximum(self):
-        return max([self.high] + [value for value, _weight in self.choices])
-
-    def sample(self, rng):
-        if self.choices:
-            draw = rng.random()
-            for value, weight in self.choices:
-                draw -= weight
-                if draw < 0:
-                    return value
-            return 0.0
-        return self.low if self.low == self.high else rng.uniform(self.low, self.high)
-
-
-def parse_delay(text):
-    """``200ms``, ``100ms..300ms`` (uniform) or ``10ms:0.9,2s:0.1`` (weighted; the rest of the time, none)."""
-    if ".." in text:
-        low, _, high = text.partition("..")
-        low, high = parse_duration(low), parse_duration(high)
-        if low > high:
-            raise ValueError(f"bad delay range {text!r}: the low end is above the high end")
-        return Delay(low, high)
-    if ":" in text:
-        return Delay(choices=parse_weighted(text, parse_duration))
-    value = parse_duration(text)
-    return Delay(value, value)
-
-
-def parse_status(text):
-    """``503`` (always) or ``503:0.2,429:0.1`` (each at its probability) -> ((code, weight-or-None), ...)."""
-    if ":" in text:
-        return parse_weighted(text, _status_code)
-    return ((_status_code(text), None),)
-
-
-class Directive(Record):
-    name: str
-    env: str
-    parse: object  # text -> value; flags take None for "on"
-    cap: object = None  # (value, config) -> (amount, limit, limit's variable name), or None: no cap
-    flag: bool = False
-
-
-def _flag(text):
-    return True if text is None else parse_bool(text)
-
-
-DIRECTIVES = {d.name: d for d in (
-    Directive("delay", "DELAY", parse_delay, lambda v, c: (v.maximum, c.max_delay, "MAX_DELAY")),
-    Directive("error", "ERROR_RATE", parse_probability),
-    Directive("status", "ERROR_STATUS", parse_status),
-    Directive("reset", "RESET_RATE", parse_probability),
-    Directive("size", "RESPONSE_SIZE", parse_size, lambda v, c: (v, c.max_size, "MAX_SIZE")),
-    Directive("cpu", "CPU", parse_duration, lambda v, c: (v, c.max_cpu, "MAX_CPU")),
-    Directive("timeout", "UPSTREAM_TIMEOUT", _positive(parse_duration),
-              lambda v, c: (v, c.max_timeout, "MAX_TIMEOUT")),
-    Directive("parallel", "FANOUT", _flag, flag=True),
-    Directive("headers", "ECHO_HEADERS", _flag, flag=True),
-)}
-
-
-def capped_directive(config, key, text):
-    """check_directive(), then the directive's cap under ``config``: DirectiveError above it."""
-    value = check_directive(key, text)
-    cap = DIRECTIVES[key].cap
-    if cap:
-        amount, limit, variable = cap(value, config)
-        if amount > limit:
-            raise DirectiveError(f"{key}={text} is above the limit {variable}={limit:g}", key)
-    return value
-
-
 def check_route_caps(config, steps):
     """Check the caps of every hop's directives in a route, so the entry node refuses what a hop would refuse
     (as a 400 before any call, rather than a 502 from deep in the tree)."""
@@ -1143,9 +1480,6 @@ def check_route_caps(config, steps):
                     capped_directive(config, key, text)
 
 
-RECORD_BYTES = 2048  # what a hop's record adds to its answer besides padding (a budget allowance per call)
-
-
 def route_directive(steps):
     """The first hop of a route that carries directives (what ALLOW_DIRECTIVES=false refuses), or None."""
     for step in steps:
@@ -1157,101 +1491,15 @@ def route_directive(steps):
     return None
 
 
-def check_directive(key, value):
-    """Parse one directive's text, raising DirectiveError; returns the typed value (caps are checked later)."""
-    directive = DIRECTIVES.get(key)
-    if directive is None:
-        raise DirectiveError(f"unknown directive {key!r} (known: {', '.join(DIRECTIVES)})", key)
-    if value is None and not directive.flag:
-        raise DirectiveError(f"directive {key!r} needs a value ({key}=...)", key)
-    try:
-        return directive.parse(value)
-    except ValueError as error:
-        raise DirectiveError(f"{key}: {error}", key) from None
-
-
-class Directives(Record):
-    """The typed directives one request runs with."""
-    delay: Delay = None
-    error: float = None  # None: ``status`` alone decides (SPEC 2)
-    status: tuple = ()
-    reset: float = 0.0
-    size: int = 0
-    cpu: float = 0.0
-    timeout: float = 30.0
-    parallel: bool = False
-    headers: bool = False
-
-    @classmethod
-    def resolve(cls, config, defaults, requested):
-        """Merge node defaults (raw text, as in the environment) with a request's (raw text) and check caps."""
-        values = {}
-        for source in (defaults, requested):
-            for key, text in source.items():
-                values[key] = capped_directive(config, key, text)
-        if "status" in requested and "error" not in requested:
-            values["error"] = None
-        elif "error" not in values:
-            values["error"] = 0.0
-        return cls(**values)
-
-    def failure_status(self, rng):
-        """The status of the injected failure this request gets, or None."""
-        if self.error is None:  # status alone: always, or each code at its probability
-            draw = rng.random()
-            for code, weight in self.status:
-                if weight is None:
-                    return code
-                draw -= weight
-                if draw < 0:
-                    return code
-            return None
-        if not self.error or rng.random() >= self.error:
-            return None
-        if not self.status:
-            return 500
-        if len(self.status) == 1:
-            return self.status[0][0]
-        return _weighted_pick(self.status, rng)
-
-
-def _weighted_pick(choices, rng):
-    total = sum(weight or 0 for _value, weight in choices) or 1.0
-    draw = rng.random() * total
-    for value, weight in choices:
-        draw -= weight or 0
-        if draw < 0:
-            return value
-    return choices[-1][0]
-
-
-def split_query(query):
-    """A query string into {key: raw text, or None for a bare key such as ``parallel``}."""
-    directives = {}
-    for item in query.split("&"):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = unquote(key).lower()
-        directives[key] = unquote(value) if sep else None
-    return directives
-
-
-def burn_cpu(seconds):
-    """Spend ``seconds`` of this thread's CPU time (visible in CPU metrics and autoscalers), however busy the machine."""
-    end = time.thread_time() + seconds
-    n = 0
-    while time.thread_time() < end:
-        for _ in range(1000):
-            n = (n * 1103515245 + 12345) & 0x7FFFFFFF
-
-
 # --- Budgets -----------------------------------------------------------------------------------------------
 # SPEC 8. What one request may make a node spend is counted from its parsed route before any call: the answer
 # bytes and the CPU seconds its whole tree asks for (route_cost). While it runs, the bytes it holds (downstream
 # answers as they arrive, its own padded answer, its body) are charged to a RequestBudget, which charges the
 # node-wide Budget in step, so all requests together stay under MAX_INFLIGHT_BYTES and so under the pod's
 # memory limit. Parsed routes are reused from a cache bounded in bytes that keeps only routes a node accepted.
+
+RECORD_BYTES = 2048  # what a hop's record adds to its answer besides padding (a budget allowance per call)
+
 
 def route_cost(steps, max_calls):
     """(answer bytes, CPU seconds, calls) the hops of ``steps`` ask for in their own directives (``size=``,
@@ -1707,232 +1955,13 @@ class TraceContext:
             self.events.append((name, time.time_ns(), attributes))
 
 
-# --- Outbound calls ----------------------------------------------------------------------------------------
-# SPEC 1, 3, 8. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake.
-# A call never raises: whatever happens (refused, reset, timeout, garbage) becomes a record in the caller's tree.
-# The answer reader below is our own, not http.client's: it skips every interim 1xx answer, refuses conflicting
-# framing at once, never takes a short read for a whole body, and says how many bytes came. A connection goes
-# back to the pool only after a complete, well-framed answer with nothing after it. Names are resolved on a
-# small pool of threads, so the call's deadline bounds getaddrinfo too, and the address actually connected to
-# is checked against the reach rule (loopback, link-local, unspecified, multicast), so DNS cannot get round it.
-
-class Headers(dict):
-    """HTTP headers with lower-cased names; repeated headers are joined with ", " (RFC 9110 5.3)."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-
-MAX_HEADER_LINE = 16 * 1024
-MAX_HEADERS = 100
-MAX_HEADER_BYTES = 64 * 1024  # all header lines together: 100 lines of 16 KiB would hold 1.6 MB per connection
-
-
-TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 5.1)
-# A CR or LF inside a value a node forwards would inject a header line: control characters are refused on arrival.
-HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class HeaderError(ValueError):
-    """A malformed or oversized header block; ``status`` is what a server answers it with."""
-
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.status = status
-
-
-def read_header_lines(stream):
-    """Read header lines up to the blank line into Headers; HeaderError on malformed or oversized ones.
-
-    Used for requests (by the handler) and for answers (by read_answer), so both sides apply the same rules.
-    """
-    headers = Headers()
-    total = 0
-    for _ in range(MAX_HEADERS + 1):
-        line = stream.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise HeaderError(f"a header line is longer than {MAX_HEADER_LINE} bytes", 431)
-        total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise HeaderError(f"the headers are longer than {MAX_HEADER_BYTES} bytes in all", 431)
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not TOKEN_RE.fullmatch(name):  # also refuses obs-fold continuation lines
-            raise HeaderError("malformed header line")
-        name = name.lower()
-        value = value.strip(" \t\r\n")
-        if HEADER_VALUE_BAD_RE.search(value):
-            raise HeaderError(f"control character in the value of header {name!r}")
-        headers[name] = headers[name] + ", " + value if name in headers else value
-    raise HeaderError(f"more than {MAX_HEADERS} headers", 431)
-
-
-class AnswerError(Exception):
-    """A peer's answer that cannot be taken as one: not HTTP, badly framed, cut short or over the budget.
-
-    ``received``: answer bytes that had arrived (0 with ``closed``: the peer closed before answering at all).
-    """
-
-    def __init__(self, message, received=0, status=None, closed=False, over_budget=False):
-        super().__init__(message)
-        self.received = received
-        self.status = status  # the status line's code, once read
-        self.closed = closed
-        self.over_budget = over_budget
-
-
-class Answer:
-    """A peer's final answer, whole: status, headers, body, and whether its connection may be used again."""
-    __slots__ = ("status", "reason", "headers", "body", "reusable")
-
-    def __init__(self, status, reason, headers, body, reusable):
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.body = body
-        self.reusable = reusable
-
-
-STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
-MAX_INTERIM_ANSWERS = 32
-SMALL_BODY = 16 * 1024  # a request body up to this size is sent with its head in one send
-READ_PIECE = 64 * 1024
-
-
-def read_answer(reader, method, charge=None):
-    """Read one final answer from ``reader`` (a SocketReader): interim 1xx answers skipped, the body framed by
-    Content-Length, chunked coding or the close. ``charge(nbytes) -> bool`` is told of body bytes as they come
-    (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
-    reader.received = reader.buffered  # bytes of this answer: a keep-alive reader has read others before
-    for _ in range(MAX_INTERIM_ANSWERS + 1):
-        version, status, reason = _status_line(reader)
-        try:
-            headers = read_header_lines(reader)
-        except HeaderError as error:
-            raise AnswerError(f"bad header block in a {status} answer: {error}", reader.received, status) from None
-        if reader.eof:
-            raise AnswerError(f"closed mid-answer, in the headers of a {status} answer", reader.received, status)
-        if status == 101:
-            raise AnswerError("answered 101 Switching Protocols, but no upgrade was asked for", reader.received, 101)
-        if status >= 200:
-            break
-    else:
-        raise AnswerError(f"more than {MAX_INTERIM_ANSWERS} interim 1xx answers", reader.received)
-    try:
-        framing, length = answer_framing(status, method, headers)
-    except ValueError as error:
-        raise AnswerError(str(error), reader.received, status) from None
-    body = _read_body(reader, framing, length, charge or (lambda nbytes: True), status)
-    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
-    keep_alive = "close" not in tokens and (version == b"1" or "keep-alive" in tokens)
-    return Answer(status, reason, headers, body, keep_alive and framing != "close")
-
-
-def _status_line(reader):
-    line = reader.readline(MAX_HEADER_LINE + 1)
-    if not line:
-        raise AnswerError("connection closed before an answer", reader.received, closed=reader.received == 0)
-    match = STATUS_LINE_RE.fullmatch(line)
-    if not match:
-        if not line.endswith(b"\n") and len(line) <= MAX_HEADER_LINE:
-            raise AnswerError("closed mid-answer, in the status line", reader.received)
-        raise AnswerError(f"the answer is not HTTP/1.x: {_printable(line[:40].decode('latin-1'))!r}", reader.received)
-    return match.group(1), int(match.group(2)), (match.group(3) or b"").decode("latin-1").strip()
-
-
-def answer_framing(status, method, headers):
-    """How an answer's body is delimited (RFC 9112 6.3): ("none", 0), ("length", n), ("chunked", None) or
-    ("close", None). ValueError for framing no client can trust: differing or invalid Content-Lengths, both
-    Transfer-Encoding and Content-Length, an empty Transfer-Encoding."""
-    if method == "HEAD" or status in (204, 304) or status < 200:
-        return "none", 0
-    coding = headers.get("transfer-encoding")
-    length = headers.get("content-length")
-    if coding is not None:
-        if length is not None:
-            raise ValueError("the answer has both Transfer-Encoding and Content-Length")
-        codings = [item.strip().lower() for item in coding.split(",")]
-        if not all(codings):
-            raise ValueError(f"bad Transfer-Encoding {coding!r}")
-        return ("chunked", None) if codings[-1] == "chunked" else ("close", None)
-    if length is None:
-        return "close", None
-    values = {item.strip() for item in length.split(",")}  # "10, 10": one length sent twice, joined
-    if len(values) > 1:
-        raise ValueError(f"differing Content-Length headers ({length})")
-    value = values.pop()
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise ValueError(f"invalid Content-Length {value[:40]!r}")
-    return "length", int(value)
-
-
-def _read_body(reader, framing, length, charge, status):
-    if framing == "none":
-        return b""
-    if framing == "length":
-        if not charge(length):
-            raise AnswerError(f"an answer of {length} bytes", reader.received, status, over_budget=True)
-        return _read_exactly(reader, length, status, f"after {{}} of {length} bytes")
-    if framing == "chunked":
-        return _read_chunked(reader, charge, status)
-    pieces = []
-    while True:
-        piece = reader.read_some(READ_PIECE)
-        if not piece:
-            return b"".join(pieces)
-        if not charge(len(piece)):
-            raise AnswerError("an answer read to its close", reader.received, status, over_budget=True)
-        pieces.append(piece)
-
-
-def _read_exactly(reader, size, status, cut, before=0):
-    data = reader.read_full(size)
-    if len(data) < size:
-        raise AnswerError("closed mid-answer " + cut.format(before + len(data)), reader.received, status)
-    return data
-
-
-def _read_chunked(reader, charge, status):
-    pieces, got = [], 0
-    while True:
-        line = reader.readline(1024)
-        match = CHUNK_SIZE_RE.fullmatch(line)
-        if not match:
-            if reader.eof and not line.endswith(b"\n"):
-                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
-            raise AnswerError(f"bad chunk size line {_printable(line[:40].decode('latin-1'))!r}", reader.received,
-                              status)
-        size = int(match.group(1), 16)
-        if size == 0:
-            break
-        if not charge(size):
-            raise AnswerError("a chunked answer", reader.received, status, over_budget=True)
-        pieces.append(_read_exactly(reader, size, status, "after {} bytes of a chunked answer", got))
-        got += size
-        if reader.readline(3) not in (b"\r\n", b"\n"):
-            if reader.eof:
-                raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
-            raise AnswerError("a chunk is not followed by CRLF", reader.received, status)
-    try:
-        read_header_lines(reader)  # trailers: read and dropped
-    except HeaderError as error:
-        raise AnswerError(f"bad trailer: {error}", reader.received, status) from None
-    if reader.eof:
-        raise AnswerError(f"closed mid-answer after {got} bytes of a chunked answer", reader.received, status)
-    return b"".join(pieces)
-
-
-def request_bytes(method, path, host_header, headers, body):
-    """One request's bytes as the buffers to send: request line, Host, the given headers and Content-Length, with
-    the body in the same buffer when it is small (one send), apart when it is big (never copied)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return (head + body,) if len(body) <= SMALL_BODY else (head, body)
-
+# --- Outbound client ---------------------------------------------------------------------------------------
+# SPEC 1, 3, 8. One keep-alive connection pool per peer address, so a hop costs one request and no TCP handshake;
+# the bytes go out and come back through the HTTP/1.1 wire section. A call never raises: whatever happens
+# (refused, reset, timeout, garbage) becomes a record in the caller's tree. A connection goes back to the pool
+# only after a complete, well-framed answer with nothing after it. Names are resolved on a small pool of threads,
+# so the call's deadline bounds getaddrinfo too, and the address actually connected to is checked against the
+# reach rule (loopback, link-local, unspecified, multicast), so DNS cannot get round it.
 
 class Connection:
     """One keep-alive TCP connection to a peer, with its reader. ``fresh`` until it is taken from the pool."""
@@ -2455,39 +2484,10 @@ def _seed_record(answer, status):
     return record
 
 
-def _printable(text):
-    """``text`` with control characters as spaces: a peer's bytes must not drive a terminal or break a line."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
-
-
-# --- The answer and its views ------------------------------------------------------------------------------
-# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree:
-# JSON, render_tree() for a terminal and render_html() for a browser; the views are pure functions of the record.
-
-class SecondFormat:
-    """A time format applied once a second: formatting the times of every answer costs a few percent otherwise."""
-
-    def __init__(self, pattern):
-        self.pattern = pattern
-        self.last = (None, "")  # one tuple, so no thread reads one second's number with another's text
-
-    def __call__(self, seconds):
-        second, text = self.last
-        if second != seconds:
-            text = time.strftime(self.pattern, time.gmtime(seconds))
-            self.last = (seconds, text)
-        return text
-
-
-ISO_SECONDS = SecondFormat("%Y-%m-%dT%H:%M:%S")
-HTTP_DATE = SecondFormat("%a, %d %b %Y %H:%M:%S GMT")
-
-
-def iso_time(epoch):
-    """RFC 3339 UTC with microseconds."""
-    seconds = int(epoch)
-    return f"{ISO_SECONDS(seconds)}.{int((epoch - seconds) * 1e6):06d}Z"
-
+# --- The node ----------------------------------------------------------------------------------------------
+# What one node does with one request, apart from sockets: directives applied, faults injected, calls made,
+# the answer's record built. The server section turns bytes into a Request and an Outcome into bytes; the node
+# is given its Metrics and SpanExporter (built in the server section), and only calls their methods.
 
 def node_status(own_failure, children):
     """SPEC 3: the injected failure if one fired; else 504 if one of its calls timed out, 502 if one failed or
@@ -2504,70 +2504,6 @@ def node_status(own_failure, children):
     return worst
 
 
-ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
-PADDING_FIELD = ', "padding": ""'
-STRICT_JSON = json.JSONEncoder(allow_nan=False)  # iterencode() yields the text piece by piece, for big answers
-
-
-def answer_json(record, size=0, big=False):
-    """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
-
-    The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
-    record (one holding large downstream answers) is encoded lazily, twice (once to count), so besides the
-    record only one of its strings is held as text at a time; the padding is never held whole. The JSON is
-    strict: a peer may answer NaN or Infinity (Python's json reads them), which no other JSON reader accepts, so
-    those values become null rather than make the whole answer invalid.
-    """
-    try:
-        if big:
-            length, pieces = sum(map(len, STRICT_JSON.iterencode(record))), STRICT_JSON.iterencode(record)
-        else:
-            text = STRICT_JSON.encode(record)
-            length, pieces = len(text), (text,)
-    except ValueError:
-        return answer_json(finite_only(record), size, big)
-    missing = size - length - len(PADDING_FIELD)
-    if missing <= 0:
-        return length, pieces
-    # A record is never empty, so the padding field always follows another.
-    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
-
-
-def _without_closing_brace(pieces):
-    held = None
-    for piece in pieces:
-        if held is not None:
-            yield held
-        held = piece
-    yield held[:-1]
-
-
-def _padding(count):
-    block = "x" * min(count, ANSWER_CHUNK)
-    for start in range(0, count, ANSWER_CHUNK):
-        yield block if count - start >= ANSWER_CHUNK else block[:count - start]
-
-
-def ascii_chunks(pieces):
-    """ASCII text pieces -> bytes of about ANSWER_CHUNK each, encoding one piece at a time."""
-    buffer, buffered = [], 0
-    for piece in pieces:
-        if len(piece) >= ANSWER_CHUNK:
-            if buffer:
-                yield "".join(buffer).encode("ascii")
-                buffer, buffered = [], 0
-            for start in range(0, len(piece), ANSWER_CHUNK):
-                yield piece[start:start + ANSWER_CHUNK].encode("ascii")
-            continue
-        buffer.append(piece)
-        buffered += len(piece)
-        if buffered >= ANSWER_CHUNK:
-            yield "".join(buffer).encode("ascii")
-            buffer, buffered = [], 0
-    if buffer:
-        yield "".join(buffer).encode("ascii")
-
-
 def error_outcome(host, status, message, **extra):
     """An Outcome carrying an error answer."""
     return Outcome(status, error_answer(host, status, message, **extra))
@@ -2578,6 +2514,327 @@ def error_answer(host, status, message, **extra):
     record = {"host": host, "status": status, "error": message}
     record.update(extra)
     return record
+
+
+class Request:
+    """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
+
+    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
+        self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
+        self.budget = None  # the RequestBudget of a routed request, once admitted
+        self.method = method
+        self.path = path  # percent-decoded
+        self.query = query
+        self.headers = headers  # Headers: lower-cased names
+        self.body = body
+        self.received = received  # perf_counter at receipt
+        self.received_wall = received_wall
+
+
+class Outcome:
+    """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
+    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace",
+                 "size", "big")
+
+    def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
+                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False):
+        self.size = size  # the JSON answer is padded to about this many bytes (``size``)
+        self.big = big  # the record holds big downstream answers: encode it piece by piece (answer_json)
+        self.status = status
+        self.record = record
+        self.text = text
+        self.content_type = content_type
+        self.reset = reset  # close with an RST instead of answering
+        self.extra_headers = extra_headers
+        self.trace_id = trace_id
+        self.targets = targets  # names called, for the access log
+        self.trace = trace  # the request's TraceContext: its SERVER span, exemplar and log fields
+
+
+class Node:
+    """One simple-mesh node: its configuration, runtime defaults, connection pool, and what it reports to (its
+    Metrics, and a SpanExporter with native spans: build_node in the server section makes them)."""
+
+    def __init__(self, config, metrics, exporter=None):
+        self.config = config
+        self.defaults = dict(config.defaults)
+        self.base_directives = Directives.resolve(config, self.defaults, {})
+        self.resolver = Resolver(config.peers, config.upstream_port, config.allow_ip_targets)
+        self.pool = ConnectionPool(self.resolver.connect)
+        self.inflight = Budget(config.max_inflight_bytes)  # answer and body bytes of all requests (SPEC 8)
+        self.cpu_queue = Budget(config.max_inflight_cpu, "MAX_INFLIGHT_CPU")  # CPU seconds queued or burning
+        self.cpu_lock = threading.Lock()
+        self.metrics = metrics
+        self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
+        self.exporter = exporter
+        self.ready = True
+        self.rng = random.Random()
+        self.lock = threading.Lock()
+        self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
+
+    # Runtime controls (SPEC 4): a "sick replica" whose probes stay healthy.
+    def set_defaults(self, requested):
+        with self.lock:  # two POSTs at once must not lose one of them
+            merged = dict(self.defaults)
+            merged.update(requested)
+            self.base_directives = Directives.resolve(self.config, merged, {})
+            self.defaults = merged
+
+    def reset_defaults(self):
+        with self.lock:
+            self.defaults = dict(self.config.defaults)
+            self.base_directives = Directives.resolve(self.config, self.defaults, {})
+
+    def serve(self, request):
+        """Answer one routed request: the heart of simple-mesh."""
+        config = self.config
+        trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
+        query = split_query(request.query)
+        query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
+        try:
+            plan = self.plan(request, query, trace)
+        except RouteError as error:
+            return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
+                               route=request.path)
+        except DirectiveError as error:
+            return self.refuse(400, f"bad directive: {error}", trace)
+        if isinstance(plan, Outcome):
+            return plan
+        calls, directives = plan
+
+        record = {"host": config.host}
+        if config.version:
+            record["version"] = config.version
+        record["status"] = 200
+        record["elapsed_time"] = 0.0  # set when answering; here for the field order of the original
+        record.update(config.identity)
+        record["start_time"] = iso_time(request.received_wall)
+        record["trace_id"] = trace.trace_id
+        record["span_id"] = trace.span_id
+
+        rng = self.rng
+        if directives.reset and rng.random() < directives.reset:
+            self.metrics.count_fault("reset")
+            trace.event("simplemesh.reset")
+            return Outcome(0, reset=True, trace_id=trace.trace_id, trace=trace)
+        if directives.delay:
+            delay = directives.delay.sample(rng)
+            if delay > 0:
+                self.metrics.count_fault("delay")
+                record["delay"] = round(delay, 6)
+                trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
+                time.sleep(delay)
+        if directives.cpu:
+            if not self.burn(directives.cpu):
+                return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
+            self.metrics.count_fault("cpu")
+            trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
+            record["cpu"] = directives.cpu
+        if directives.headers:
+            echoed = sum(len(name) + len(value) for name, value in request.headers.items())
+            if not self.inflight.charge(echoed):  # up to MAX_HEADER_BYTES, rendered again in the answer
+                return self.busy(trace)
+            request.held += echoed
+            record["headers"] = dict(request.headers.items())
+
+        failure = directives.failure_status(rng)
+        children = []
+        if calls and not failure:
+            children = self.call_all(calls, request, trace, directives)
+        record["next_node"] = children
+        if failure:
+            self.metrics.count_fault("error")
+            trace.event("simplemesh.error", **{"http.response.status_code": failure})
+            record["error"] = f"injected failure {failure}"
+        status = node_status(failure, children)
+        record["status"] = status
+        if status != 200 and not failure:
+            record["error"] = "a downstream call failed"
+        record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
+        # The padding is streamed (answer_json): writing it holds two pieces at most, not the whole size.
+        own = min(directives.size, 2 * ANSWER_CHUNK)
+        if not self.inflight.charge(own):
+            return self.busy(trace)
+        request.held += own
+        return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
+                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
+
+    def plan(self, request, query, trace):
+        """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
+
+        Raises RouteError or DirectiveError for a bad route or directive. An admitted request holds a
+        RequestBudget (request.budget) until its answer is sent.
+        """
+        config = self.config
+        steps = ROUTES.get(request.path)
+        fresh = steps is None
+        if fresh:
+            steps = parse_route(request.path, config.max_calls)
+        if not config.allow_directives and (query or route_directive(steps)):
+            where = f"for hop {route_directive(steps)!r} " if not query else ""
+            return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
+                               rule="ALLOW_DIRECTIVES")
+        directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
+        calls = plan_calls(steps)
+        if calls:
+            refusal = self.route_refusal(steps, calls, trace)
+            if refusal:
+                return refusal
+        answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
+        answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
+        for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
+                                        (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
+                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
+                                        (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
+            if amount > limit:
+                what = "answer bytes" if "BYTES" in variable else "CPU seconds"
+                return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
+                                        f"{variable}={limit:g}", trace, rule=variable)
+        if fresh:
+            ROUTES.put(request.path, steps)
+        if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
+            return self.busy(trace)
+        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
+        request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
+        return calls, directives
+
+    def busy(self, trace, what="the answers it holds are near", budget=None):
+        """A 503 with Retry-After: this node's budget (bytes by default) has no room for the request now."""
+        budget = budget or self.inflight
+        limit = f"{budget.limit:g}" if isinstance(budget.limit, float) else budget.limit
+        outcome = self.refuse(503, f"the node is busy: {what} {budget.name}={limit}", trace, rule=budget.name)
+        outcome.extra_headers = (("Retry-After", "1"),)
+        return outcome
+
+    def burn(self, seconds):
+        """Burn ``seconds`` of CPU, one request at a time: False when the queue is full (MAX_INFLIGHT_CPU).
+
+        burn_cpu holds the GIL but for a switch every 5 ms, so N requests burning at once make every other
+        thread (probes too) wait about N x 5 ms per step: 40 requests of cpu=3s kept /healthz 14 s from an
+        answer. A node never burns more than one core anyway, so queueing them costs no throughput.
+        """
+        if not self.cpu_queue.charge(seconds):
+            return False
+        try:
+            with self.cpu_lock:
+                burn_cpu(seconds)
+        finally:
+            self.cpu_queue.release(seconds)
+        return True
+
+    def route_refusal(self, steps, calls, trace):
+        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+        config = self.config
+        total, depth = route_size(steps, config.max_calls, config.max_depth)
+        if total > config.max_calls:
+            return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
+                               trace, rule="MAX_CALLS")
+        if depth > config.max_depth:
+            return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
+                               trace, rule="MAX_DEPTH")
+        for target, _rest in calls:
+            refusal = self.target_refusal(target.name)
+            if refusal:
+                return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
+        check_route_caps(config, steps)  # raises DirectiveError
+        return None
+
+    def release(self, request):
+        """Give back what a request held in the node's budget (its body, its answers), once its answer is sent."""
+        if request.held:
+            self.inflight.release(request.held)
+            request.held = 0
+        if request.budget is not None:
+            request.budget.close()
+
+    def refuse(self, status, message, trace, **extra):
+        return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
+                       trace_id=trace.trace_id, trace=trace)
+
+    def flush_spans(self, timeout=5.0):
+        """Export the spans still queued and stop the exporter (at shutdown)."""
+        if self.exporter:
+            self.exporter.shutdown(timeout)
+
+    def target_refusal(self, name):
+        """(why, rule) when this node may not call ``name`` (SPEC 8), else None."""
+        config = self.config
+        if is_ip_literal(name) and not config.allow_ip_targets:
+            return f"target {name!r} is an IP address; set ALLOW_IP_TARGETS=true to allow it", "ALLOW_IP_TARGETS"
+        if config.allowed_hosts and not any(fnmatch.fnmatchcase(name, glob) for glob in config.allowed_hosts):
+            return f"target {name!r} is not in ALLOWED_HOSTS", "ALLOWED_HOSTS"
+        return None
+
+    def call_all(self, calls, request, trace, directives):
+        """Call every target; concurrently with ``parallel``. The records come back in route order.
+
+        Branches run on the node's fan-out pool (MAX_FANOUT_THREADS, shared by all requests); a branch that
+        finds no free thread runs on the request's own thread, after the others, so a busy pool slows a
+        fan-out down but never blocks it (nor deadlocks a node calling itself).
+        """
+        if len(calls) == 1 or not directives.parallel:
+            return [self.call(target, rest, request, trace, directives) for target, rest in calls]
+        records = [None] * len(calls)
+        waits, inline = [], [0]
+        for index in range(1, len(calls)):
+            finished = threading.Event()
+            job = functools.partial(self.call_branch, calls, index, records, (request, trace, directives), finished)
+            if self.fanout.try_submit(job):
+                waits.append(finished)
+            else:
+                inline.append(index)
+        for index in inline:
+            self.call_branch(calls, index, records, (request, trace, directives))
+        for finished in waits:
+            finished.wait()
+        return records
+
+    def call_branch(self, calls, index, records, context, finished=None):
+        target, rest = calls[index]
+        try:
+            records[index] = self.call(target, rest, *context)
+        except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
+            records[index] = caller_record(target.name, "", 502, f"internal error: {type(error).__name__}", 0.0)
+        finally:
+            if finished:
+                finished.set()
+
+    def call(self, target, rest, request, trace, directives):
+        peer, path = self.resolver.resolve(target, forward_route(rest), target.query())
+        span_id = new_span_id() if trace.native else ""
+        started_ns = time.time_ns() if trace.sampled else 0
+        started = time.perf_counter()
+        try:
+            headers = trace.headers_for(span_id)
+            if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
+                headers = dict(headers, **{"content-type": request.headers["content-type"]})
+            status, content_type, data = call_peer(
+                self.pool, peer, path, request.method, request.body, headers,
+                directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
+                raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_call(target.name, str(status), elapsed, trace)
+            if trace.sampled:
+                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, status, "",
+                                             started_ns, time.time_ns())
+            return child_record(target.name, peer.url, status, content_type, data, request.method, elapsed)
+        except CallFailed as failure:
+            elapsed = time.perf_counter() - started
+            code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
+            self.metrics.observe_call(target.name, code, elapsed, trace)
+            if trace.sampled:
+                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
+                                             str(failure), started_ns, time.time_ns())
+            extra = {"rule": failure.rule} if failure.rule else {}
+            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+                                 **extra)
+
+
+# --- Views -------------------------------------------------------------------------------------------------
+# SPEC 3. A node's record is a plain dict (field names of the original kept) so every view renders the same tree:
+# JSON, render_tree() for a terminal and render_html() for a browser; the views are pure functions of the record.
 
 def choose_view(query, accept):
     """The view a request asks for: ``?view=json|tree|html``, else html for a browser (``Accept: text/html``),
@@ -3561,12 +3818,6 @@ def retry_after_seconds(text):
     return max(0.0, when.timestamp() - time.time())
 
 
-def log_warning(config, fields):
-    """A warning log line (unless LOG_LEVEL=error): for what goes wrong in the export thread, which no answer shows."""
-    if config.log_level != "error":
-        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
-
-
 class ExportAnswer(Record):
     """What one POST got: status (None when nothing answered), Retry-After seconds, Content-Type, body."""
     status: object = None
@@ -3702,330 +3953,201 @@ class SpanExporter:
         self.thread.join(timeout)
 
 
-# --- The node ----------------------------------------------------------------------------------------------
-# What one node does with one request, apart from sockets: directives applied, calls made, record built.
-# The handler below only turns bytes into a Request and a record into bytes.
+# --- Configuration -----------------------------------------------------------------------------------------
+# Everything a node is told comes from its environment (SPEC 2, 4, 6, 8), read once at start-up into a frozen
+# Config. A bad value stops the program with a clear message instead of surfacing on the first request. Config
+# comes after the sections whose settings it reads (directives, the wire's header rules, TracingConfig).
 
-class Request:
-    """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
-    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
+def parse_peers(text):
+    """``PEERS="a=127.0.0.1:9091,b=127.0.0.1:9092|127.0.0.1:9093"`` -> {name: [(host, port), ...]}.
 
-    def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
-        self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
-        self.budget = None  # the RequestBudget of a routed request, once admitted
-        self.method = method
-        self.path = path  # percent-decoded
-        self.query = query
-        self.headers = headers  # Headers: lower-cased names
-        self.body = body
-        self.received = received  # perf_counter at receipt
-        self.received_wall = received_wall
-
-
-class Outcome:
-    """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
-    __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace",
-                 "size", "big")
-
-    def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
-                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False):
-        self.size = size  # the JSON answer is padded to about this many bytes (``size``)
-        self.big = big  # the record holds big downstream answers: encode it piece by piece (answer_json)
-        self.status = status
-        self.record = record
-        self.text = text
-        self.content_type = content_type
-        self.reset = reset  # close with an RST instead of answering
-        self.extra_headers = extra_headers
-        self.trace_id = trace_id
-        self.targets = targets  # names called, for the access log
-        self.trace = trace  # the request's TraceContext: its SERVER span, exemplar and log fields
+    Several addresses for one name (``|``) are used in turn: that is how ``mesh`` puts a v1 and a v2 behind a name.
+    """
+    peers = {}
+    for name, addresses in split_pairs(text, "name=host:port"):
+        targets = []
+        for address in addresses.split("|"):
+            host, sep, port = address.strip().rpartition(":")
+            if not sep or not host or not is_number(port) or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port for {name!r}, got {address!r}")
+            targets.append((host, int(port)))
+        peers[name.lower()] = targets
+    return peers
 
 
-class Node:
-    """One simple-mesh node: its configuration, runtime defaults, connection pool and metrics."""
+# The memory a node is given and the bytes its answers may hold are one decision, made here: ``manifests`` writes
+# MEMORY_LIMIT_MIB as each pod's limit, and MAX_INFLIGHT_BYTES defaults to what fits in it. A node at rest uses
+# about 30 MiB (BASE_MEMORY_MIB leaves room for threads, pools and caches); each in-flight answer byte costs up to
+# ANSWER_MEMORY_FACTOR bytes of memory (a body read, its parsed tree, the rendered answer), as measured by
+# RobustMemoryTest. To give a node more, raise both: limit >= BASE_MEMORY_MIB + factor * MAX_INFLIGHT_BYTES.
+MEMORY_LIMIT_MIB = 128
+BASE_MEMORY_MIB = 44
+ANSWER_MEMORY_FACTOR = 3
 
-    def __init__(self, config):
-        self.config = config
-        self.defaults = dict(config.defaults)
-        self.base_directives = Directives.resolve(config, self.defaults, {})
-        self.resolver = Resolver(config.peers, config.upstream_port, config.allow_ip_targets)
-        self.pool = ConnectionPool(self.resolver.connect)
-        self.inflight = Budget(config.max_inflight_bytes)  # answer and body bytes of all requests (SPEC 8)
-        self.cpu_queue = Budget(config.max_inflight_cpu, "MAX_INFLIGHT_CPU")  # CPU seconds queued or burning
-        self.cpu_lock = threading.Lock()
-        self.metrics = Metrics()
-        self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
-        self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics,
-                                     warn=functools.partial(log_warning, config)) if config.tracing else None
-        self.ready = True
-        self.rng = random.Random()
-        self.lock = threading.Lock()
-        self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
 
-    # Runtime controls (SPEC 4): a "sick replica" whose probes stay healthy.
-    def set_defaults(self, requested):
-        with self.lock:  # two POSTs at once must not lose one of them
-            merged = dict(self.defaults)
-            merged.update(requested)
-            self.base_directives = Directives.resolve(self.config, merged, {})
-            self.defaults = merged
+def inflight_bytes_for(memory_limit_mib):
+    """The MAX_INFLIGHT_BYTES that keeps a node under ``memory_limit_mib`` (README: sizing a node)."""
+    return (memory_limit_mib - BASE_MEMORY_MIB) * 1024 * 1024 // ANSWER_MEMORY_FACTOR
 
-    def reset_defaults(self):
-        with self.lock:
-            self.defaults = dict(self.config.defaults)
-            self.base_directives = Directives.resolve(self.config, self.defaults, {})
 
-    def serve(self, request):
-        """Answer one routed request: the heart of simple-mesh."""
-        config = self.config
-        trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
-        query = split_query(request.query)
-        query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
+class Config(Record):
+    host: str = "localhost"
+    port: int = 9090
+    address: str = "0.0.0.0"
+    version: str = ""
+    upstream_port: int = 80
+    peers: dict = {}
+    defaults: dict = {}  # directive defaults from the environment, raw text by name
+    allow_directives: bool = True
+    allow_ip_targets: bool = False
+    allowed_hosts: tuple = ()
+    forward_headers: tuple = ()
+    max_calls: int = 100
+    max_depth: int = 16
+    max_delay: float = 60.0
+    max_cpu: float = 5.0
+    max_size: int = 10 * 1024 * 1024
+    max_timeout: float = 300.0
+    max_body: int = 1024 * 1024
+    max_upstream_body: int = 16 * 1024 * 1024
+    max_route_bytes: int = 10 * 1024 * 1024  # answer bytes one request may ask for across its tree
+    max_route_cpu: float = 10.0  # CPU seconds one request may ask for across its tree
+    max_inflight_bytes: int = inflight_bytes_for(MEMORY_LIMIT_MIB)  # all requests' answer and body bytes at once
+    max_inflight_cpu: float = 10.0  # CPU seconds all requests together may have queued or burning on this node
+    max_concurrency: int = 512
+    max_connections: int = 10000
+    max_fanout_threads: int = 64
+    keepalive_timeout: float = 75.0
+    shutdown_delay: float = 0.0
+    shutdown_grace: float = 30.0
+    log_format: str = "text"
+    log_level: str = "info"
+    trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
+    identity: dict = {}  # pod, namespace, ip, node from the downward API
+    tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
+
+    @classmethod
+    def from_env(cls, environ, **overrides):
+        """Build a Config from environment variables; ``overrides`` win (the ``mesh`` command uses them)."""
+        settings = {}
+
+        def read(name, attr, convert):
+            raw = environ.get(name)
+            if raw is None or raw == "":
+                return
+            try:
+                settings[attr] = convert(raw)
+            except ValueError as error:
+                raise ConfigError(f"{name}={raw!r}: {error}") from None
+
+        positive_int = _positive(ascii_int)
+        read("HOST", "host", str)
+        read("PORT", "port", _port)
+        read("ADDRESS", "address", listen_address)
+        read("VERSION", "version", str)
+        read("UPSTREAM_PORT", "upstream_port", _port)
+        read("PEERS", "peers", parse_peers)
+        read("ALLOW_DIRECTIVES", "allow_directives", parse_bool)
+        read("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool)
+        read("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text)))
+        read("FORWARD_HEADERS", "forward_headers", forward_header_names)
+        read("MAX_CALLS", "max_calls", positive_int)
+        read("MAX_DEPTH", "max_depth", positive_int)
+        read("MAX_DELAY", "max_delay", parse_duration)
+        read("MAX_CPU", "max_cpu", parse_duration)
+        read("MAX_SIZE", "max_size", parse_size)
+        read("MAX_TIMEOUT", "max_timeout", parse_duration)
+        read("MAX_BODY", "max_body", parse_size)
+        read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
+        read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
+        read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
+        read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
+        read("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration))
+        read("MAX_CONCURRENCY", "max_concurrency", positive_int)
+        read("MAX_CONNECTIONS", "max_connections", positive_int)
+        read("MAX_FANOUT_THREADS", "max_fanout_threads", positive_int)
+        read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
+        read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
+        read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
+        read("LOG_FORMAT", "log_format", _choice("text", "json"))
+        read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
+        read("TRACE_UI_URL", "trace_ui_url", str)
+        if "host" not in settings:
+            settings["host"] = socket.gethostname()
+        defaults = {}
+        for directive in DIRECTIVES.values():
+            raw = environ.get(directive.env)
+            if raw and directive.name == "parallel":  # FANOUT=parallel|sequential
+                if raw.lower() not in ("parallel", "sequential"):
+                    raise ConfigError(f"FANOUT={raw!r}: expected parallel or sequential")
+                raw = "true" if raw.lower() == "parallel" else "false"
+            if raw:
+                defaults[directive.name] = raw
+        settings["defaults"] = defaults
+        settings["identity"] = {key: environ[var] for key, var in IDENTITY_ENV.items() if environ.get(var)}
+        settings["tracing"] = TracingConfig.from_env(environ)
+        settings.update(overrides)
+        config = cls(**settings)
         try:
-            plan = self.plan(request, query, trace)
-        except RouteError as error:
-            return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
-                               route=request.path)
+            base = Directives.resolve(config, config.defaults, {})
         except DirectiveError as error:
-            return self.refuse(400, f"bad directive: {error}", trace)
-        if isinstance(plan, Outcome):
-            return plan
-        calls, directives = plan
+            raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
+        for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
+                                              (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU"),
+                                              (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
+            if amount > limit:  # else every routed request would be refused
+                raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
+        return config
 
-        record = {"host": config.host}
-        if config.version:
-            record["version"] = config.version
-        record["status"] = 200
-        record["elapsed_time"] = 0.0  # set when answering; here for the field order of the original
-        record.update(config.identity)
-        record["start_time"] = iso_time(request.received_wall)
-        record["trace_id"] = trace.trace_id
-        record["span_id"] = trace.span_id
 
-        rng = self.rng
-        if directives.reset and rng.random() < directives.reset:
-            self.metrics.count_fault("reset")
-            trace.event("simplemesh.reset")
-            return Outcome(0, reset=True, trace_id=trace.trace_id, trace=trace)
-        if directives.delay:
-            delay = directives.delay.sample(rng)
-            if delay > 0:
-                self.metrics.count_fault("delay")
-                record["delay"] = round(delay, 6)
-                trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
-                time.sleep(delay)
-        if directives.cpu:
-            if not self.burn(directives.cpu):
-                return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
-            self.metrics.count_fault("cpu")
-            trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
-            record["cpu"] = directives.cpu
-        if directives.headers:
-            echoed = sum(len(name) + len(value) for name, value in request.headers.items())
-            if not self.inflight.charge(echoed):  # up to MAX_HEADER_BYTES, rendered again in the answer
-                return self.busy(trace)
-            request.held += echoed
-            record["headers"] = dict(request.headers.items())
+IDENTITY_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "ip": "POD_IP", "node": "NODE_NAME"}
 
-        failure = directives.failure_status(rng)
-        children = []
-        if calls and not failure:
-            children = self.call_all(calls, request, trace, directives)
-        record["next_node"] = children
-        if failure:
-            self.metrics.count_fault("error")
-            trace.event("simplemesh.error", **{"http.response.status_code": failure})
-            record["error"] = f"injected failure {failure}"
-        status = node_status(failure, children)
-        record["status"] = status
-        if status != 200 and not failure:
-            record["error"] = "a downstream call failed"
-        record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
-        # The padding is streamed (answer_json): writing it holds two pieces at most, not the whole size.
-        own = min(directives.size, 2 * ANSWER_CHUNK)
-        if not self.inflight.charge(own):
-            return self.busy(trace)
-        request.held += own
-        return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
-                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
 
-    def plan(self, request, query, trace):
-        """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
-
-        Raises RouteError or DirectiveError for a bad route or directive. An admitted request holds a
-        RequestBudget (request.budget) until its answer is sent.
-        """
-        config = self.config
-        steps = ROUTES.get(request.path)
-        fresh = steps is None
-        if fresh:
-            steps = parse_route(request.path, config.max_calls)
-        if not config.allow_directives and (query or route_directive(steps)):
-            where = f"for hop {route_directive(steps)!r} " if not query else ""
-            return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
-                               rule="ALLOW_DIRECTIVES")
-        directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
-        calls = plan_calls(steps)
-        if calls:
-            refusal = self.route_refusal(steps, calls, trace)
-            if refusal:
-                return refusal
-        answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
-        answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
-        for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
-                                        (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
-                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
-                                        (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
-            if amount > limit:
-                what = "answer bytes" if "BYTES" in variable else "CPU seconds"
-                return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
-                                        f"{variable}={limit:g}", trace, rule=variable)
-        if fresh:
-            ROUTES.put(request.path, steps)
-        if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
-            return self.busy(trace)
-        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
-        request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
-        return calls, directives
-
-    def busy(self, trace, what="the answers it holds are near", budget=None):
-        """A 503 with Retry-After: this node's budget (bytes by default) has no room for the request now."""
-        budget = budget or self.inflight
-        limit = f"{budget.limit:g}" if isinstance(budget.limit, float) else budget.limit
-        outcome = self.refuse(503, f"the node is busy: {what} {budget.name}={limit}", trace, rule=budget.name)
-        outcome.extra_headers = (("Retry-After", "1"),)
-        return outcome
-
-    def burn(self, seconds):
-        """Burn ``seconds`` of CPU, one request at a time: False when the queue is full (MAX_INFLIGHT_CPU).
-
-        burn_cpu holds the GIL but for a switch every 5 ms, so N requests burning at once make every other
-        thread (probes too) wait about N x 5 ms per step: 40 requests of cpu=3s kept /healthz 14 s from an
-        answer. A node never burns more than one core anyway, so queueing them costs no throughput.
-        """
-        if not self.cpu_queue.charge(seconds):
-            return False
+def listen_address(text):
+    """ADDRESS: an IP address (``0.0.0.0``, ``::``, ``127.0.0.1``...) or ``localhost``; never a name to look up."""
+    if text == "localhost":
+        return text
+    for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            with self.cpu_lock:
-                burn_cpu(seconds)
-        finally:
-            self.cpu_queue.release(seconds)
-        return True
-
-    def route_refusal(self, steps, calls, trace):
-        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
-        config = self.config
-        total, depth = route_size(steps, config.max_calls, config.max_depth)
-        if total > config.max_calls:
-            return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
-                               trace, rule="MAX_CALLS")
-        if depth > config.max_depth:
-            return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
-                               trace, rule="MAX_DEPTH")
-        for target, _rest in calls:
-            refusal = self.target_refusal(target.name)
-            if refusal:
-                return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
-        check_route_caps(config, steps)  # raises DirectiveError
-        return None
-
-    def release(self, request):
-        """Give back what a request held in the node's budget (its body, its answers), once its answer is sent."""
-        if request.held:
-            self.inflight.release(request.held)
-            request.held = 0
-        if request.budget is not None:
-            request.budget.close()
-
-    def refuse(self, status, message, trace, **extra):
-        return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
-                       trace_id=trace.trace_id, trace=trace)
-
-    def flush_spans(self, timeout=5.0):
-        """Export the spans still queued and stop the exporter (at shutdown)."""
-        if self.exporter:
-            self.exporter.shutdown(timeout)
-
-    def target_refusal(self, name):
-        """(why, rule) when this node may not call ``name`` (SPEC 8), else None."""
-        config = self.config
-        if is_ip_literal(name) and not config.allow_ip_targets:
-            return f"target {name!r} is an IP address; set ALLOW_IP_TARGETS=true to allow it", "ALLOW_IP_TARGETS"
-        if config.allowed_hosts and not any(fnmatch.fnmatchcase(name, glob) for glob in config.allowed_hosts):
-            return f"target {name!r} is not in ALLOWED_HOSTS", "ALLOWED_HOSTS"
-        return None
-
-    def call_all(self, calls, request, trace, directives):
-        """Call every target; concurrently with ``parallel``. The records come back in route order.
-
-        Branches run on the node's fan-out pool (MAX_FANOUT_THREADS, shared by all requests); a branch that
-        finds no free thread runs on the request's own thread, after the others, so a busy pool slows a
-        fan-out down but never blocks it (nor deadlocks a node calling itself).
-        """
-        if len(calls) == 1 or not directives.parallel:
-            return [self.call(target, rest, request, trace, directives) for target, rest in calls]
-        records = [None] * len(calls)
-        waits, inline = [], [0]
-        for index in range(1, len(calls)):
-            finished = threading.Event()
-            job = functools.partial(self.call_branch, calls, index, records, (request, trace, directives), finished)
-            if self.fanout.try_submit(job):
-                waits.append(finished)
-            else:
-                inline.append(index)
-        for index in inline:
-            self.call_branch(calls, index, records, (request, trace, directives))
-        for finished in waits:
-            finished.wait()
-        return records
-
-    def call_branch(self, calls, index, records, context, finished=None):
-        target, rest = calls[index]
-        try:
-            records[index] = self.call(target, rest, *context)
-        except Exception as error:  # a bug; on a thread of its own it would leave a hole in the tree
-            records[index] = caller_record(target.name, "", 502, f"internal error: {type(error).__name__}", 0.0)
-        finally:
-            if finished:
-                finished.set()
-
-    def call(self, target, rest, request, trace, directives):
-        peer, path = self.resolver.resolve(target, forward_route(rest), target.query())
-        span_id = new_span_id() if trace.native else ""
-        started_ns = time.time_ns() if trace.sampled else 0
-        started = time.perf_counter()
-        try:
-            headers = trace.headers_for(span_id)
-            if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
-                headers = dict(headers, **{"content-type": request.headers["content-type"]})
-            status, content_type, data = call_peer(
-                self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
-            if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
-                raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
-            elapsed = time.perf_counter() - started
-            self.metrics.observe_call(target.name, str(status), elapsed, trace)
-            if trace.sampled:
-                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, status, "",
-                                             started_ns, time.time_ns())
-            return child_record(target.name, peer.url, status, content_type, data, request.method, elapsed)
-        except CallFailed as failure:
-            elapsed = time.perf_counter() - started
-            code = str(failure.code) if failure.code else ("timeout" if failure.status == 504 else "error")
-            self.metrics.observe_call(target.name, code, elapsed, trace)
-            if trace.sampled:
-                self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
-                                             str(failure), started_ns, time.time_ns())
-            extra = {"rule": failure.rule} if failure.rule else {}
-            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
-                                 **extra)
+            socket.inet_pton(family, text)
+            return text
+        except OSError:
+            continue
+    raise ValueError("expected an IP address to listen on, such as 0.0.0.0, ::, 127.0.0.1 or ::1")
 
 
-# --- HTTP handler ------------------------------------------------------------------------------------------
+def forward_header_names(text):
+    """FORWARD_HEADERS: lower-cased names; a hop-by-hop or framing header is refused (the node writes those)."""
+    names = tuple(word.lower() for word in _word_list(text))
+    refused = [name for name in names if name in NOT_FORWARDABLE or name.startswith("proxy-")]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be forwarded: a node writes hop-by-hop and framing "
+                         "headers (connection, keep-alive, te, trailer, transfer-encoding, upgrade, "
+                         "content-length, host, proxy-*) itself")
+    return names
+
+
+# --- Server ------------------------------------------------------------------------------------------------
 # What a worker does with a connection that has bytes waiting: read one request with the wire section, turn it
 # into a Request, let the node answer it, write the answer in one send. Probes, scrapes and admin calls are never
 # refused; everything else is, with a 503, above MAX_CONCURRENCY requests in flight.
+#
+# A custom HTTP/1.1 server built for a node's three duties under load: never a thread per connection, probes
+# answered first, refusals cheap. One poller thread owns the listener and every idle connection (epoll, so any
+# number of descriptors); a connection whose first byte arrives is handed to a bounded pool of workers, or to a
+# small separate lane of its own when its request line (peeked, not read) is a probe or a scrape. A worker reads
+# one request with the HTTP/1.1 wire section above, answers it, serves any request already buffered behind it,
+# then gives the connection back to the poller. Idle connections close after KEEPALIVE_TIMEOUT, the oldest first
+# when MAX_CONNECTIONS is near; beyond it new ones wait in the listen backlog. Error answers end with a lingering
+# close done by the poller, so the client reads the 400 or 413 instead of a reset and no worker waits for it.
+
+def build_node(config):
+    """A Node with what it reports to: its Metrics and, with native spans (config.tracing), its SpanExporter."""
+    metrics = Metrics()
+    exporter = SpanExporter(config.tracing, node_resource(config), metrics,
+                            warn=functools.partial(log_warning, config)) if config.tracing else None
+    return Node(config, metrics, exporter)
+
 
 class Handler:
     """Serves the requests a connection has sent, one at a time, on the worker that the server handed it to."""
@@ -4305,33 +4427,6 @@ def internal_error(config, error):
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
 
 
-# A logfmt value that needs no quotes: printable ASCII but space, '"', '=' and '\'. Anything else is quoted
-# with JSON's escapes, so no value (a path with %20, quotes or CR LF) can forge a field or a line.
-LOGFMT_BARE_RE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
-
-
-def logfmt_value(value):
-    text = ",".join(value) if isinstance(value, list) else str(value)
-    return text if LOGFMT_BARE_RE.fullmatch(text) else json.dumps(text)
-
-
-def log_line(config, fields):
-    """One line on stdout, written with a single os.write so lines from many threads never interleave."""
-    if config.log_format == "json":
-        line = json.dumps(fields)
-    else:
-        words = []
-        for key, value in fields.items():
-            if value == "" or value is None or value == []:
-                continue
-            words.append(logfmt_value(value) if key in ("time", "host") else f"{key}={logfmt_value(value)}")
-        line = " ".join(words)
-    try:
-        os.write(1, (line + "\n").encode("utf-8", "replace"))
-    except OSError:
-        pass
-
-
 def listen(address, port):
     """A listening socket on ``address``; ``::`` is dual-stack (IPv4 too) where the system allows it.
     ConfigError, one line naming the port, for a port in use or an address this machine does not have."""
@@ -4368,16 +4463,6 @@ def connection_cap(configured):
     return min(configured, max(16, soft // 2))
 
 
-# --- HTTP server -------------------------------------------------------------------------------------------
-# A custom HTTP/1.1 server built for a node's three duties under load: never a thread per connection, probes
-# answered first, refusals cheap. One poller thread owns the listener and every idle connection (epoll, so any
-# number of descriptors); a connection whose first byte arrives is handed to a bounded pool of workers, or to a
-# small separate lane of its own when its request line (peeked, not read) is a probe or a scrape. A worker reads
-# one request with the HTTP/1.1 wire section above, answers it, serves any request already buffered behind it,
-# then gives the connection back to the poller. Idle connections close after KEEPALIVE_TIMEOUT, the oldest first
-# when MAX_CONNECTIONS is near; beyond it new ones wait in the listen backlog. Error answers end with a lingering
-# close done by the poller, so the client reads the 400 or 413 instead of a reset and no worker waits for it.
-
 PROBE_PREFIXES = tuple(f"{method} /{path}{end}".encode() for method in ("GET", "HEAD")
                        for path in ("healthz", "readyz", "metrics") for end in (" ", "?"))
 PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
@@ -4409,56 +4494,6 @@ class InboundConnection:
             self.sock.close()
         except OSError:
             pass
-
-
-class WorkerPool:
-    """At most ``max_threads`` threads, started when work waits and none is free, ended after ``idle_exit``
-    seconds without work. ``submit`` queues; ``try_submit`` refuses (False) when every thread is taken."""
-
-    def __init__(self, max_threads, name, idle_exit=30.0):
-        self.max_threads = max_threads
-        self.name = name
-        self.idle_exit = idle_exit
-        self.jobs = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads = self.waiting = self.queued = 0
-
-    def submit(self, job):
-        self._submit(job, queue_when_full=True)
-
-    def try_submit(self, job):
-        return self._submit(job, queue_when_full=False)
-
-    def _submit(self, job, queue_when_full):
-        with self.lock:  # checked and counted at once: two try_submits never both take the last thread
-            if not queue_when_full and self.threads - self.waiting + self.queued >= self.max_threads:
-                return False
-            self.queued += 1
-            start = self.queued > self.waiting and self.threads < self.max_threads
-            if start:
-                self.threads += 1
-            self.jobs.put(job)
-        if start:
-            threading.Thread(target=self._run, name=self.name, daemon=True).start()
-        return True
-
-    def _run(self):
-        while True:
-            with self.lock:
-                self.waiting += 1
-            try:
-                job = self.jobs.get(timeout=self.idle_exit)
-            except queue.Empty:
-                with self.lock:
-                    self.waiting -= 1
-                    if self.queued <= self.waiting:  # nothing unclaimed: this thread may go
-                        self.threads -= 1
-                        return
-                continue
-            with self.lock:
-                self.waiting -= 1
-                self.queued -= 1
-            job()
 
 
 def is_probe(first_bytes):
@@ -5211,7 +5246,7 @@ def parse_node_spec(text):
 
 def start_node(config):
     """Bind a node's server and serve it on a daemon thread; returns the Server."""
-    server = Server(Node(config))
+    server = Server(build_node(config))
     threading.Thread(target=server.serve_forever, name=f"serve-{config.host}", daemon=True).start()
     return server
 

@@ -70,7 +70,7 @@ class Mesh:
         for name, defaults in nodes.items():
             node_config = sm.Config(host=name, port=0, address=address, peers=self.peers,
                                     defaults=dict(defaults), log_level="warning", **config)
-            server = sm.Server(sm.Node(node_config))
+            server = sm.Server(sm.build_node(node_config))
             self.servers[name] = server
             self.peers[name] = [(address, server.server_address[1])]
         for server in self.servers.values():
