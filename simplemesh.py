@@ -57,7 +57,6 @@ import struct
 import sys
 import threading
 import time
-import http.client
 from http import HTTPStatus
 from datetime import datetime
 from urllib.parse import unquote, urlsplit
@@ -310,7 +309,7 @@ def ascii_chunks(pieces):
 def log_warning(config, fields):
     """A warning log line (unless LOG_LEVEL=error): for what goes wrong in the export thread, which no answer shows."""
     if config.log_level != "error":
-        log_line(config, dict(time=iso_time(time.time()), host=config.host, **fields))
+        log_line(config, fields)
 
 
 # A logfmt value that needs no quotes: printable ASCII but space, '"', '=' and '\'. Anything else is quoted
@@ -324,7 +323,9 @@ def logfmt_value(value):
 
 
 def log_line(config, fields):
-    """One line on stdout, written with a single os.write so lines from many threads never interleave."""
+    """One line on stdout, written with a single os.write so lines from many threads never interleave. Every line
+    opens with the time and the node's name."""
+    fields = {"time": iso_time(time.time()), "host": config.host, **fields}
     if config.log_format == "json":
         line = json.dumps(fields)
     else:
@@ -1060,6 +1061,18 @@ def parse_weighted(text, parse_value):
     return tuple(choices)
 
 
+def weighted_choice(choices, draw):
+    """The value of ((value, weight), ...) whose stretch of [0, total weight) holds ``draw``; a weight of None
+    takes every draw. None when ``draw`` lies past the last stretch (the weights' rest)."""
+    for value, weight in choices:
+        if weight is None:
+            return value
+        draw -= weight
+        if draw < 0:
+            return value
+    return None
+
+
 class Delay(Record):
     """A delay distribution: fixed (low == high), uniform in [low, high], or weighted choices."""
     low: float = 0.0
@@ -1072,12 +1085,8 @@ class Delay(Record):
 
     def sample(self, rng):
         if self.choices:
-            draw = rng.random()
-            for value, weight in self.choices:
-                draw -= weight
-                if draw < 0:
-                    return value
-            return 0.0
+            value = weighted_choice(self.choices, rng.random())
+            return 0.0 if value is None else value  # the weights' rest: no delay
         return self.low if self.low == self.high else rng.uniform(self.low, self.high)
 
 
@@ -1180,31 +1189,16 @@ class Directives(Record):
     def failure_status(self, rng):
         """The status of the injected failure this request gets, or None."""
         if self.error is None:  # status alone: always, or each code at its probability
-            draw = rng.random()
-            for code, weight in self.status:
-                if weight is None:
-                    return code
-                draw -= weight
-                if draw < 0:
-                    return code
-            return None
+            return weighted_choice(self.status, rng.random())
         if not self.error or rng.random() >= self.error:
             return None
         if not self.status:
             return 500
         if len(self.status) == 1:
             return self.status[0][0]
-        return _weighted_pick(self.status, rng)
-
-
-def _weighted_pick(choices, rng):
-    total = sum(weight or 0 for _value, weight in choices) or 1.0
-    draw = rng.random() * total
-    for value, weight in choices:
-        draw -= weight or 0
-        if draw < 0:
-            return value
-    return choices[-1][0]
+        total = sum(weight or 0 for _code, weight in self.status) or 1.0  # error= decides; the weights share it
+        code = weighted_choice(self.status, rng.random() * total)
+        return self.status[-1][0] if code is None else code
 
 
 def burn_cpu(seconds):
@@ -1396,12 +1390,18 @@ def is_ip_literal(name):
     return last.isdigit() or (last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:]))
 
 
-RESERVED_NAMES = frozenset(("metrics", "healthz", "readyz"))  # first segments a node answers itself (SPEC 1)
+# The paths a node answers itself (SPEC 1, 4): its probes and metrics, and the admin paths under ADMIN_PREFIX.
+# Their names are reserved as a route's first step; a service of that name is called as a group: ``(metrics)``.
+PROBE_PATHS = ("/healthz", "/readyz")
+METRICS_PATH = "/metrics"
+OPERATIONS_PATHS = PROBE_PATHS + (METRICS_PATH,)
+ADMIN_PREFIX = "/-/"
+RESERVED_NAMES = frozenset(path[1:] for path in OPERATIONS_PATHS)
 
 
 def is_operations_path(path):
     """Paths a node answers itself: probes, metrics and the /-/ admin paths."""
-    return path in ("/metrics", "/healthz", "/readyz") or path.startswith("/-/")
+    return path in OPERATIONS_PATHS or path.startswith(ADMIN_PREFIX)
 
 
 def forward_route(steps):
@@ -2359,37 +2359,47 @@ def call_peer(pool, peer, path, method, body, headers, timeout, budget):
         request = request_bytes(method, path, peer.host_header, headers, body)
     except UnicodeEncodeError:
         raise CallFailed("a header value cannot be sent as latin-1") from None
-    retry = method in IDEMPOTENT_METHODS
+    try:
+        answer = exchange(pool, peer, method, request, deadline, budget.charge, method in IDEMPOTENT_METHODS)
+    except _Retry:
+        raise CallFailed("connection closed before an answer") from None
+    except CallFailed:
+        raise
+    except Exception as error:
+        raise _call_failure(error, peer, timeout, budget) from None
+    return answer.status, answer.headers.get("content-type", ""), answer.body
+
+
+def exchange(pool, peer, method, request, deadline, charge=None, retry_stale=False):
+    """The one HTTP client: send ``request`` (request_bytes) to ``peer`` on a pooled keep-alive connection and read
+    the whole final Answer, all by ``deadline``. Calls, the span exporter, ``call`` and ``load`` all use it.
+
+    One connection policy: a connection goes back to the pool only after a complete, well-framed answer with
+    nothing after it. A reused connection that the peer closed before sending any byte is retried once on a new
+    connection when ``retry_stale``, else _Retry is raised. Raises OSError (TimeoutError at the deadline),
+    AnswerError, or what ``pool.connect`` raises.
+    """
     while True:
+        connection = pool.take(peer, deadline)
         try:
-            connection = pool.take(peer, deadline)
-        except CallFailed:
-            raise
-        except Exception as error:
-            raise _call_failure(error, peer, timeout, budget) from None
-        try:
-            answer = _exchange(connection, request, method, budget, deadline)
+            answer = _exchange(connection, request, method, charge, deadline)
         except _Retry:
-            if retry:
-                retry = False
+            if retry_stale:
+                retry_stale = False
                 continue
-            raise CallFailed("connection closed before an answer") from None
-        except CallFailed:
             raise
-        except Exception as error:
-            raise _call_failure(error, peer, timeout, budget) from None
         if answer.reusable and not connection.reader.buffered:  # nothing after the answer: clean for the next one
             pool.give_back(peer.address, connection)
         else:
             connection.close()
-        return answer.status, answer.headers.get("content-type", ""), answer.body
+        return answer
 
 
 class _Retry(Exception):
     """A reused connection the peer had closed: nothing was answered, the request may go again."""
 
 
-def _exchange(connection, request, method, budget, deadline):
+def _exchange(connection, request, method, charge, deadline):
     """Send ``request`` and read the answer on ``connection``, closing it on any failure."""
     sending = True
     watch = DEADLINES.watch(connection, max(0.0, deadline - time.monotonic()))
@@ -2398,7 +2408,7 @@ def _exchange(connection, request, method, budget, deadline):
         for buffer in request:
             connection.sock.sendall(buffer)
         sending = False
-        answer = read_answer(connection.reader, method, budget.charge)
+        answer = read_answer(connection.reader, method, charge)
     except Exception as error:
         expired = DEADLINES.release(watch)
         connection.close()
@@ -2430,6 +2440,39 @@ def _call_failure(error, peer, timeout, budget):
     if isinstance(error, (ConnectionResetError, BrokenPipeError)):
         return CallFailed("connection reset before an answer")
     return CallFailed(f"{type(error).__name__}: {str(error)[:200]}")
+
+
+def origin_request(scheme, host, port, method, path, headers, body=b""):
+    """(Peer, request bytes) for a request to a URL's origin (``call``, ``load``, the span exporter): no reach
+    rule; the Host header is the one in ``headers`` if any, else host[:port]."""
+    host_header = next((value for name, value in headers.items() if name.lower() == "host"), None)
+    if host_header is None:
+        host_header = (f"[{host}]" if ":" in host else host) + ("" if port == (443 if scheme == "https" else 80)
+                                                                  else f":{port}")
+    headers = {name: value for name, value in headers.items() if name.lower() != "host"}
+    peer = Peer((host, port), host_header, f"{scheme}://{host_header}/")
+    return peer, request_bytes(method, path, host_header, headers, body)
+
+
+def origin_pool(scheme):
+    """A ConnectionPool for one origin: its connections wrapped in TLS for https."""
+    return ConnectionPool(_connect_tls if scheme == "https" else None)
+
+
+def _connect_tls(peer, deadline):
+    import ssl  # only here: most runs never need it
+    sock = connect_to(peer.address, deadline).sock
+    return Connection(ssl.create_default_context().wrap_socket(sock, server_hostname=peer.address[0]))
+
+
+def byte_limit(limit):
+    """A ``charge`` for read_answer that refuses once more than ``limit`` body bytes came."""
+    used = [0]
+
+    def charge(nbytes):
+        used[0] += nbytes
+        return used[0] <= limit
+    return charge
 
 
 def caller_record(name, url, status, error, elapsed, timeout=False, **extra):
@@ -2504,18 +2547,6 @@ def node_status(own_failure, children):
     return worst
 
 
-def error_outcome(host, status, message, **extra):
-    """An Outcome carrying an error answer."""
-    return Outcome(status, error_answer(host, status, message, **extra))
-
-
-def error_answer(host, status, message, **extra):
-    """A 4xx/5xx answer that still reads as a node record, so it nests in a caller's tree."""
-    record = {"host": host, "status": status, "error": message}
-    record.update(extra)
-    return record
-
-
 class Request:
     """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
     __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
@@ -2550,6 +2581,118 @@ class Outcome:
         self.trace_id = trace_id
         self.targets = targets  # names called, for the access log
         self.trace = trace  # the request's TraceContext: its SERVER span, exemplar and log fields
+
+
+class Refusal:
+    """A request answered with an error before any call: every 4xx the plan finds, and the node's 503s.
+    ``fields`` go into the error answer (``rule``, ``position``, ``target``...); ``retry_after``: try again."""
+    __slots__ = ("status", "message", "fields", "retry_after")
+
+    def __init__(self, status, message, retry_after=False, **fields):
+        self.status = status
+        self.message = message
+        self.fields = fields
+        self.retry_after = retry_after
+
+    def outcome(self, host, trace=None):
+        """The Outcome answering it, as node ``host`` (with the request's trace id, when it has a trace)."""
+        if trace is None:
+            outcome = Outcome(self.status, error_answer(host, self.status, self.message, **self.fields))
+        else:
+            record = error_answer(host, self.status, self.message, trace_id=trace.trace_id, **self.fields)
+            outcome = Outcome(self.status, record, trace_id=trace.trace_id, trace=trace)
+        if self.retry_after:
+            outcome.extra_headers = (("Retry-After", "1"),)
+        return outcome
+
+
+def error_outcome(host, status, message, **extra):
+    """The Outcome of an error answer that has no request trace (the server's, the admin paths')."""
+    return Refusal(status, message, **extra).outcome(host)
+
+
+def error_answer(host, status, message, **extra):
+    """A 4xx/5xx answer that still reads as a node record, so it nests in a caller's tree."""
+    record = {"host": host, "status": status, "error": message}
+    record.update(extra)
+    return record
+
+
+class Plan(Record):
+    """What a node will do for one request: the route, the calls this node makes and the directives it runs
+    with, and what the whole tree asks for (answer bytes, calls) before any call."""
+    steps: list = None
+    calls: list = None
+    directives: object = None
+    answer_bytes: int = 0
+    call_count: int = 0
+    fresh: bool = False  # the route was parsed now, not taken from ROUTES: cached once admitted
+
+
+def plan_request(config, defaults, base_directives, path, query):
+    """The pure plan step: a request's path and query (+ the node's config and defaults) -> its Plan, or the
+    Refusal of a bad or forbidden request (every 4xx), before any call. ``base_directives``: ``defaults``
+    resolved (Directives.resolve), for a request without directives of its own."""
+    query = split_query(query)
+    query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
+    try:
+        return _plan(config, defaults, base_directives, path, query)
+    except RouteError as error:
+        return Refusal(400, f"bad route: {error.message}", position=error.position, route=path)
+    except DirectiveError as error:
+        return Refusal(400, f"bad directive: {error}")
+
+
+def _plan(config, defaults, base_directives, path, query):
+    steps = ROUTES.get(path)
+    fresh = steps is None
+    if fresh:
+        steps = parse_route(path, config.max_calls)
+    if not config.allow_directives and (query or route_directive(steps)):
+        where = f"for hop {route_directive(steps)!r} " if not query else ""
+        return Refusal(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)",
+                       rule="ALLOW_DIRECTIVES")
+    directives = Directives.resolve(config, defaults, query) if query else base_directives
+    calls = plan_calls(steps)
+    if calls:
+        refusal = route_refusal(config, steps, calls)
+        if refusal:
+            return refusal
+    answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
+    answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
+    for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
+                                    (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
+                                    (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
+                                    (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
+        if amount > limit:
+            what = "answer bytes" if "BYTES" in variable else "CPU seconds"
+            return Refusal(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
+                                f"{variable}={limit:g}", rule=variable)
+    return Plan(steps, calls, directives, answer_bytes, call_count, fresh)
+
+
+def route_refusal(config, steps, calls):
+    """The Refusal of a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+    total, depth = route_size(steps, config.max_calls, config.max_depth)
+    if total > config.max_calls:
+        return Refusal(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls", rule="MAX_CALLS")
+    if depth > config.max_depth:
+        return Refusal(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops", rule="MAX_DEPTH")
+    for target, _rest in calls:
+        refusal = target_refusal(config, target.name)
+        if refusal:
+            return Refusal(403, refusal[0], rule=refusal[1], target=target.name)
+    check_route_caps(config, steps)  # raises DirectiveError
+    return None
+
+
+def target_refusal(config, name):
+    """(why, rule) when a node may not call ``name`` (SPEC 8), else None."""
+    if is_ip_literal(name) and not config.allow_ip_targets:
+        return f"target {name!r} is an IP address; set ALLOW_IP_TARGETS=true to allow it", "ALLOW_IP_TARGETS"
+    if config.allowed_hosts and not any(fnmatch.fnmatchcase(name, glob) for glob in config.allowed_hosts):
+        return f"target {name!r} is not in ALLOWED_HOSTS", "ALLOWED_HOSTS"
+    return None
 
 
 class Node:
@@ -2587,22 +2730,41 @@ class Node:
             self.base_directives = Directives.resolve(self.config, self.defaults, {})
 
     def serve(self, request):
-        """Answer one routed request: the heart of simple-mesh."""
+        """Answer one routed request, the heart of simple-mesh: plan (pure), admit (budgets), execute."""
         config = self.config
         trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
-        query = split_query(request.query)
-        query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
-        try:
-            plan = self.plan(request, query, trace)
-        except RouteError as error:
-            return self.refuse(400, f"bad route: {error.message}", trace, position=error.position,
-                               route=request.path)
-        except DirectiveError as error:
-            return self.refuse(400, f"bad directive: {error}", trace)
-        if isinstance(plan, Outcome):
-            return plan
-        calls, directives = plan
+        plan = plan_request(config, self.defaults, self.base_directives, request.path, request.query)
+        if not isinstance(plan, Refusal):
+            plan = self.admit(request, plan)
+        if isinstance(plan, Refusal):
+            return plan.outcome(config.host, trace)
+        return self.execute(request, plan, trace)
 
+    def admit(self, request, plan):
+        """The plan again, once the node's budget has room for what it asks (SPEC 8), else the 503 Refusal. An
+        admitted request holds a RequestBudget (request.budget) until its answer is sent."""
+        if plan.fresh:
+            ROUTES.put(request.path, plan.steps)
+        if self.inflight.used + plan.answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
+            return self.busy()
+        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
+        request.budget = RequestBudget(self.config.max_route_bytes, self.inflight, RECORD_BYTES * plan.call_count)
+        return plan
+
+    def execute(self, request, plan, trace):
+        """Faults, then calls, then the Outcome with the answer's record."""
+        directives = plan.directives
+        record = self.new_record(request, trace)
+        stopped = self.inject_faults(request, directives, record, trace)
+        if stopped is not None:
+            return stopped
+        failure = directives.failure_status(self.rng)
+        children = self.call_all(plan.calls, request, trace, directives) if plan.calls and not failure else []
+        return self.finish(request, plan, trace, record, failure, children)
+
+    def new_record(self, request, trace):
+        """The answer's record before anything happened (field order as in the original)."""
+        config = self.config
         record = {"host": config.host}
         if config.version:
             record["version"] = config.version
@@ -2612,7 +2774,10 @@ class Node:
         record["start_time"] = iso_time(request.received_wall)
         record["trace_id"] = trace.trace_id
         record["span_id"] = trace.span_id
+        return record
 
+    def inject_faults(self, request, directives, record, trace):
+        """reset, delay, cpu and the headers echo (SPEC 2): the Outcome that ends the request here, or None."""
         rng = self.rng
         if directives.reset and rng.random() < directives.reset:
             self.metrics.count_fault("reset")
@@ -2627,21 +2792,20 @@ class Node:
                 time.sleep(delay)
         if directives.cpu:
             if not self.burn(directives.cpu):
-                return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
+                return self.busy("the CPU work queued here is near", self.cpu_queue).outcome(self.config.host, trace)
             self.metrics.count_fault("cpu")
             trace.event("simplemesh.cpu", **{"simplemesh.cpu_seconds": directives.cpu})
             record["cpu"] = directives.cpu
         if directives.headers:
             echoed = sum(len(name) + len(value) for name, value in request.headers.items())
             if not self.inflight.charge(echoed):  # up to MAX_HEADER_BYTES, rendered again in the answer
-                return self.busy(trace)
+                return self.busy().outcome(self.config.host, trace)
             request.held += echoed
             record["headers"] = dict(request.headers.items())
+        return None
 
-        failure = directives.failure_status(rng)
-        children = []
-        if calls and not failure:
-            children = self.call_all(calls, request, trace, directives)
+    def finish(self, request, plan, trace, record, failure, children):
+        """The Outcome of a request whose calls are done: status, error and elapsed time in its record."""
         record["next_node"] = children
         if failure:
             self.metrics.count_fault("error")
@@ -2653,59 +2817,20 @@ class Node:
             record["error"] = "a downstream call failed"
         record["elapsed_time"] = round(time.perf_counter() - request.received, 6)
         # The padding is streamed (answer_json): writing it holds two pieces at most, not the whole size.
-        own = min(directives.size, 2 * ANSWER_CHUNK)
+        size = plan.directives.size
+        own = min(size, 2 * ANSWER_CHUNK)
         if not self.inflight.charge(own):
-            return self.busy(trace)
+            return self.busy().outcome(self.config.host, trace)
         request.held += own
-        return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
-                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
+        return Outcome(status, record, trace_id=trace.trace_id, trace=trace, size=size,
+                       targets=tuple(target.name for target, _rest in plan.calls),
+                       big=request.budget.used > ANSWER_CHUNK)
 
-    def plan(self, request, query, trace):
-        """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
-
-        Raises RouteError or DirectiveError for a bad route or directive. An admitted request holds a
-        RequestBudget (request.budget) until its answer is sent.
-        """
-        config = self.config
-        steps = ROUTES.get(request.path)
-        fresh = steps is None
-        if fresh:
-            steps = parse_route(request.path, config.max_calls)
-        if not config.allow_directives and (query or route_directive(steps)):
-            where = f"for hop {route_directive(steps)!r} " if not query else ""
-            return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
-                               rule="ALLOW_DIRECTIVES")
-        directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
-        calls = plan_calls(steps)
-        if calls:
-            refusal = self.route_refusal(steps, calls, trace)
-            if refusal:
-                return refusal
-        answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
-        answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
-        for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
-                                        (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
-                                        (cpu, config.max_route_cpu, "MAX_ROUTE_CPU"),
-                                        (directives.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU")):
-            if amount > limit:
-                what = "answer bytes" if "BYTES" in variable else "CPU seconds"
-                return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
-                                        f"{variable}={limit:g}", trace, rule=variable)
-        if fresh:
-            ROUTES.put(request.path, steps)
-        if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
-            return self.busy(trace)
-        # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
-        request.budget = RequestBudget(config.max_route_bytes, self.inflight, RECORD_BYTES * call_count)
-        return calls, directives
-
-    def busy(self, trace, what="the answers it holds are near", budget=None):
-        """A 503 with Retry-After: this node's budget (bytes by default) has no room for the request now."""
+    def busy(self, what="the answers it holds are near", budget=None):
+        """The 503 Refusal with Retry-After: this node's budget (bytes by default) has no room for it now."""
         budget = budget or self.inflight
         limit = f"{budget.limit:g}" if isinstance(budget.limit, float) else budget.limit
-        outcome = self.refuse(503, f"the node is busy: {what} {budget.name}={limit}", trace, rule=budget.name)
-        outcome.extra_headers = (("Retry-After", "1"),)
-        return outcome
+        return Refusal(503, f"the node is busy: {what} {budget.name}={limit}", retry_after=True, rule=budget.name)
 
     def burn(self, seconds):
         """Burn ``seconds`` of CPU, one request at a time: False when the queue is full (MAX_INFLIGHT_CPU).
@@ -2723,23 +2848,6 @@ class Node:
             self.cpu_queue.release(seconds)
         return True
 
-    def route_refusal(self, steps, calls, trace):
-        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
-        config = self.config
-        total, depth = route_size(steps, config.max_calls, config.max_depth)
-        if total > config.max_calls:
-            return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
-                               trace, rule="MAX_CALLS")
-        if depth > config.max_depth:
-            return self.refuse(400, f"the route is deeper than MAX_DEPTH={config.max_depth} hops",
-                               trace, rule="MAX_DEPTH")
-        for target, _rest in calls:
-            refusal = self.target_refusal(target.name)
-            if refusal:
-                return self.refuse(403, refusal[0], trace, rule=refusal[1], target=target.name)
-        check_route_caps(config, steps)  # raises DirectiveError
-        return None
-
     def release(self, request):
         """Give back what a request held in the node's budget (its body, its answers), once its answer is sent."""
         if request.held:
@@ -2748,23 +2856,10 @@ class Node:
         if request.budget is not None:
             request.budget.close()
 
-    def refuse(self, status, message, trace, **extra):
-        return Outcome(status, error_answer(self.config.host, status, message, trace_id=trace.trace_id, **extra),
-                       trace_id=trace.trace_id, trace=trace)
-
     def flush_spans(self, timeout=5.0):
         """Export the spans still queued and stop the exporter (at shutdown)."""
         if self.exporter:
             self.exporter.shutdown(timeout)
-
-    def target_refusal(self, name):
-        """(why, rule) when this node may not call ``name`` (SPEC 8), else None."""
-        config = self.config
-        if is_ip_literal(name) and not config.allow_ip_targets:
-            return f"target {name!r} is an IP address; set ALLOW_IP_TARGETS=true to allow it", "ALLOW_IP_TARGETS"
-        if config.allowed_hosts and not any(fnmatch.fnmatchcase(name, glob) for glob in config.allowed_hosts):
-            return f"target {name!r} is not in ALLOWED_HOSTS", "ALLOWED_HOSTS"
-        return None
 
     def call_all(self, calls, request, trace, directives):
         """Call every target; concurrently with ``parallel``. The records come back in route order.
@@ -2853,8 +2948,13 @@ VIEWS = ("json", "tree", "html")
 
 def view_route(path, query):
     """The route as a user would type it again: the path without its leading "/" and the query without ``view``."""
-    query = "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
+    query = query_without_view(query)
     return path[1:] + ("?" + query if query else "")
+
+
+def query_without_view(query):
+    """A query string without its ``view`` items: the directives part, as the user wrote it."""
+    return "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
 
 
 class Hop(Record):
@@ -3085,7 +3185,7 @@ def render_html(record, route, trace_ui_url="", query=None):
 def view_link(query, view):
     """A link to another view of this page, relative: the query alone (``?delay=1s&view=json``), so the browser
     keeps the path it asked for. A path written as "/" + route could read as ``//evil.example`` (off-site)."""
-    query = "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
+    query = query_without_view(query)
     return "?" + (query + "&" if query else "") + "view=" + view
 
 
@@ -3175,6 +3275,16 @@ class Metrics:
         if name in self.call_histograms or len(self.call_histograms) < MAX_TARGET_LABELS:
             return name
         return "other"
+
+    def enter(self, limit):
+        """Count a request in flight: False when that makes more than ``limit`` (MAX_CONCURRENCY)."""
+        with self.lock:
+            self.in_flight += 1
+            return self.in_flight <= limit
+
+    def leave(self):
+        with self.lock:
+            self.in_flight -= 1
 
     def observe_request(self, method, code, seconds, trace=None):
         """Count one answered request; a sampled ``trace`` becomes the exemplar of its bucket."""
@@ -3839,8 +3949,8 @@ class SpanExporter:
         self.warn = warn or (lambda fields: None)
         self.encode = OTLP_ENCODERS[tracing.protocol]
         url = urlsplit(tracing.endpoint)
-        self.https = url.scheme == "https"
-        self.address = (url.hostname, url.port or (443 if self.https else 80))
+        self.origin = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        self.pool = origin_pool(url.scheme)
         self.path = (url.path or "/") + ("?" + url.query if url.query else "")
         self.headers = {"Content-Type": OTLP_PROTOCOLS[tracing.protocol],
                         "User-Agent": f"simplemesh/{__version__}"}
@@ -3851,7 +3961,6 @@ class SpanExporter:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
-        self.connection = None
         self.thread = threading.Thread(target=self.run, name="span-export", daemon=True)
         self.thread.start()
 
@@ -3888,8 +3997,7 @@ class SpanExporter:
                 except Exception:  # a span this code cannot encode must not stop the exporter for good
                     self.metrics.count_spans("failed", len(batch))
             if stopping:
-                if self.connection is not None:
-                    self.connection.close()
+                self.pool.close()
                 return
 
     def export(self, batch):
@@ -3924,27 +4032,17 @@ class SpanExporter:
                        "error": ascii(message[:200])})
 
     def post(self, payload):
-        """The ExportAnswer of one POST."""
-        for _ in range(2):  # a kept-alive connection the collector closed gets one fresh retry
-            reused = self.connection is not None
-            if not reused:
-                connection_class = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-                self.connection = connection_class(*self.address, timeout=self.tracing.timeout)
-            try:
-                self.connection.request("POST", self.path, body=payload, headers=self.headers)
-                response = self.connection.getresponse()
-                body = response.read(MAX_EXPORT_ANSWER)
-                if response.will_close or not response.isclosed():  # closed, or more answer than read
-                    self.connection.close()
-                    self.connection = None
-                return ExportAnswer(response.status, retry_after_seconds(response.getheader("retry-after")),
-                                    response.getheader("content-type") or "", body)
-            except (OSError, http.client.HTTPException):
-                self.connection.close()
-                self.connection = None
-                if not reused:
-                    return ExportAnswer()
-        return ExportAnswer()
+        """The ExportAnswer of one POST (exchange: a kept-alive connection the collector closed gets one retry)."""
+        try:
+            peer, request = origin_request(*self.origin, "POST", self.path, self.headers, payload)
+            answer = exchange(self.pool, peer, "POST", request, time.monotonic() + self.tracing.timeout,
+                              byte_limit(MAX_EXPORT_ANSWER), retry_stale=True)
+        except AnswerError as error:  # an answer above MAX_EXPORT_ANSWER keeps its status, not its body
+            return ExportAnswer(error.status if error.over_budget else None)
+        except Exception:
+            return ExportAnswer()
+        return ExportAnswer(answer.status, retry_after_seconds(answer.headers.get("retry-after")),
+                            answer.headers.get("content-type", ""), answer.body)
 
     def shutdown(self, timeout=5.0):
         """Export what is queued, then stop the thread (SPEC 8: spans are flushed on SIGTERM)."""
@@ -4261,10 +4359,11 @@ class Handler:
     def answer_malformed(self, error):
         """Answered, counted and logged like any request; then a lingering close (unread input may follow)."""
         node = self.node
-        outcome = error_outcome(node.config.host, error.status, str(error))
-        retry = (("Retry-After", "1"),) if error.status == 503 else ()  # the node's budget was full: try again
+        # A 503: the node's budget was full, try again.
+        outcome = Refusal(error.status, str(error), retry_after=error.status == 503).outcome(node.config.host)
         try:
-            self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record), extra_headers=retry,
+            self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record),
+                                                 extra_headers=outcome.extra_headers,
                                                  connection="close"))
         except OSError:
             return "close"
@@ -4273,35 +4372,34 @@ class Handler:
         return "linger"
 
     def answer(self, request):
+        """A request read: admit, dispatch, send, then count and log it. The connection's next state."""
         node = self.node
-        metrics = node.metrics
-        with metrics.lock:
-            metrics.in_flight += 1
-            # Probes, scrapes and admin calls are always answered: a busy node must not look dead to the kubelet.
-            busy = metrics.in_flight > node.config.max_concurrency and not is_operations_path(request.path)
+        # Probes, scrapes and admin calls are always answered: a busy node must not look dead to the kubelet.
+        admitted = node.metrics.enter(node.config.max_concurrency) or is_operations_path(request.path)
         try:
-            outcome = self.refusal() if busy else self.outcome_for(request)
-            if outcome.reset:
-                result = self.reset_connection()
-            else:
-                result = self.write_answer(outcome, request.method)
+            outcome = self.outcome_for(request) if admitted else self.overloaded()
+            result = self.send(outcome, request.method)
         except OSError:  # the client went away while the answer was written
             result, outcome = "close", Outcome(499)
         finally:
             node.release(request)
-            with metrics.lock:
-                metrics.in_flight -= 1
-        elapsed = time.perf_counter() - request.received
-        metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
-        self.log_access(request, outcome, elapsed)
+            node.metrics.leave()
+        self.account(request, outcome)
         return result
 
-    def refusal(self):
+    def send(self, outcome, method):
+        return self.reset_connection() if outcome.reset else self.write_answer(outcome, method)
+
+    def account(self, request, outcome):
+        """The request's metrics and its access-log line, once its answer is sent."""
+        elapsed = time.perf_counter() - request.received
+        self.node.metrics.observe_request(request.method, str(outcome.status or "reset"), elapsed, outcome.trace)
+        self.log_access(request, outcome, elapsed)
+
+    def overloaded(self):
         config = self.node.config
-        outcome = error_outcome(config.host, 503,
-                                f"too many requests in flight (MAX_CONCURRENCY={config.max_concurrency})")
-        outcome.extra_headers = (("Retry-After", "1"),)
-        return outcome
+        return Refusal(503, f"too many requests in flight (MAX_CONCURRENCY={config.max_concurrency})",
+                       retry_after=True).outcome(config.host)
 
     def outcome_for(self, request):
         node = self.node
@@ -4315,12 +4413,12 @@ class Handler:
 
     def dispatch(self, node, request):
         path = request.path
-        if path.startswith("/-/"):
+        if path.startswith(ADMIN_PREFIX):
             return self.admin(node, request)
-        if path in ("/healthz", "/readyz"):
+        if path in PROBE_PATHS:
             ready = node.ready or path == "/healthz"
             return Outcome(200 if ready else 503, {"host": node.config.host, "status": "ok" if ready else "not ready"})
-        if path == "/metrics":
+        if path == METRICS_PATH:
             if "application/openmetrics-text" in request.headers.get("accept", ""):
                 return Outcome(200, text=node.metrics.render(openmetrics=True), content_type=OPENMETRICS_TYPE)
             return Outcome(200, text=node.metrics.render(), content_type=PROMETHEUS_TYPE)
@@ -4409,9 +4507,8 @@ class Handler:
         if config.log_level not in ("debug", "info"):
             return
         log_line(config, {
-            "time": iso_time(time.time()), "host": config.host, "method": request.method if request else "-",
-            "path": request.path if request else "-", "status": outcome.status or "reset",
-            "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
+            "method": request.method if request else "-", "path": request.path if request else "-",
+            "status": outcome.status or "reset", "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
             "span_id": outcome.trace.span_id if outcome.trace else "", "targets": list(outcome.targets)})
 
 
@@ -4422,8 +4519,7 @@ def internal_error(config, error):
         innermost = innermost.tb_next
     place = f"{os.path.basename(innermost.tb_frame.f_code.co_filename)}:{innermost.tb_lineno}"
     message = f"{type(error).__name__}: {error}"
-    log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "error",
-                      "error": message, "at": place})
+    log_line(config, {"level": "error", "error": message, "at": place})
     return error_outcome(config.host, 500, f"internal error: {message[:200]}")
 
 
@@ -4463,8 +4559,8 @@ def connection_cap(configured):
     return min(configured, max(16, soft // 2))
 
 
-PROBE_PREFIXES = tuple(f"{method} /{path}{end}".encode() for method in ("GET", "HEAD")
-                       for path in ("healthz", "readyz", "metrics") for end in (" ", "?"))
+PROBE_PREFIXES = tuple(f"{method} {path}{end}".encode() for method in ("GET", "HEAD")
+                       for path in OPERATIONS_PATHS for end in (" ", "?"))
 PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
 LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
 LINGER_BYTES = 1024 * 1024  # and how much of it
@@ -5252,7 +5348,7 @@ def start_node(config):
 
 
 def startup_line(config):
-    log_line(config, {"time": iso_time(time.time()), "host": config.host, "event": "start",
+    log_line(config, {"event": "start",
                       "listen": (f"[{config.address}]:{config.port}" if ":" in config.address
                                  else f"{config.address}:{config.port}"), "version": config.version or None,
                       "peers": ",".join(sorted(config.peers)) or None,
@@ -5309,8 +5405,7 @@ def wait_for_stop(servers, stop=None, internal=()):
         if count:
             dropped += count
             config = server.node.config
-            log_line(config, {"time": iso_time(time.time()), "host": config.host, "level": "warning",
-                              "event": "drop", "dropped": count,
+            log_line(config, {"level": "warning", "event": "drop", "dropped": count,
                               "error": f"SHUTDOWN_GRACE={config.shutdown_grace:g}s ran out with requests in flight"})
     for server in internal:
         server.shutdown()
@@ -5442,11 +5537,6 @@ def split_url(text):
     return parts.scheme, parts.hostname, port, (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
 
-def open_connection(scheme, host, port, timeout):
-    kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-    return kind(host, port, timeout=timeout)
-
-
 def request_headers(pairs):
     """``-H 'name: value'`` options -> a dict, JSON asked for (the client renders the views itself)."""
     headers = {"Accept": "application/json", "User-Agent": f"simplemesh/{__version__}"}
@@ -5487,29 +5577,16 @@ def command_call(args, environ):
 
 
 def fetch(scheme, host, port, method, path, headers, body, timeout):
-    """One request on a connection of its own -> the whole final Answer (interim 1xx answers skipped), within
+    """One request (exchange) on a connection of its own -> the whole final Answer (interim 1xx answers skipped), within
     ``timeout`` in all. OSError or AnswerError when there is none."""
-    sock = socket.create_connection((host, port), timeout)
+    peer, request = origin_request(scheme, host, port, method, path, headers, body)
+    pool = origin_pool(scheme)
     try:
-        if scheme == "https":
-            import ssl  # only here: most runs never need it
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        host_header = next((value for name, value in headers.items() if name.lower() == "host"), None)
-        if host_header is None:
-            host_header = (f"[{host}]" if ":" in host else host) + ("" if port == (443 if scheme == "https" else 80)
-                                                                      else f":{port}")
-        headers = {name: value for name, value in headers.items() if name.lower() != "host"}
-        watch = DEADLINES.watch(sock, timeout)
-        try:
-            for buffer in request_bytes(method, path, host_header, headers, body):
-                sock.sendall(buffer)
-            answer = read_answer(SocketReader(sock), method)
-        finally:
-            if DEADLINES.release(watch):
-                raise TimeoutError(f"no whole answer within {timeout:g}s")
-        return answer
+        return exchange(pool, peer, method, request, time.monotonic() + timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no whole answer within {timeout:g}s") from None
     finally:
-        sock.close()
+        pool.close()
 
 
 class LatencyHistogram:
@@ -5642,37 +5719,27 @@ LOAD_LATE = 0.1  # a send this late is missed, not sent in a burst; a smaller la
 
 
 def load_worker(stats, jobs, scheme, host, port, path, method, headers, timeout):
-    """Send one request per job (its due time) on a keep-alive connection of this worker's own."""
-    connection = None
+    """Send one request per job (its due time) on a keep-alive connection of this worker's own (exchange)."""
+    pool = origin_pool(scheme)
+    peer, request = origin_request(scheme, host, port, method, path, headers)
     while True:
         due = jobs.get()
         if due is None:
             break
         try:
-            if connection is None:
-                connection = open_connection(scheme, host, port, timeout)
-            connection.request(method, path, headers=headers)
-            response = connection.getresponse()
-            response.read()
-            code = response.status
-            if response.will_close:
-                connection.close()
-                connection = None
-        except (OSError, http.client.HTTPException) as error:
+            code = exchange(pool, peer, method, request, time.monotonic() + timeout,
+                            retry_stale=method in IDEMPOTENT_METHODS).status
+        except (OSError, AnswerError, _Retry) as error:
             code = ("refused" if isinstance(error, ConnectionRefusedError) else
                     "timeout" if isinstance(error, TimeoutError) else
-                    "reset" if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)) else
-                    "error")
-            if connection is not None:
-                connection.close()
-                connection = None
+                    "reset" if isinstance(error, (ConnectionResetError, _Retry)) or getattr(error, "closed", False)
+                    else "error")
         latency = time.monotonic() - due  # from when it was due: time lost in this client counts too
         with stats.lock:
             stats.in_flight -= 1
             stats.codes[code] = stats.codes.get(code, 0) + 1
             stats.latency.add(latency)
-    if connection is not None:
-        connection.close()
+    pool.close()
 
 
 def run_load(stats, url_parts, method, headers, timeout, duration, stop, progress=None, progress_every=1.0):

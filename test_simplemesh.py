@@ -2639,6 +2639,43 @@ class TestNativeSpans(unittest.TestCase):
 # --- The node over HTTP ---------------------------------------------------------------------------------------
 
 class NodeOverHttpTest(unittest.TestCase):
+    @staticmethod
+    def plan(path, query="", defaults=None, **config):
+        """plan_request alone: no socket, no thread, no node."""
+        config = sm.Config(host="a", peers={}, **config)
+        defaults = defaults or {}
+        return sm.plan_request(config, defaults, sm.Directives.resolve(config, defaults, {}), path, query)
+
+    def test_plan_gives_the_calls_and_directives_of_a_good_request(self):
+        plan = self.plan("/b;delay=1ms/c", "size=100&view=tree")
+        self.assertIsInstance(plan, sm.Plan)
+        self.assertEqual([target.name for target, _rest in plan.calls], ["b"])
+        self.assertEqual(plan.directives.size, 100)
+        self.assertEqual(plan.call_count, 2)
+        self.assertIsInstance(self.plan("/"), sm.Plan)
+
+    def test_plan_refuses_every_bad_request_with_status_message_and_fields(self):
+        cases = [  # (path, query, config, status, message part, fields)
+            ("/b(", "", {}, 400, "bad route", {"route": "/b(", "position": 2}),
+            ("/b", "delay=fast", {}, 400, "bad directive", {}),
+            ("/b", "delay=1s", {"allow_directives": False}, 403, "not allowed", {"rule": "ALLOW_DIRECTIVES"}),
+            ("/b/c/d", "", {"max_calls": 2}, 400, "MAX_CALLS=2", {"route": "/b/c/d", "position": 5}),
+            ("/b~c/d", "", {"max_calls": 3}, 400, "MAX_CALLS=3", {"rule": "MAX_CALLS"}),
+            ("/b/c/d", "", {"max_depth": 2}, 400, "MAX_DEPTH=2", {"rule": "MAX_DEPTH"}),
+            ("/10.0.0.1", "", {}, 403, "IP address", {"rule": "ALLOW_IP_TARGETS", "target": "10.0.0.1"}),
+            ("/b", "", {"allowed_hosts": ("c*",)}, 403, "ALLOWED_HOSTS", {"rule": "ALLOWED_HOSTS", "target": "b"}),
+            ("/b", "size=2m", {"max_route_bytes": 1 << 20}, 400, "MAX_ROUTE_BYTES", {"rule": "MAX_ROUTE_BYTES"}),
+        ]
+        for path, query, config, status, message, fields in cases:
+            with self.subTest(path=path, query=query, config=config):
+                refusal = self.plan(path, query, **config)
+                self.assertIsInstance(refusal, sm.Refusal)
+                self.assertEqual(refusal.status, status)
+                self.assertIn(message, refusal.message)
+                self.assertEqual(refusal.fields, fields)
+                outcome = refusal.outcome("a")
+                self.assertEqual(outcome.record, {"host": "a", "status": status, "error": refusal.message, **fields})
+
     def test_chain_nests_answers_and_shares_one_trace(self):
         with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
             status, headers, answer = mesh.request("a", "/b/c")
