@@ -14,7 +14,7 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
 The module reads top to bottom in the order a request flows, in banner sections; each one uses only the
 sections above it (the server and the command line, which assemble everything, excepted):
 
-- Shared utilities: Record, setting converters, timestamps, the log line, a thread pool, an answer's JSON text.
+- Shared utilities: Struct, setting converters, timestamps, the log line, a thread pool, an answer's JSON text.
 - HTTP/1.1 wire: requests and answers as bytes, both directions (the server's reader, the client's reader).
 - Directives: one directive's text to its typed value (the DIRECTIVES table); a request's Directives. A new
   directive is a row in DIRECTIVES, a field of Directives, and the node's use of it.
@@ -25,7 +25,7 @@ sections above it (the server and the command line, which assemble everything, e
   caught here and becomes a CallFailed, then the caller's record.
 - The node: one request in, faults injected, calls made, the answer's record out (an Outcome).
 - Views: the record as JSON, a terminal tree or an HTML page; a new view is a pure function of the record,
-  named in VIEWS.
+  named in VIEWS and drawn by render_view.
 - Metrics, Span export: what a node reports, Prometheus text and OTLP spans.
 - Configuration: the environment read once into a Config.
 - Server: the handler (bytes to a Request, an Outcome to bytes) and the poller and workers that run it.
@@ -65,11 +65,11 @@ __version__ = "0.1.0"
 
 
 # --- Shared utilities --------------------------------------------------------------------------------------
-# The small pieces every later section leans on: Record (a cheap stand-in for a dataclass), the converters that
+# The small pieces every later section leans on: Struct (a cheap stand-in for a dataclass), the converters that
 # read a setting's text, timestamps, the logfmt log line, a bounded thread pool, and the JSON text of an answer
 # (streamed in pieces, padded to a size). None of them knows about requests, routes or peers.
 
-class Record:
+class Struct:
     """Named fields with class-level defaults: a small stand-in for a dataclass.
 
     Importing dataclasses and generating each class's methods costs about 20 ms of start-up, and start-up to
@@ -1004,10 +1004,10 @@ def _printable(text):
 
 # --- Directives --------------------------------------------------------------------------------------------
 # SPEC 2. A directive is written as text in three places (the environment, a query string, a route's matrix
-# parameter) and always validated by the same parser (check_directive, with the DIRECTIVES table: one Directive
-# schema per name). Directives.resolve() merges a node's defaults with what a request asked for, checks the caps,
-# and gives the typed values the node acts on. This section comes before the route because the route parser
-# checks each hop's directive text as it reads it.
+# parameter) and always validated by the same parser: check_directive, with the DIRECTIVES table (a DirectiveSpec,
+# one directive's schema, per name). Directives.resolve() merges a node's defaults with what a request asked for,
+# checks the caps, and gives the typed values one request runs with (a Directives). This section comes before the
+# route because the route parser checks each hop's directive text as it reads it.
 
 class DirectiveError(ValueError):
     def __init__(self, message, name=None):
@@ -1073,7 +1073,7 @@ def weighted_choice(choices, draw):
     return None
 
 
-class Delay(Record):
+class Delay(Struct):
     """A delay distribution: fixed (low == high), uniform in [low, high], or weighted choices."""
     low: float = 0.0
     high: float = 0.0
@@ -1111,7 +1111,8 @@ def parse_status(text):
     return ((_status_code(text), None),)
 
 
-class Directive(Record):
+class DirectiveSpec(Struct):
+    """One directive's schema: its name, its environment variable, its parser, its cap."""
     name: str
     env: str
     parse: object  # text -> value; flags take None for "on"
@@ -1124,16 +1125,16 @@ def _flag(text):
 
 
 DIRECTIVES = {d.name: d for d in (
-    Directive("delay", "DELAY", parse_delay, lambda v, c: (v.maximum, c.max_delay, "MAX_DELAY")),
-    Directive("error", "ERROR_RATE", parse_probability),
-    Directive("status", "ERROR_STATUS", parse_status),
-    Directive("reset", "RESET_RATE", parse_probability),
-    Directive("size", "RESPONSE_SIZE", parse_size, lambda v, c: (v, c.max_size, "MAX_SIZE")),
-    Directive("cpu", "CPU", parse_duration, lambda v, c: (v, c.max_cpu, "MAX_CPU")),
-    Directive("timeout", "UPSTREAM_TIMEOUT", _positive(parse_duration),
+    DirectiveSpec("delay", "DELAY", parse_delay, lambda v, c: (v.maximum, c.max_delay, "MAX_DELAY")),
+    DirectiveSpec("error", "ERROR_RATE", parse_probability),
+    DirectiveSpec("status", "ERROR_STATUS", parse_status),
+    DirectiveSpec("reset", "RESET_RATE", parse_probability),
+    DirectiveSpec("size", "RESPONSE_SIZE", parse_size, lambda v, c: (v, c.max_size, "MAX_SIZE")),
+    DirectiveSpec("cpu", "CPU", parse_duration, lambda v, c: (v, c.max_cpu, "MAX_CPU")),
+    DirectiveSpec("timeout", "UPSTREAM_TIMEOUT", _positive(parse_duration),
               lambda v, c: (v, c.max_timeout, "MAX_TIMEOUT")),
-    Directive("parallel", "FANOUT", _flag, flag=True),
-    Directive("headers", "ECHO_HEADERS", _flag, flag=True),
+    DirectiveSpec("parallel", "FANOUT", _flag, flag=True),
+    DirectiveSpec("headers", "ECHO_HEADERS", _flag, flag=True),
 )}
 
 
@@ -1161,7 +1162,7 @@ def check_directive(key, value):
         raise DirectiveError(f"{key}: {error}", key) from None
 
 
-class Directives(Record):
+class Directives(Struct):
     """The typed directives one request runs with."""
     delay: Delay = None
     error: float = None  # None: ``status`` alone decides (SPEC 2)
@@ -1223,7 +1224,7 @@ class RouteError(ValueError):
         self.position = position
 
 
-class Target(Record):
+class Target(Struct):
     """One hop: a name, an optional port and that hop's directives as (key, value-or-None) pairs."""
     name: str
     port: int = None
@@ -1236,7 +1237,7 @@ class Target(Record):
         return "&".join(key if value is None else f"{key}={value}" for key, value in self.directives)
 
 
-class Group(Record):
+class Group(Struct):
     """A parenthesised sub-route; the rest of the outer route is appended to it."""
     steps: tuple
 
@@ -1316,11 +1317,24 @@ class _RouteParser:
 
     def target(self):
         start = self.pos
-        text = self.text
         if self.targets_left is not None:
             self.targets_left -= 1
             if self.targets_left < 0:
                 raise RouteError(f"the route names more than MAX_CALLS={self.max_calls} targets", start)
+        name = self.read_name(start)
+        port = self.read_port() if self.peek() == ":" else None
+        directives = []
+        while self.peek() == ";":
+            self.pos += 1
+            key_start = self.pos
+            key, value = self.read_directive()
+            if any(key == seen for seen, _value in directives):  # also bounds what one hop's directives hold
+                raise RouteError(f"directive {key!r} is given twice for this hop", key_start)
+            directives.append((key, value))
+        return Target(name, port, tuple(directives))
+
+    def read_name(self, start):
+        text = self.text
         while self.pos < len(text) and text[self.pos] in NAME_CHARS:
             self.pos += 1
         if self.pos == start:
@@ -1332,41 +1346,42 @@ class _RouteParser:
         problem = name_problem(name)
         if problem:
             raise RouteError(f"bad name {name!r}: {problem}", start)
-        port = None
-        if self.peek() == ":":
+        return name
+
+    def read_port(self):
+        """``:port`` after a name, from its colon."""
+        text = self.text
+        self.pos += 1
+        port_start = self.pos
+        while self.pos < len(text) and text[self.pos] in DIGITS:
             self.pos += 1
-            port_start = self.pos
-            while self.pos < len(text) and text[self.pos] in DIGITS:
-                self.pos += 1
-            digits = text[port_start:self.pos]
-            if not digits or len(digits) > 5 or not 0 < int(digits) < 65536:
-                raise RouteError("bad port: expected a number from 1 to 65535", port_start)
-            port = int(digits)
-        directives = []
-        while self.peek() == ";":
+        digits = text[port_start:self.pos]
+        if not digits or len(digits) > 5 or not 0 < int(digits) < 65536:
+            raise RouteError("bad port: expected a number from 1 to 65535", port_start)
+        return int(digits)
+
+    def read_directive(self):
+        """``key`` or ``key=value`` after a ``;``, checked as a directive (check_directive) -> (key, value)."""
+        text = self.text
+        key_start = self.pos
+        while self.pos < len(text) and text[self.pos] not in VALUE_END and text[self.pos] != "=":
             self.pos += 1
-            key_start = self.pos
-            while self.pos < len(text) and text[self.pos] not in VALUE_END and text[self.pos] != "=":
+        key = text[key_start:self.pos].lower()
+        value = None
+        if self.peek() == "=":
+            self.pos += 1
+            value_start = self.pos
+            while self.pos < len(text) and text[self.pos] not in VALUE_END:
                 self.pos += 1
-            key = text[key_start:self.pos].lower()
-            value = None
-            if self.peek() == "=":
-                self.pos += 1
-                value_start = self.pos
-                while self.pos < len(text) and text[self.pos] not in VALUE_END:
-                    self.pos += 1
-                value = text[value_start:self.pos]
-            bad = NOT_URL_TEXT_RE.search(text, key_start, self.pos)
-            if bad:
-                raise RouteError(f"unexpected character {bad.group()!r} in a directive", bad.start())
-            try:
-                check_directive(key, value)
-            except DirectiveError as error:
-                raise RouteError(str(error), key_start) from None
-            if any(key == seen for seen, _value in directives):  # also bounds what one hop's directives hold
-                raise RouteError(f"directive {key!r} is given twice for this hop", key_start)
-            directives.append((key, value))
-        return Target(name, port, tuple(directives))
+            value = text[value_start:self.pos]
+        bad = NOT_URL_TEXT_RE.search(text, key_start, self.pos)
+        if bad:
+            raise RouteError(f"unexpected character {bad.group()!r} in a directive", bad.start())
+        try:
+            check_directive(key, value)
+        except DirectiveError as error:
+            raise RouteError(str(error), key_start) from None
+        return key, value
 
 
 def name_problem(name):
@@ -1785,7 +1800,7 @@ def with_ot_threshold(members, threshold):
     return ((entry,) if subkeys else ()) + others
 
 
-class B3(Record):
+class B3(Struct):
     """One B3 context: ids ("" when only a sampling state arrived, like ``b3: 0``), the sampling state
     ("1" accept, "0" deny, "d" debug, "" defer) and the form it came in ("single" or "multi")."""
     trace_id: str
@@ -2548,7 +2563,7 @@ def node_status(own_failure, children):
 
 
 class Request:
-    """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
+    """One inbound request, as the handler read it. (Made per request: plain slots, not a Struct.)"""
     __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
 
     def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
@@ -2618,7 +2633,7 @@ def error_answer(host, status, message, **extra):
     return record
 
 
-class Plan(Record):
+class Plan(Struct):
     """What a node will do for one request: the route, the calls this node makes and the directives it runs
     with, and what the whole tree asks for (answer bytes, calls) before any call."""
     steps: list = None
@@ -2946,6 +2961,20 @@ def choose_view(query, accept):
 VIEWS = ("json", "tree", "html")
 
 
+def render_view(outcome, view, path, query, trace_ui_url=""):
+    """A routed request's Outcome in the ``view`` it asked for: its record drawn as text (tree, html) in place;
+    JSON, and an Outcome with no record (a reset), left as they are (the server writes JSON itself)."""
+    if view == "json" or outcome.record is None:
+        return outcome
+    if view == "tree":
+        outcome.text, outcome.content_type = render_tree(outcome.record), "text/plain; charset=utf-8"
+    else:
+        outcome.text = render_html(outcome.record, view_route(path, query), trace_ui_url, query)
+        outcome.content_type = "text/html; charset=utf-8"
+        outcome.extra_headers += (("Content-Security-Policy", HTML_CSP),)
+    return outcome
+
+
 def view_route(path, query):
     """The route as a user would type it again: the path without its leading "/" and the query without ``view``."""
     query = query_without_view(query)
@@ -2957,7 +2986,7 @@ def query_without_view(query):
     return "&".join(item for item in query.split("&") if item and item.partition("=")[0].lower() != "view")
 
 
-class Hop(Record):
+class Hop(Struct):
     """One record of the tree, read defensively (a downstream answer may be any JSON) and placed in time."""
     index: int
     parent: int  # index of the parent hop, -1 for the root
@@ -3448,7 +3477,7 @@ MIN_SAMPLING_RATIO = 2.0 ** -56  # below this, "never" sampling, which "is not a
 RANDOMNESS_MASK = (1 << 56) - 1  # the right-most 7 bytes of a trace id, random in W3C level 2
 
 
-class TracingConfig(Record):
+class TracingConfig(Struct):
     """Native-span settings from OTEL_* variables; None from from_env() means mesh-only mode."""
     endpoint: str
     headers: tuple = ()
@@ -3472,45 +3501,15 @@ class TracingConfig(Record):
 
     @classmethod
     def from_env(cls, environ):
-        def get(name):
-            return (environ.get(name) or "").strip()
-
-        def signal(name):  # the traces-specific variable wins over the general one
-            return get(name.replace("OTLP_", "OTLP_TRACES_")) or get(name)
-
-        def number(name, convert, default, scale=1.0):
-            text = get(name)
-            if not text:
-                return default
-            try:
-                value = convert(text)
-            except ValueError:
-                raise ConfigError(f"{name}={text!r}: expected a number") from None
-            if value <= 0:
-                raise ConfigError(f"{name}={text!r}: must be above zero")
-            return value * scale
-
-        if get("OTEL_SDK_DISABLED").lower() == "true":
+        """The OTEL_* variables' settings, or None when spans are not exported."""
+        get = functools.partial(_otel_text, environ)
+        endpoint = otlp_endpoint(get)
+        if endpoint is None:
             return None
-        exporter = get("OTEL_TRACES_EXPORTER").lower() or "otlp"
-        if exporter == "none":
-            return None
-        if exporter != "otlp":
-            raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: only otlp (or none) is supported")
-        endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        if not endpoint and get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            endpoint = get("OTEL_EXPORTER_OTLP_ENDPOINT").rstrip("/") + "/v1/traces"
-        if not endpoint:
-            return None
-        try:
-            url = urlsplit(endpoint)
-            good = url.scheme in ("http", "https") and url.hostname and (url.port is None or url.port > 0)
-        except ValueError:
-            good = False
-        if not good:
-            raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
+        number = functools.partial(_otel_number, get)
         protocol = otlp_protocol(get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"), get("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        compression = signal("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
+        # the traces-specific variable wins over the general one
+        compression = (get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION") or get("OTEL_EXPORTER_OTLP_COMPRESSION")).lower()
         if compression not in ("", "none", "gzip"):
             raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
         try:
@@ -3520,15 +3519,7 @@ class TracingConfig(Record):
         except ValueError as error:
             raise ConfigError(f"OTEL_EXPORTER_OTLP_HEADERS or OTEL_RESOURCE_ATTRIBUTES: {error}") from None
         service_name = get("OTEL_SERVICE_NAME") or resource.pop("service.name", "")
-        sampler = get("OTEL_TRACES_SAMPLER").lower() or "parentbased_always_on"
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        ratio = 1.0
-        if sampler.endswith("traceidratio") and get("OTEL_TRACES_SAMPLER_ARG"):
-            try:
-                ratio = parse_probability(get("OTEL_TRACES_SAMPLER_ARG"))
-            except ValueError as error:
-                raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {error}") from None
+        sampler, ratio = otel_sampler(get)
         propagators = tuple(word.lower() for word in _word_list(get("OTEL_PROPAGATORS"))) or cls.propagators
         for name in propagators:
             if name not in PROPAGATORS:
@@ -3561,6 +3552,62 @@ class TracingConfig(Record):
         if sampler == "always_off":
             return False, members
         return ratio_sample(self.ratio, trace_id, members)
+
+
+def _otel_text(environ, name):
+    return (environ.get(name) or "").strip()
+
+
+def _otel_number(get, name, convert, default, scale=1.0):
+    """A positive number setting (times ``scale``: milliseconds to seconds), ``default`` when unset."""
+    text = get(name)
+    if not text:
+        return default
+    try:
+        value = convert(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={text!r}: must be above zero")
+    return value * scale
+
+
+def otlp_endpoint(get):
+    """The OTLP traces URL the OTEL_* variables name (``get(name)`` reads one), or None: no span export."""
+    if get("OTEL_SDK_DISABLED").lower() == "true":
+        return None
+    exporter = get("OTEL_TRACES_EXPORTER").lower() or "otlp"
+    if exporter == "none":
+        return None
+    if exporter != "otlp":
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: only otlp (or none) is supported")
+    endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not endpoint and get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        endpoint = get("OTEL_EXPORTER_OTLP_ENDPOINT").rstrip("/") + "/v1/traces"
+    if not endpoint:
+        return None
+    try:
+        url = urlsplit(endpoint)
+        good = url.scheme in ("http", "https") and url.hostname and (url.port is None or url.port > 0)
+    except ValueError:
+        good = False
+    if not good:
+        raise ConfigError(f"OTLP traces endpoint {endpoint!r}: expected an http:// or https:// URL")
+    return endpoint
+
+
+def otel_sampler(get):
+    """(sampler, ratio) from OTEL_TRACES_SAMPLER and its argument."""
+    sampler = get("OTEL_TRACES_SAMPLER").lower() or "parentbased_always_on"
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    ratio = 1.0
+    if sampler.endswith("traceidratio") and get("OTEL_TRACES_SAMPLER_ARG"):
+        try:
+            ratio = parse_probability(get("OTEL_TRACES_SAMPLER_ARG"))
+        except ValueError as error:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {error}") from None
+    return sampler, ratio
 
 
 def otlp_protocol(traces_setting, general_setting):
@@ -3663,7 +3710,7 @@ def client_span(trace, span_id, method, target_name, peer, status, error, start_
             peer.address[1], peer.url, status, error, start_ns, end_ns)
 
 
-class Span(Record):
+class Span(Struct):
     """One span as both OTLP encodings write it; ``events`` are (name, time ns, attributes) triples."""
     trace_id: str
     span_id: str
@@ -3928,7 +3975,7 @@ def retry_after_seconds(text):
     return max(0.0, when.timestamp() - time.time())
 
 
-class ExportAnswer(Record):
+class ExportAnswer(Struct):
     """What one POST got: status (None when nothing answered), Retry-After seconds, Content-Type, body."""
     status: object = None
     retry_after: object = None
@@ -4088,7 +4135,7 @@ def inflight_bytes_for(memory_limit_mib):
     return (memory_limit_mib - BASE_MEMORY_MIB) * 1024 * 1024 // ANSWER_MEMORY_FACTOR
 
 
-class Config(Record):
+class Config(Struct):
     host: str = "localhost"
     port: int = 9090
     address: str = "0.0.0.0"
@@ -4127,65 +4174,20 @@ class Config(Record):
     @classmethod
     def from_env(cls, environ, **overrides):
         """Build a Config from environment variables; ``overrides`` win (the ``mesh`` command uses them)."""
-        settings = {}
-
-        def read(name, attr, convert):
-            raw = environ.get(name)
-            if raw is None or raw == "":
-                return
-            try:
-                settings[attr] = convert(raw)
-            except ValueError as error:
-                raise ConfigError(f"{name}={raw!r}: {error}") from None
-
-        positive_int = _positive(ascii_int)
-        read("HOST", "host", str)
-        read("PORT", "port", _port)
-        read("ADDRESS", "address", listen_address)
-        read("VERSION", "version", str)
-        read("UPSTREAM_PORT", "upstream_port", _port)
-        read("PEERS", "peers", parse_peers)
-        read("ALLOW_DIRECTIVES", "allow_directives", parse_bool)
-        read("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool)
-        read("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text)))
-        read("FORWARD_HEADERS", "forward_headers", forward_header_names)
-        read("MAX_CALLS", "max_calls", positive_int)
-        read("MAX_DEPTH", "max_depth", positive_int)
-        read("MAX_DELAY", "max_delay", parse_duration)
-        read("MAX_CPU", "max_cpu", parse_duration)
-        read("MAX_SIZE", "max_size", parse_size)
-        read("MAX_TIMEOUT", "max_timeout", parse_duration)
-        read("MAX_BODY", "max_body", parse_size)
-        read("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size)
-        read("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size))
-        read("MAX_ROUTE_CPU", "max_route_cpu", parse_duration)
-        read("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size))
-        read("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration))
-        read("MAX_CONCURRENCY", "max_concurrency", positive_int)
-        read("MAX_CONNECTIONS", "max_connections", positive_int)
-        read("MAX_FANOUT_THREADS", "max_fanout_threads", positive_int)
-        read("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration))
-        read("SHUTDOWN_DELAY", "shutdown_delay", parse_duration)
-        read("SHUTDOWN_GRACE", "shutdown_grace", parse_duration)
-        read("LOG_FORMAT", "log_format", _choice("text", "json"))
-        read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
-        read("TRACE_UI_URL", "trace_ui_url", str)
+        settings = read_settings(environ, CONFIG_VARIABLES)
         if "host" not in settings:
             settings["host"] = socket.gethostname()
-        defaults = {}
-        for directive in DIRECTIVES.values():
-            raw = environ.get(directive.env)
-            if raw and directive.name == "parallel":  # FANOUT=parallel|sequential
-                if raw.lower() not in ("parallel", "sequential"):
-                    raise ConfigError(f"FANOUT={raw!r}: expected parallel or sequential")
-                raw = "true" if raw.lower() == "parallel" else "false"
-            if raw:
-                defaults[directive.name] = raw
-        settings["defaults"] = defaults
+        settings["defaults"] = directive_defaults(environ)
         settings["identity"] = {key: environ[var] for key, var in IDENTITY_ENV.items() if environ.get(var)}
         settings["tracing"] = TracingConfig.from_env(environ)
         settings.update(overrides)
         config = cls(**settings)
+        config.check_defaults(environ)
+        return config
+
+    def check_defaults(self, environ):
+        """ConfigError when the node's own directive defaults break its caps: every request would be refused."""
+        config = self
         try:
             base = Directives.resolve(config, config.defaults, {})
         except DirectiveError as error:
@@ -4195,7 +4197,35 @@ class Config(Record):
                                               (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
             if amount > limit:  # else every routed request would be refused
                 raise ConfigError(f"{name}={environ.get(name) or amount} is above {variable}={limit:g}")
-        return config
+
+
+def read_settings(environ, variables):
+    """{attribute: value} for each (VARIABLE, attribute, convert) of ``variables`` set (not empty) in ``environ``;
+    a value ``convert`` refuses is a ConfigError naming the variable."""
+    settings = {}
+    for name, attr, convert in variables:
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            settings[attr] = convert(raw)
+        except ValueError as error:
+            raise ConfigError(f"{name}={raw!r}: {error}") from None
+    return settings
+
+
+def directive_defaults(environ):
+    """A node's directive defaults from the environment (DELAY, ERROR_RATE...), as raw text."""
+    defaults = {}
+    for directive in DIRECTIVES.values():
+        raw = environ.get(directive.env)
+        if raw and directive.name == "parallel":  # FANOUT=parallel|sequential
+            if raw.lower() not in ("parallel", "sequential"):
+                raise ConfigError(f"FANOUT={raw!r}: expected parallel or sequential")
+            raw = "true" if raw.lower() == "parallel" else "false"
+        if raw:
+            defaults[directive.name] = raw
+    return defaults
 
 
 IDENTITY_ENV = {"pod": "POD_NAME", "namespace": "POD_NAMESPACE", "ip": "POD_IP", "node": "NODE_NAME"}
@@ -4223,6 +4253,43 @@ def forward_header_names(text):
                          "headers (connection, keep-alive, te, trailer, transfer-encoding, upgrade, "
                          "content-length, host, proxy-*) itself")
     return names
+
+
+_POSITIVE_INT = _positive(ascii_int)
+# (variable, Config attribute, converter): what Config.from_env reads (the directive defaults apart: DIRECTIVES).
+CONFIG_VARIABLES = (
+    ("HOST", "host", str),
+    ("PORT", "port", _port),
+    ("ADDRESS", "address", listen_address),
+    ("VERSION", "version", str),
+    ("UPSTREAM_PORT", "upstream_port", _port),
+    ("PEERS", "peers", parse_peers),
+    ("ALLOW_DIRECTIVES", "allow_directives", parse_bool),
+    ("ALLOW_IP_TARGETS", "allow_ip_targets", parse_bool),
+    ("ALLOWED_HOSTS", "allowed_hosts", lambda text: tuple(glob.lower() for glob in _word_list(text))),
+    ("FORWARD_HEADERS", "forward_headers", forward_header_names),
+    ("MAX_CALLS", "max_calls", _POSITIVE_INT),
+    ("MAX_DEPTH", "max_depth", _POSITIVE_INT),
+    ("MAX_DELAY", "max_delay", parse_duration),
+    ("MAX_CPU", "max_cpu", parse_duration),
+    ("MAX_SIZE", "max_size", parse_size),
+    ("MAX_TIMEOUT", "max_timeout", parse_duration),
+    ("MAX_BODY", "max_body", parse_size),
+    ("MAX_UPSTREAM_BODY", "max_upstream_body", parse_size),
+    ("MAX_ROUTE_BYTES", "max_route_bytes", _positive(parse_size)),
+    ("MAX_ROUTE_CPU", "max_route_cpu", parse_duration),
+    ("MAX_INFLIGHT_BYTES", "max_inflight_bytes", _positive(parse_size)),
+    ("MAX_INFLIGHT_CPU", "max_inflight_cpu", _positive(parse_duration)),
+    ("MAX_CONCURRENCY", "max_concurrency", _POSITIVE_INT),
+    ("MAX_CONNECTIONS", "max_connections", _POSITIVE_INT),
+    ("MAX_FANOUT_THREADS", "max_fanout_threads", _POSITIVE_INT),
+    ("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive(parse_duration)),
+    ("SHUTDOWN_DELAY", "shutdown_delay", parse_duration),
+    ("SHUTDOWN_GRACE", "shutdown_grace", parse_duration),
+    ("LOG_FORMAT", "log_format", _choice("text", "json")),
+    ("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    ("TRACE_UI_URL", "trace_ui_url", str),
+)
 
 
 # --- Server ------------------------------------------------------------------------------------------------
@@ -4429,17 +4496,7 @@ class Handler:
         view = choose_view(request.query, request.headers.get("accept", ""))
         if view is None:
             return error_outcome(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}")
-        outcome = node.serve(request)
-        if view == "json" or outcome.record is None:
-            return outcome
-        if view == "tree":
-            outcome.text, outcome.content_type = render_tree(outcome.record), "text/plain; charset=utf-8"
-        else:
-            outcome.text = render_html(outcome.record, view_route(request.path, request.query),
-                                       node.config.trace_ui_url, request.query)
-            outcome.content_type = "text/html; charset=utf-8"
-            outcome.extra_headers += (("Content-Security-Policy", HTML_CSP),)
-        return outcome
+        return render_view(node.serve(request), view, request.path, request.query, node.config.trace_ui_url)
 
     def admin(self, node, request):
         """SPEC 4 runtime controls: /-/defaults and /-/ready."""
@@ -5057,7 +5114,7 @@ def _check_version_service_names(versions):
                 raise ValueError(f"node {service!r} has the name of {name!r}'s per-version Service; rename it")
 
 
-class PodSettings(Record):
+class PodSettings(Struct):
     """What every generated pod shares: where it runs, its image, and whether an Istio sidecar is injected."""
     namespace: str
     image: str
@@ -5619,7 +5676,7 @@ class LatencyHistogram:
         return self.max
 
 
-class LoadStats(Record):
+class LoadStats(Struct):
     """What a load run has done so far; workers update it under ``lock``."""
     rate: float
     concurrency: int

@@ -188,6 +188,53 @@ def wait_until(condition, timeout=5.0, message="the condition never held"):
 
 # --- Configuration --------------------------------------------------------------------------------------------
 
+class CodeShapeTest(unittest.TestCase):
+    """Issue 16: the module's shape, read from its syntax tree (no run)."""
+
+    @classmethod
+    def setUpClass(cls):
+        import ast
+        cls.ast = ast
+        with open(sm.__file__, encoding="utf-8") as source:
+            cls.source = source.read()
+        cls.tree = ast.parse(cls.source)
+
+    def test_no_function_is_longer_than_50_lines(self):
+        ast = self.ast
+        long = [f"{node.name} (line {node.lineno}): {node.end_lineno - node.body[0].lineno + 1} lines"
+                for node in ast.walk(self.tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.body[0].lineno + 1 > 50]
+        self.assertEqual(long, [])
+
+    def test_no_section_uses_a_later_one_but_the_server_and_the_command_line(self):
+        ast = self.ast
+        banners = [(number, match.group(1)) for number, line in enumerate(self.source.splitlines(), 1)
+                   if (match := re.match(r"# --- (.*?) -+$", line))]
+        self.assertIn("Shared utilities", [name for _number, name in banners])
+
+        def section(line):
+            return ([""] + [name for number, name in banners if number <= line])[-1]  # "": imports, __version__
+        defined = {}
+        for node in self.tree.body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+                target.id for target in getattr(node, "targets", ()) if isinstance(target, ast.Name)]
+            for name in names:
+                defined.setdefault(name, node.lineno)
+        forward = []
+        for node in self.tree.body:
+            if section(node.lineno) in ("Server", "Command line"):
+                continue
+            local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
+                      for a in n.posonlyargs + n.args + n.kwonlyargs}
+            for used in ast.walk(node):
+                if (isinstance(used, ast.Name) and isinstance(used.ctx, ast.Load) and used.id not in local
+                        and defined.get(used.id, 0) > node.lineno
+                        and section(defined[used.id]) != section(node.lineno)):
+                    forward.append(f"line {used.lineno}: {used.id} ({section(defined[used.id])})")
+        self.assertEqual(forward, [])
+
+
 class ConfigTest(unittest.TestCase):
     def test_defaults_and_environment(self):
         config = sm.Config.from_env({"HOST": "a", "PORT": "8081", "PEERS": "b=127.0.0.1:9092,c=10.0.0.1:80|10.0.0.2:80",
