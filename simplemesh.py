@@ -23,7 +23,8 @@ sections above it (the server and the command line, which assemble everything, e
 - Trace context: W3C traceparent/tracestate and B3, parsed and written.
 - Outbound client: peers, name resolution, the connection pool, call_peer; a new way a peer can fail is
   caught here and becomes a CallFailed, then the caller's record.
-- The node: one request in, faults injected, calls made, the answer's record out (an Outcome).
+- The node: plan_request (pure: a Plan, or a Refusal for every 4xx), then admit and execute: faults injected,
+  calls made, the answer's record out (an Outcome).
 - Views: the record as JSON, a terminal tree or an HTML page; a new view is a pure function of the record,
   named in VIEWS and drawn by render_view.
 - Metrics, Span export: what a node reports, Prometheus text and OTLP spans.
@@ -2543,9 +2544,12 @@ def _seed_record(answer, status):
 
 
 # --- The node ----------------------------------------------------------------------------------------------
-# What one node does with one request, apart from sockets: directives applied, faults injected, calls made,
-# the answer's record built. The server section turns bytes into a Request and an Outcome into bytes; the node
-# is given its Metrics and SpanExporter (built in the server section), and only calls their methods.
+# What one node does with one request, apart from sockets, in three steps. plan_request is pure: the path, query
+# and config give a Plan (the calls, the directives, what the tree costs) or one Refusal carrying the status,
+# message and fields of every 4xx. Node.admit charges the node's budgets (a 503 Refusal when they are full);
+# Node.execute injects the faults, makes the calls and builds the answer's record into an Outcome. The server
+# section turns bytes into a Request and an Outcome into bytes; the node is given its Metrics and SpanExporter
+# (build_node, in the server section) and only calls their methods.
 
 def node_status(own_failure, children):
     """SPEC 3: the injected failure if one fired; else 504 if one of its calls timed out, 502 if one failed or
@@ -4293,9 +4297,10 @@ CONFIG_VARIABLES = (
 
 
 # --- Server ------------------------------------------------------------------------------------------------
-# What a worker does with a connection that has bytes waiting: read one request with the wire section, turn it
-# into a Request, let the node answer it, write the answer in one send. Probes, scrapes and admin calls are never
-# refused; everything else is, with a 503, above MAX_CONCURRENCY requests in flight.
+# What a worker does with a connection that has bytes waiting, in Handler: read one request with the wire section
+# (serve_one, read_request), admit it (answer: above MAX_CONCURRENCY requests in flight, a 503; probes, scrapes
+# and admin calls are never refused), dispatch it (to the node, the probes, /metrics or the admin paths; a routed
+# request's Outcome drawn in its view), send the answer in one send, then account for it (metrics, access log).
 #
 # A custom HTTP/1.1 server built for a node's three duties under load: never a thread per connection, probes
 # answered first, refusals cheap. One poller thread owns the listener and every idle connection (epoll, so any

@@ -1914,6 +1914,20 @@ class TestHtmlView(unittest.TestCase):
         self.assertEqual(sm.view_route("/b/c", "delay=1s&view=tree"), "b/c?delay=1s")
         self.assertEqual(sm.view_route("/", "view=tree"), "")
 
+    def test_render_view_draws_an_outcome_in_its_view_alone(self):
+        record = {"host": "a", "status": 200, "elapsed_time": 0.01, "next_node": []}
+        self.assertIsNone(sm.render_view(sm.Outcome(200, dict(record)), "json", "/", "").text)
+        tree = sm.render_view(sm.Outcome(200, dict(record)), "tree", "/", "view=tree")
+        self.assertEqual(tree.text, sm.render_tree(record))
+        self.assertTrue(tree.content_type.startswith("text/plain"))
+        page = sm.render_view(sm.Outcome(200, dict(record)), "html", "/b", "delay=1s&view=html", "http://jaeger")
+        self.assertTrue(page.content_type.startswith("text/html"))
+        self.assertIn(("Content-Security-Policy", sm.HTML_CSP), page.extra_headers)
+        self.assertIn("?delay=1s&amp;view=json", page.text)
+        reset = sm.Outcome(0, reset=True)
+        self.assertIs(sm.render_view(reset, "tree", "/", ""), reset)
+        self.assertIsNone(reset.text)
+
 
 class TestViewsOverHttp(unittest.TestCase):
     def test_handler_picks_the_view(self):
