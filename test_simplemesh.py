@@ -2737,6 +2737,24 @@ class NodeOverHttpTest(unittest.TestCase):
                 outcome = refusal.outcome("a")
                 self.assertEqual(outcome.record, {"host": "a", "status": status, "error": refusal.message, **fields})
 
+    def test_admit_and_execute_alone_make_the_answer_of_a_plan(self):
+        config = sm.Config(host="a", peers={})
+        node = sm.build_node(config)
+        self.addCleanup(node.pool.close)
+        for query, status in (("", 200), ("error=1&status=503", 503)):
+            with self.subTest(query=query):
+                request = sm.Request("GET", "/", query, sm.Headers({"host": "a"}), b"", time.perf_counter(),
+                                     time.time())
+                trace = sm.TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
+                plan = node.admit(request, self.plan("/", query))
+                self.assertIsInstance(plan, sm.Plan)
+                outcome = node.execute(request, plan, trace)
+                node.release(request)
+                self.assertEqual((outcome.status, outcome.record["status"]), (status, status))
+                self.assertEqual((outcome.record["host"], outcome.record["next_node"]), ("a", []))
+                self.assertEqual(outcome.record["trace_id"], trace.trace_id)
+        self.assertEqual(node.inflight.used, 0)
+
     def test_chain_nests_answers_and_shares_one_trace(self):
         with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
             status, headers, answer = mesh.request("a", "/b/c")
