@@ -4311,6 +4311,17 @@ CONFIG_VARIABLES = (
 # when MAX_CONNECTIONS is near; beyond it new ones wait in the listen backlog. Error answers end with a lingering
 # close done by the poller, so the client reads the 400 or 413 instead of a reset and no worker waits for it.
 
+PROBE_PREFIXES = tuple(f"{method} {path}{end}".encode() for method in ("GET", "HEAD")
+                       for path in OPERATIONS_PATHS for end in (" ", "?"))
+PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
+LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
+LINGER_BYTES = 1024 * 1024  # and how much of it
+STAY_SECONDS = 0.005  # a worker waits this long for a keep-alive client's next request, when the node is not busy
+STAY_WORKERS = 32  # "not busy": at most this many workers at work
+QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
+REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
+
+
 def build_node(config):
     """A Node with what it reports to: its Metrics and, with native spans (config.tracing), its SpanExporter."""
     metrics = Metrics()
@@ -4619,17 +4630,6 @@ def connection_cap(configured):
     if soft == resource.RLIM_INFINITY:
         return configured
     return min(configured, max(16, soft // 2))
-
-
-PROBE_PREFIXES = tuple(f"{method} {path}{end}".encode() for method in ("GET", "HEAD")
-                       for path in OPERATIONS_PATHS for end in (" ", "?"))
-PROBE_PEEK = 2048  # bytes of a new request looked at (not read) to tell a probe
-LINGER_SECONDS = 1.0  # how long a closing connection's unread input is drained, at most
-LINGER_BYTES = 1024 * 1024  # and how much of it
-STAY_SECONDS = 0.005  # a worker waits this long for a keep-alive client's next request, when the node is not busy
-STAY_WORKERS = 32  # "not busy": at most this many workers at work
-QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
-REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
 
 
 class InboundConnection:
