@@ -53,7 +53,6 @@ import select
 import selectors
 import signal
 import socket
-import socketserver
 import struct
 import sys
 import threading
