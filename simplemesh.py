@@ -4459,6 +4459,7 @@ class WorkerPool:
                 self.waiting -= 1
                 self.queued -= 1
             job()
+            job = None  # not kept while waiting for the next one: it may hold a finished request's answers
 
 
 def is_probe(first_bytes):
