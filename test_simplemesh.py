@@ -497,7 +497,9 @@ class DirectivesTest(unittest.TestCase):
     def test_failure_rules(self):
         self.assertEqual(set(self.failures({}, {})), {None})
         self.assertEqual(set(self.failures({}, {"status": "503"})), {503})  # status alone always fails
-        self.assertEqual(set(self.failures({"status": "503"}, {})), {None})  # ERROR_STATUS only names the code
+        self.assertEqual(set(self.failures({"status": "503"}, {})), {503})  # one meaning: alone, it always fails
+        self.assertEqual(set(self.failures({"status": "503"}, {"error": "0"})), {None})
+        self.assertEqual(set(self.failures({"error": "0"}, {"status": "503"})), {503})
         errors = self.failures({}, {"error": "0.3"})
         self.assertEqual(set(errors), {None, 500})
         self.assertLess(abs(errors.count(500) / len(errors) - 0.3), 0.03)
@@ -2631,7 +2633,7 @@ class TestNativeSpans(unittest.TestCase):
                 process.wait()
             process.stderr.close()
         spans = self.receiver.spans()  # ... and SIGTERM flushed it
-        self.assertEqual(sorted({service for service, _span in spans}), ["a", "b", "gateway"])
+        self.assertEqual(sorted({service for service, _span in spans}), ["a", "b"])  # the gateway is invisible
         self.assertEqual({span["traceId"] for _service, span in spans}, {answer["trace_id"]})
 
 
@@ -2728,7 +2730,9 @@ class NodeOverHttpTest(unittest.TestCase):
     def test_environment_defaults_and_request_override(self):
         with Mesh({"a": {"delay": "0.2", "status": "418"}, "b": {}}) as mesh:
             _s, _h, answer = mesh.request("a", "/")
-            self.assertEqual((answer["delay"], answer["status"]), (0.2, 200))  # ERROR_STATUS alone fails nothing
+            self.assertEqual((answer["delay"], answer["status"]), (0.2, 418))  # status alone fails, as in a route
+            _s, _h, answer = mesh.request("a", "/?error=0")
+            self.assertEqual(answer["status"], 200)
             _s, _h, answer = mesh.request("a", "/?delay=0&error=1")
             self.assertNotIn("delay", answer)
             self.assertEqual(answer["status"], 418)
@@ -4182,7 +4186,7 @@ class RobustShutdownTest(unittest.TestCase):
             ("mesh", "--port", str(port), "a", "b"), env, port, "/a;delay=2500ms/b", signal.SIGTERM)
         self.assertEqual(status, 0, err)
         slow_status, _headers, answer = results["slow"]
-        self.assertEqual((slow_status, hosts(answer)), (200, ["gateway", [["a", [["b", []]]]]]))
+        self.assertEqual((slow_status, hosts(answer)), (200, ["a", [["b", []]]]))
         self.assertEqual(err, "")
 
     def test_a_request_still_arriving_counts_as_in_flight(self):
@@ -4478,8 +4482,8 @@ class CommandLineTest(unittest.TestCase):
             wait_for_port(port + 3)
             status, _h, answer = http_request(("127.0.0.1", port), "/a/b/c")
             self.assertEqual(status, 200)
-            self.assertEqual(hosts(answer), ["gateway", [["a", [["b", [["c", []]]]]]]])
-            a = answer["next_node"][0]
+            self.assertEqual(hosts(answer), ["a", [["b", [["c", []]]]]])  # the gateway is invisible
+            a = answer
             self.assertGreaterEqual(a["elapsed_time"], 0.6)
             self.assertLess(a["elapsed_time"], 0.9)
         finally:
@@ -4497,7 +4501,7 @@ class CommandLineTest(unittest.TestCase):
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for_port(port + 2)
-            versions = {http_request(("127.0.0.1", port), "/b")[2]["next_node"][0]["version"] for _ in range(4)}
+            versions = {http_request(("127.0.0.1", port), "/b")[2]["version"] for _ in range(4)}
         finally:
             process.terminate()
             process.communicate(timeout=15)
