@@ -4130,8 +4130,31 @@ class Node:
                 self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
                                              str(failure), started_ns, time.time_ns())
             extra = {"rule": failure.rule} if failure.rule else {}
-            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+            error = str(failure)
+            if error.startswith("cannot resolve"):
+                error += other_tool_hint(target.name, rest)
+            return caller_record(target.name, peer.url, failure.status, error, elapsed, failure.status == 504,
                                  **extra)
+
+
+# Paths of other tools (httpbin, podinfo, fortio) -> the directives asking a simple-mesh node for the same thing.
+OTHER_TOOL_PATHS = {"status": "status={}", "delay": "delay={}s", "bytes": "size={}", "headers": "headers",
+                    "user-agent": "headers", "anything": "headers&body", "echo": "headers&body", "get": "headers",
+                    "post": "headers&body", "put": "headers&body", "patch": "headers&body", "delete": "headers",
+                    "response-headers": "response-header=name:value"}
+
+
+def other_tool_hint(name, rest):
+    """For a target that could not be resolved and reads like another tool's path (``/status/503``,
+    ``/delay/1``, ``/anything``): how simple-mesh says it, as a sentence to add to the call's error; else ''."""
+    form = OTHER_TOOL_PATHS.get(name)
+    argument = format_route(rest).split("/", 1)[0].split(";", 1)[0]
+    if form is None or ("{}" in form and not is_number(argument.replace(".", "", 1))):
+        return ""
+    query = form.format(argument)
+    path = f"/{name}/{argument}" if "{}" in form else f"/{name}"
+    return (f"; {path} reads like httpbin's or podinfo's path, but here a path names services and a hop's "
+            f"behaviour is a directive: ?{query} at this node, or /b;{query.replace('&', ';')} for hop b")
 
 
 # --- Gateway -----------------------------------------------------------------------------------------------
