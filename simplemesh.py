@@ -44,7 +44,7 @@ import time
 import http.client
 from http import HTTPStatus
 from datetime import datetime
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -4158,25 +4158,28 @@ def other_tool_hint(name, rest):
 
 
 # --- Gateway -----------------------------------------------------------------------------------------------
-# SPEC 6. The gateway of ``mesh`` (GATEWAY=true) is what an ingress is in a cluster: invisible. The first step of
-# the path names the entry node and everything else is that node's, so ``/a/b~c?parallel`` at the gateway is
-# ``http://a/b~c?parallel`` in a cluster: the answer, its status and its headers are a's. A path without one
-# entry node (``/``, a fan-out ``/a~b``, a bad route) is answered by the gateway as a node of its own.
+# SPEC 6. The gateway of ``mesh`` (GATEWAY=true) is what an ingress is in a cluster: invisible. The first segment
+# of the path names the entry node and everything after it is that node's, so ``/a/b~c?parallel`` at the gateway
+# is ``http://a/b~c?parallel`` in a cluster (``/a/metrics`` is a's /metrics, ``/a/-/healthy`` a's control): the
+# answer, its status and its headers are a's. A path without one entry node (``/``, a fan-out ``/a~b``, a group)
+# is answered by the gateway as a node of its own, as are the gateway's own /metrics, probes and /-/ paths.
 
 GATEWAY_ANSWER_SKIPPED = NOT_FORWARDABLE | {"content-type", "date", "x-trace-id", "server"}  # written again
 
 
 def gateway_entry(path, query):
-    """(entry Target, the rest of the route, the entry's query) for a request to the gateway, or None when the
-    path has no single entry node. The entry's matrix directives join its query (``/a;delay=1s/b``)."""
+    """(entry Target, the rest of the path as sent on, the entry's query) for a request to the gateway, or None
+    when the first segment is not one node. The rest goes on as it came (the entry node checks it), percent-
+    encoded again; the entry's matrix directives join its query (``/a;delay=1s/b``)."""
+    first, _slash, rest = path[1:].partition("/")
     try:
-        steps = ROUTES.get(path) or parse_route(path)
+        steps = parse_route("/" + first)
     except RouteError:
         return None
-    if not steps or len(steps[0]) != 1 or isinstance(steps[0][0], Group):
+    if len(steps) != 1 or len(steps[0]) != 1 or isinstance(steps[0][0], Group):
         return None
     entry = steps[0][0]
-    return entry, forward_route(steps[1:]), "&".join(part for part in (entry.query(), query) if part)
+    return entry, quote(rest, safe="/;~()=:,.-_!*'+@$&|"), "&".join(part for part in (entry.query(), query) if part)
 
 
 def forward_to_entry(node, request, entry):

@@ -3061,7 +3061,10 @@ class GatewayTest(unittest.TestCase):
         self.assertEqual((entry.name, rest, query), ("a", "b~c", "parallel"))
         entry, rest, query = sm.gateway_entry("/a;delay=1s/b", "size=1k")
         self.assertEqual((entry.name, rest, query), ("a", "b", "delay=1s&size=1k"))
-        for path in ("/", "/a~b", "/(a/b)", "/a//b"):
+        entry, rest, query = sm.gateway_entry("/a/metrics", "")  # a's own /metrics, as http://a/metrics is
+        self.assertEqual((entry.name, rest, query), ("a", "metrics", ""))
+        self.assertEqual(sm.gateway_entry("/a/b c\r\n", "")[1], "b%20c%0D%0A")  # sent on as it came, encoded again
+        for path in ("/", "/a~b", "/(a/b)", "/a(", "/A_b/c"):
             self.assertIsNone(sm.gateway_entry(path, ""), path)
 
     def test_the_answer_is_the_entry_nodes_with_its_query(self):
@@ -3082,6 +3085,9 @@ class GatewayTest(unittest.TestCase):
             seen = mesh.record_requests("a")
             http_request(gateway, "/a", method="POST", body=b"order=1")
             self.assertEqual(seen, [("POST", b"order=1")])
+            self.assertEqual(http_request(gateway, "/a/-/healthy?healthy=false", method="POST")[2]["host"], "a")
+            self.assertEqual(http_request(gateway, "/a/healthz")[0], 503)  # a's probe, as http://a/healthz is
+            self.assertEqual(http_request(gateway, "/healthz")[0], 200)  # the gateway's own
 
     def test_without_one_entry_node_the_gateway_answers_itself(self):
         with Mesh({"a": {}, "b": {}}) as mesh:
@@ -3351,7 +3357,9 @@ def fuzz_requests(rng, count):
     route_tokens = ["a", "b", "c", "/", "/", "~", "(", ")", ";delay=1ms", ";error=0.5", ";status=503", ";bogus",
                     ";delay=", ";size=1k", ";timeout=1s", ";cpu=1ms", ";parallel", ";headers", ":9", ":99999",
                     ":", "%", "%zz", "%ff", "%0d%0a", "%00", "%2f", "%7e", "..", ".", "-", "A", "127.0.0.1",
-                    "0x7f000001", "x" * 70, "é", "\t", " ", "?", "#", "&", "=", "metrics", "-/defaults", "\\"]
+                    "0x7f000001", "x" * 70, "é", "\t", " ", "?", "#", "&", "=", "metrics", "-/defaults", "\\",
+                    ";body", ";response-header=x-a:1|set-cookie:v", ";response-header=host:x", ";route=b",
+                    ";route=a"]
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "get", "TRACE", "CONNECT", "G\x00T",
                "", "BREW", "GET GET"]
     base = b"GET /a/b?delay=1ms HTTP/1.1\r\nHost: a\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-" \
@@ -3363,7 +3371,8 @@ def fuzz_requests(rng, count):
             yield "route", f"GET /{route} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
         elif kind == 1:  # query-string directives with random keys and values
             query = "&".join(rng.choice(["delay", "error", "status", "reset", "size", "cpu", "timeout", "parallel",
-                                         "headers", "view", "x", ""]) + rng.choice(["", "="]) +
+                                         "headers", "view", "x", "", "body", "response-header", "route"]) +
+                             rng.choice(["", "="]) +
                              "".join(rng.choice("0123456789.:,ms-kKgx%~ \x00é") for _ in range(rng.randint(0, 8)))
                              for _ in range(rng.randint(1, 4)))
             yield "query", f"GET /b?{query} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
@@ -3489,7 +3498,7 @@ class RobustFuzzLiveNodeTest(unittest.TestCase):
         self.assertEqual(http_request(("127.0.0.1", port), forged)[0], 400)
         self.assertEqual(node.stop(), 0)
         lines = node.logs()[0].splitlines()
-        self.assertEqual(len(lines), 5, lines)  # the start-up line and one per request
+        self.assertEqual(len(lines), 6, lines)  # the start-up line, one per request and the stop line
         self.assertTrue(all(line.isprintable() for line in lines), lines)
         self.assertIn('path="/\\r\\n2026-01-01T00:00:00Z forged method=GET"', lines[1])
         fields = logfmt_fields(lines[4])
