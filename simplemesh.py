@@ -5948,7 +5948,7 @@ def add_manifests_parser(commands):
         epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
                "--load http://a/b/c --istio | kubectl apply -f -")
     manifests.add_argument("nodes", nargs="+", metavar="NODE",
-                           help="a node spec: name[;directive=value...][;version=v2]")
+                           help="a node spec: name[;directive=value...][;version=v2][;route=b~c]")
     manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
     manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
     manifests.add_argument("--istio", action="store_true",
@@ -5979,9 +5979,12 @@ def build_parser():
                                     "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
     mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
                                description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names.")
+                                           "the next ports, resolving each other's names. The gateway is invisible, "
+                                           "like an ingress: /a/b~c?parallel is a's route and a's query string, and "
+                                           "the answer is a's.")
     mesh.add_argument("nodes", nargs="*", metavar="NODE",
-                      help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
+                      help="a node spec: name[;directive=value...][;version=v2][;route=b~c] (default: %s)"
+                      % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add_manifests_parser(commands)

@@ -3137,7 +3137,8 @@ class ReadableAnswerTest(unittest.TestCase):
 
 
 DIRECTIVE_SOURCES = [  # directive, its text (None: a flag), its environment variable and that variable's text
-    ("delay", "200ms", "DELAY", "0.2"), ("error", "25%", "ERROR_RATE", "0.25"), ("status", "503", "ERROR_STATUS", "503"),
+    ("delay", "200ms", "DELAY", "0.2"), ("error", "25%", "ERROR_RATE", "0.25"),
+    ("status", "503", "ERROR_STATUS", "503"),
     ("reset", "0.1", "RESET_RATE", "10%"), ("size", "10k", "RESPONSE_SIZE", "10240"), ("cpu", "50ms", "CPU", "0.05"),
     ("timeout", "2s", "UPSTREAM_TIMEOUT", "2"), ("parallel", None, "FANOUT", "parallel"),
     ("headers", None, "ECHO_HEADERS", "true"), ("body", None, "ECHO_BODY", "true"),
@@ -3163,7 +3164,8 @@ class OneMeaningTest(unittest.TestCase):
                 node = sm.Node(self.config)
                 node.set_defaults(sm.split_query(written))
                 self.assertEqual(node.base_directives, expected)
-                env = {item["name"]: item.get("value") for item in sm._node_env(sm.parse_node_spec(f"n;{written}")[2], "")}
+                manifest = sm._node_env(sm.parse_node_spec(f"n;{written}")[2], "")  # what `manifests` deploys
+                env = {item["name"]: item.get("value") for item in manifest}
                 self.assertEqual(resolve(sm.Config.from_env({variable: env[variable]}).defaults, {}), expected)
 
     def test_status_alone_fails_every_request_from_every_source_over_http(self):
