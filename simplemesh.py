@@ -4191,7 +4191,7 @@ def forward_to_entry(node, request, entry):
     peer, path = node.resolver.resolve(target, rest, query)
     headers = {name: value for name, value in request.headers.items()
                if name not in NOT_FORWARDABLE and name != "expect" and not name.startswith("proxy-")}
-    request.budget = RequestBudget(node.config.max_route_bytes, node.inflight)
+    request.budget = RequestBudget(node.config.max_route_bytes, node.inflight, RECORD_BYTES)  # as for one call
     started = time.perf_counter()
     try:
         answer = call_peer_answer(node.pool, peer, path, request.method, request.body, headers,
