@@ -29,6 +29,7 @@ sections above it (the server and the command line, which assemble everything, e
   named in VIEWS and drawn by render_view.
 - Metrics, Span export: what a node reports, Prometheus text and OTLP spans.
 - Configuration: the environment read once into a Config.
+- Gateway: what ``mesh``'s gateway does with a path that names one entry node: forward it, invisible.
 - Server: the handler (bytes to a Request, an Outcome to bytes) and the poller and workers that run it.
 - Manifests, Command line: Kubernetes objects for a mesh; ``serve``, ``mesh``, ``call``, ``load``.
 """
@@ -59,7 +60,7 @@ import threading
 import time
 from http import HTTPStatus
 from datetime import datetime
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -245,30 +246,46 @@ def iso_time(epoch):
 ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
 PADDING_FIELD = ', "padding": ""'
 STRICT_JSON = json.JSONEncoder(allow_nan=False)  # iterencode() yields the text piece by piece, for big answers
+INDENTED_JSON = json.JSONEncoder(allow_nan=False, indent=2)  # for people's tools (wants_indented_json)
+PEOPLE_TOOLS = ("curl/", "httpie/", "wget/", "wget2/", "xh/")  # User-Agent prefixes, lower-cased
 
 
-def answer_json(record, size=0, big=False):
+def wants_indented_json(headers):
+    """Whether the client is a person's tool (curl, HTTPie, Wget, xh, or a browser asking for JSON without
+    text/html): it gets indented JSON. Nodes send their own User-Agent and get compact JSON, as do scripts."""
+    agent = headers.get("user-agent", "").lower()
+    if agent.startswith(PEOPLE_TOOLS):
+        return True
+    accept = headers.get("accept", "")
+    return agent.startswith("mozilla/") and "json" in accept and "text/html" not in accept
+
+
+def answer_json(record, size=0, big=False, indent=False):
     """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
 
     The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
     record (one holding large downstream answers) is encoded lazily, twice (once to count), so besides the
     record only one of its strings is held as text at a time; the padding is never held whole. The JSON is
     strict: a peer may answer NaN or Infinity (Python's json reads them), which no other JSON reader accepts, so
-    those values become null rather than make the whole answer invalid.
+    those values become null rather than make the whole answer invalid. ``indent``: indented, with a newline at
+    the end (for a person's terminal); the padding still makes it ``size`` bytes, plus that newline.
     """
+    encoder = INDENTED_JSON if indent else STRICT_JSON
     try:
         if big:
-            length, pieces = sum(map(len, STRICT_JSON.iterencode(record))), STRICT_JSON.iterencode(record)
+            length, pieces = sum(map(len, encoder.iterencode(record))), encoder.iterencode(record)
         else:
-            text = STRICT_JSON.encode(record)
+            text = encoder.encode(record)
             length, pieces = len(text), (text,)
     except ValueError:
-        return answer_json(finite_only(record), size, big)
+        return answer_json(finite_only(record), size, big, indent)
+    end = "\n" if indent else ""  # a terminal's prompt starts on a line of its own
     missing = size - length - len(PADDING_FIELD)
     if missing <= 0:
-        return length, pieces
+        return length + len(end), itertools.chain(pieces, (end,)) if end else pieces
     # A record is never empty, so the padding field always follows another.
-    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
+    return size + len(end), itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing),
+                                            ('"}' + end,))
 
 
 def _without_closing_brace(pieces):
@@ -389,6 +406,7 @@ class WorkerPool:
                 self.waiting -= 1
                 self.queued -= 1
             job()
+            job = None  # not kept while waiting for the next one: it may hold a finished request's answers
 
 
 # --- HTTP/1.1 wire -----------------------------------------------------------------------------------------
@@ -1111,6 +1129,34 @@ def parse_status(text):
     return ((_status_code(text), None),)
 
 
+MAX_RESPONSE_HEADERS = 8
+MAX_RESPONSE_HEADER_BYTES = 1024
+HEADER_VALUE_RE = re.compile(r"[ \t!-~]*")  # visible ASCII, space and tab: no CR, LF or NUL
+NODE_WRITTEN_HEADERS = frozenset(("content-type", "date", "x-trace-id"))
+
+
+def parse_response_headers(text):
+    """``response-header=set-cookie:v=1|cache-control:no-store`` -> (("set-cookie", "v=1"), ...): headers a hop
+    adds to its answer. Names are tokens and never a header the node writes itself (hop-by-hop, framing,
+    Content-Type, Date); values are visible ASCII; at most MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEADER_BYTES in all."""
+    if len(text) > MAX_RESPONSE_HEADER_BYTES:
+        raise ValueError(f"response headers above {MAX_RESPONSE_HEADER_BYTES} bytes")
+    pairs = []
+    for item in text.split("|"):
+        name, sep, value = item.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not TOKEN_RE.fullmatch(name):
+            raise ValueError(f"bad header {item!r}: expected name:value, several separated by '|'")
+        if name in NOT_FORWARDABLE or name in NODE_WRITTEN_HEADERS or name.startswith("proxy-"):
+            raise ValueError(f"{name!r} is written by the node itself (hop-by-hop, framing, content-type, date)")
+        if not HEADER_VALUE_RE.fullmatch(value):
+            raise ValueError(f"bad value for {name!r}: visible ASCII only (no CR, LF or control characters)")
+        pairs.append((name, value))
+    if len(pairs) > MAX_RESPONSE_HEADERS:
+        raise ValueError(f"more than {MAX_RESPONSE_HEADERS} response headers")
+    return tuple(pairs)
+
+
 class DirectiveSpec(Struct):
     """One directive's schema: its name, its environment variable, its parser, its cap."""
     name: str
@@ -1135,7 +1181,9 @@ DIRECTIVES = {d.name: d for d in (
               lambda v, c: (v, c.max_timeout, "MAX_TIMEOUT")),
     DirectiveSpec("parallel", "FANOUT", _flag, flag=True),
     DirectiveSpec("headers", "ECHO_HEADERS", _flag, flag=True),
-)}
+    DirectiveSpec("body", "ECHO_BODY", _flag, flag=True),
+    DirectiveSpec("response-header", "RESPONSE_HEADERS", parse_response_headers),
+)}  # and "route" (ROUTE), added by the route grammar section: its value is a route
 
 
 def capped_directive(config, key, text):
@@ -1173,15 +1221,23 @@ class Directives(Struct):
     timeout: float = 30.0
     parallel: bool = False
     headers: bool = False
+    body: bool = False  # echo the request body in the record (httpbin's /anything)
+    response_headers: tuple = ()  # (name, value) pairs added to this hop's answer
+    route: tuple = ()  # the node's default route (ROUTE): the steps a request for "/" follows
+
+    FIELDS = {"response-header": "response_headers"}  # directive name -> field, where they differ
 
     @classmethod
     def resolve(cls, config, defaults, requested):
         """Merge node defaults (raw text, as in the environment) with a request's (raw text) and check caps."""
         values = {}
+        status_alone = False  # one meaning everywhere (SPEC 4): ``status`` without ``error`` always fails
         for source in (defaults, requested):
             for key, text in source.items():
-                values[key] = capped_directive(config, key, text)
-        if "status" in requested and "error" not in requested:
+                values[cls.FIELDS.get(key, key)] = capped_directive(config, key, text)
+            if "error" in source or "status" in source:
+                status_alone = "error" not in source
+        if status_alone:
             values["error"] = None
         elif "error" not in values:
             values["error"] = 0.0
@@ -1200,6 +1256,7 @@ class Directives(Struct):
         total = sum(weight or 0 for _code, weight in self.status) or 1.0  # error= decides; the weights share it
         code = weighted_choice(self.status, rng.random() * total)
         return self.status[-1][0] if code is None else code
+
 
 
 def burn_cpu(seconds):
@@ -1504,6 +1561,18 @@ def route_directive(steps):
             if found:
                 return found
     return None
+
+
+def parse_default_route(text):
+    """ROUTE / ``route=``: a route (``b~c/d`` or ``/b~c/d``) that a request for "/" follows -> its steps."""
+    try:
+        return parse_route("/" + text.strip().lstrip("/"))
+    except RouteError as error:
+        raise ValueError(f"{error.message} (at {error.position} in {text!r})") from None
+
+
+# The one directive whose value is a route: its row joins the table here, where a route can be parsed.
+DIRECTIVES["route"] = DirectiveSpec("route", "ROUTE", parse_default_route)
 
 
 # --- Budgets -----------------------------------------------------------------------------------------------
@@ -2361,7 +2430,7 @@ IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 
 def call_peer(pool, peer, path, method, body, headers, timeout, budget):
-    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all
+    """One HTTP call on a pooled connection -> its final Answer (status, headers, body), within ``timeout`` in all
     (name resolution and connecting included). ``budget.charge(nbytes)`` is told of answer bytes as they come.
 
     A reused connection that the peer closed before sending any byte (the race with its idle timer: a clean
@@ -2382,7 +2451,7 @@ def call_peer(pool, peer, path, method, body, headers, timeout, budget):
         raise
     except Exception as error:
         raise _call_failure(error, peer, timeout, budget) from None
-    return answer.status, answer.headers.get("content-type", ""), answer.body
+    return answer
 
 
 def exchange(pool, peer, method, request, deadline, charge=None, retry_stale=False):
@@ -2567,9 +2636,10 @@ def node_status(own_failure, children):
 
 class Request:
     """One inbound request, as the handler read it. (Made per request: plain slots, not a Struct.)"""
-    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget", "hops")
 
     def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
+        self.hops = 0  # calls between the entry node and this one (HOPS_HEADER): set by Node.serve, +1 in Node.call
         self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
         self.budget = None  # the RequestBudget of a routed request, once admitted
         self.method = method
@@ -2636,9 +2706,24 @@ def error_answer(host, status, message, **extra):
     return record
 
 
+HOPS_HEADER = "x-simplemesh-hops"  # calls made since the entry node: MAX_DEPTH holds across nodes (ROUTE cycles)
+USER_AGENT = f"simplemesh/{__version__}"  # nodes talk compact JSON to each other (wants_indented_json)
+
+
+def hop_count(headers):
+    """The hop count a call arrived with (0 at the entry node); ValueError for a value that is not one."""
+    text = headers.get(HOPS_HEADER)
+    if text is None:
+        return 0
+    if not is_number(text.strip()) or len(text.strip()) > 6:
+        raise ValueError(f"bad {HOPS_HEADER} header {text[:20]!r}: a whole number of hops")
+    return int(text)
+
+
 class Plan(Struct):
     """What a node will do for one request: the route, the calls this node makes and the directives it runs
-    with, and what the whole tree asks for (answer bytes, calls) before any call."""
+    with, and what the whole tree asks for (answer bytes, calls) before any call. ``steps`` is the route the path
+    gave (cached in ROUTES); the calls of a request for "/" may come from the node's default route instead."""
     steps: list = None
     calls: list = None
     directives: object = None
@@ -2647,21 +2732,22 @@ class Plan(Struct):
     fresh: bool = False  # the route was parsed now, not taken from ROUTES: cached once admitted
 
 
-def plan_request(config, defaults, base_directives, path, query):
+def plan_request(config, defaults, base_directives, path, query, hops=0):
     """The pure plan step: a request's path and query (+ the node's config and defaults) -> its Plan, or the
-    Refusal of a bad or forbidden request (every 4xx), before any call. ``base_directives``: ``defaults``
-    resolved (Directives.resolve), for a request without directives of its own."""
+    Refusal of a bad or forbidden request (every 4xx, and the 508 of a loop), before any call.
+    ``base_directives``: ``defaults`` resolved (Directives.resolve), for a request without directives of its own;
+    ``hops``: the calls made before this node (hop_count)."""
     query = split_query(query)
     query.pop("view", None)  # how to show the answer (the handler reads it), not a directive
     try:
-        return _plan(config, defaults, base_directives, path, query)
+        return _plan(config, defaults, base_directives, path, query, hops)
     except RouteError as error:
         return Refusal(400, f"bad route: {error.message}", position=error.position, route=path)
     except DirectiveError as error:
         return Refusal(400, f"bad directive: {error}")
 
 
-def _plan(config, defaults, base_directives, path, query):
+def _plan(config, defaults, base_directives, path, query, hops):
     steps = ROUTES.get(path)
     fresh = steps is None
     if fresh:
@@ -2671,12 +2757,13 @@ def _plan(config, defaults, base_directives, path, query):
         return Refusal(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)",
                        rule="ALLOW_DIRECTIVES")
     directives = Directives.resolve(config, defaults, query) if query else base_directives
-    calls = plan_calls(steps)
+    followed = steps or directives.route  # ROUTE: a route in the request wins
+    calls = plan_calls(followed)
     if calls:
-        refusal = route_refusal(config, steps, calls)
+        refusal = route_refusal(config, followed, calls, hops)
         if refusal:
             return refusal
-    answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
+    answer_bytes, cpu, call_count = route_cost(followed, config.max_calls)
     answer_bytes, cpu = answer_bytes + directives.size, cpu + directives.cpu
     for amount, limit, variable in ((answer_bytes, config.max_route_bytes, "MAX_ROUTE_BYTES"),
                                     (answer_bytes, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES"),
@@ -2689,9 +2776,15 @@ def _plan(config, defaults, base_directives, path, query):
     return Plan(steps, calls, directives, answer_bytes, call_count, fresh)
 
 
-def route_refusal(config, steps, calls):
-    """The Refusal of a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+def route_refusal(config, steps, calls, hops=0):
+    """The Refusal of a route with calls (too big, too deep, a forbidden target, a hop above a cap), or None.
+    ``hops``: the calls already made to reach this node; with default routes (ROUTE) a cycle of nodes could call
+    forever, so the hops so far count against MAX_DEPTH too (508 Loop Detected)."""
     total, depth = route_size(steps, config.max_calls, config.max_depth)
+    if hops and hops + depth > config.max_depth:
+        return Refusal(508, f"this call is {hops} hops from its entry node and its route goes {depth} deeper, "
+                            f"above MAX_DEPTH={config.max_depth}: a cycle of default routes (ROUTE)?",
+                       rule="MAX_DEPTH", hops=hops)
     if total > config.max_calls:
         return Refusal(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls", rule="MAX_CALLS")
     if depth > config.max_depth:
@@ -2713,6 +2806,26 @@ def target_refusal(config, name):
     return None
 
 
+# Paths of other tools (httpbin, podinfo, fortio) -> the directives asking a simple-mesh node for the same thing.
+OTHER_TOOL_PATHS = {"status": "status={}", "delay": "delay={}s", "bytes": "size={}", "headers": "headers",
+                    "user-agent": "headers", "anything": "headers&body", "echo": "headers&body", "get": "headers",
+                    "post": "headers&body", "put": "headers&body", "patch": "headers&body", "delete": "headers",
+                    "response-headers": "response-header=name:value"}
+
+
+def other_tool_hint(name, rest):
+    """For a target that could not be resolved and reads like another tool's path (``/status/503``,
+    ``/delay/1``, ``/anything``): how simple-mesh says it, as a sentence to add to the call's error; else ''."""
+    form = OTHER_TOOL_PATHS.get(name)
+    argument = format_route(rest).split("/", 1)[0].split(";", 1)[0]
+    if form is None or ("{}" in form and not is_number(argument.replace(".", "", 1))):
+        return ""
+    query = form.format(argument)
+    path = f"/{name}/{argument}" if "{}" in form else f"/{name}"
+    return (f"; {path} reads like httpbin's or podinfo's path, but here a path names services and a hop's "
+            f"behaviour is a directive: ?{query} at this node, or /b;{query.replace('&', ';')} for hop b")
+
+
 class Node:
     """One simple-mesh node: its configuration, runtime defaults, connection pool, and what it reports to (its
     Metrics, and a SpanExporter with native spans: build_node in the server section makes them)."""
@@ -2730,6 +2843,7 @@ class Node:
         self.fanout = WorkerPool(config.max_fanout_threads, f"fanout-{config.host}")
         self.exporter = exporter
         self.ready = True
+        self.healthy = True  # POST /-/healthy?healthy=false fails /healthz on purpose (SPEC 4)
         self.rng = random.Random()
         self.lock = threading.Lock()
         self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
@@ -2751,7 +2865,11 @@ class Node:
         """Answer one routed request, the heart of simple-mesh: plan (pure), admit (budgets), execute."""
         config = self.config
         trace = TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
-        plan = plan_request(config, self.defaults, self.base_directives, request.path, request.query)
+        try:
+            request.hops = hop_count(request.headers)
+        except ValueError as error:
+            return Refusal(400, str(error)).outcome(config.host, trace)
+        plan = plan_request(config, self.defaults, self.base_directives, request.path, request.query, request.hops)
         if not isinstance(plan, Refusal):
             plan = self.admit(request, plan)
         if isinstance(plan, Refusal):
@@ -2795,7 +2913,7 @@ class Node:
         return record
 
     def inject_faults(self, request, directives, record, trace):
-        """reset, delay, cpu and the headers echo (SPEC 2): the Outcome that ends the request here, or None."""
+        """reset, delay, cpu, the headers and body echoes (SPEC 2): the Outcome that ends the request here, or None."""
         rng = self.rng
         if directives.reset and rng.random() < directives.reset:
             self.metrics.count_fault("reset")
@@ -2820,6 +2938,18 @@ class Node:
                 return self.busy().outcome(self.config.host, trace)
             request.held += echoed
             record["headers"] = dict(request.headers.items())
+        if directives.body and request.body:
+            return self.echo_body(request, record, trace)
+        return None
+
+    def echo_body(self, request, record, trace):
+        """``body``: the request body in the record (httpbin's /anything), as text; None, or the Outcome refusing
+        it. The body is at most MAX_BODY; its JSON text (up to 6 characters a byte, escaped) is charged to the
+        request's budget before it is made."""
+        if not request.budget.charge(6 * len(request.body)):
+            return Refusal(503, f"the body is not echoed: {request.budget.refused}",
+                           retry_after=True).outcome(self.config.host, trace)
+        record["body"] = request.body.decode("utf-8", "replace")
         return None
 
     def finish(self, request, plan, trace, record, failure, children):
@@ -2842,7 +2972,7 @@ class Node:
         request.held += own
         return Outcome(status, record, trace_id=trace.trace_id, trace=trace, size=size,
                        targets=tuple(target.name for target, _rest in plan.calls),
-                       big=request.budget.used > ANSWER_CHUNK)
+                       big=request.budget.used > ANSWER_CHUNK, extra_headers=plan.directives.response_headers)
 
     def busy(self, what="the answers it holds are near", budget=None):
         """The 503 Refusal with Retry-After: this node's budget (bytes by default) has no room for it now."""
@@ -2919,12 +3049,12 @@ class Node:
         started_ns = time.time_ns() if trace.sampled else 0
         started = time.perf_counter()
         try:
-            headers = trace.headers_for(span_id)
+            headers = dict(trace.headers_for(span_id), **{HOPS_HEADER: str(request.hops + 1), "user-agent": USER_AGENT})
             if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
-                headers = dict(headers, **{"content-type": request.headers["content-type"]})
-            status, content_type, data = call_peer(
-                self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+                headers["content-type"] = request.headers["content-type"]
+            answer = call_peer(self.pool, peer, path, request.method, request.body, headers,
+                               directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            status, content_type, data = answer.status, answer.headers.get("content-type", ""), answer.body
             if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
                 raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
             elapsed = time.perf_counter() - started
@@ -2941,7 +3071,10 @@ class Node:
                 self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
                                              str(failure), started_ns, time.time_ns())
             extra = {"rule": failure.rule} if failure.rule else {}
-            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+            error = str(failure)
+            if error.startswith("cannot resolve"):
+                error += other_tool_hint(target.name, rest)
+            return caller_record(target.name, peer.url, failure.status, error, elapsed, failure.status == 504,
                                  **extra)
 
 
@@ -4170,6 +4303,7 @@ class Config(Struct):
     shutdown_grace: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
+    gateway: bool = False  # GATEWAY: a mesh's gateway, transparent like an ingress (SPEC 6)
     trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
     identity: dict = {}  # pod, namespace, ip, node from the downward API
     tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
@@ -4292,7 +4426,58 @@ CONFIG_VARIABLES = (
     ("LOG_FORMAT", "log_format", _choice("text", "json")),
     ("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     ("TRACE_UI_URL", "trace_ui_url", str),
+    ("GATEWAY", "gateway", parse_bool),
 )
+
+
+# --- Gateway -----------------------------------------------------------------------------------------------
+# SPEC 6. The gateway of ``mesh`` (GATEWAY=true) is what an ingress is in a cluster: invisible. The first segment
+# of the path names the entry node and everything after it is that node's, so ``/a/b~c?parallel`` at the gateway
+# is ``http://a/b~c?parallel`` in a cluster (``/a/metrics`` is a's /metrics, ``/a/-/healthy`` a's control): the
+# answer, its status and its headers are a's. A path without one entry node (``/``, a fan-out ``/a~b``, a group)
+# is answered by the gateway as a node of its own, as are the gateway's own /metrics, probes and /-/ paths. The
+# server's dispatch asks gateway_entry (pure) first, then forward_to_entry makes the one call.
+
+GATEWAY_ANSWER_SKIPPED = NOT_FORWARDABLE | {"content-type", "date", "x-trace-id", "server"}  # written again
+
+
+def gateway_entry(path, query):
+    """(entry Target, the rest of the path as sent on, the entry's query) for a request to the gateway, or None
+    when the first segment is not one node. The rest goes on as it came (the entry node checks it), percent-
+    encoded again; the entry's matrix directives join its query (``/a;delay=1s/b``)."""
+    first, _slash, rest = path[1:].partition("/")
+    try:
+        steps = parse_route("/" + first)
+    except RouteError:
+        return None
+    if len(steps) != 1 or len(steps[0]) != 1 or isinstance(steps[0][0], Group):
+        return None
+    entry = steps[0][0]
+    return entry, quote(rest, safe="/;~()=:,.-_!*'+@$&|"), "&".join(part for part in (entry.query(), query) if part)
+
+
+def forward_to_entry(node, request, entry):
+    """The entry node's answer, as it came (status, body, headers), or the gateway's record of the failed call."""
+    target, rest, query = entry
+    refusal = target_refusal(node.config, target.name)
+    if refusal:
+        return error_outcome(node.config.host, 403, refusal[0], rule=refusal[1], target=target.name)
+    peer, path = node.resolver.resolve(target, rest, query)
+    headers = {name: value for name, value in request.headers.items()
+               if name not in NOT_FORWARDABLE and name != "expect" and not name.startswith("proxy-")}
+    request.budget = RequestBudget(node.config.max_route_bytes, node.inflight, RECORD_BYTES)  # as for one call
+    started = time.perf_counter()
+    try:
+        answer = call_peer(node.pool, peer, path, request.method, request.body, headers, node.base_directives.timeout,
+                           UpstreamBudget(node.config.max_upstream_body, request.budget))
+    except CallFailed as failure:
+        elapsed = time.perf_counter() - started
+        record = caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
+        return Outcome(failure.status, record, targets=(target.name,))
+    kept = tuple((name, value) for name, value in answer.headers.items() if name not in GATEWAY_ANSWER_SKIPPED)
+    return Outcome(answer.status, text=answer.body, content_type=answer.headers.get("content-type", ""),
+                   extra_headers=kept, trace_id=answer.headers.get("x-trace-id", ""), targets=(target.name,))
+
 
 
 # --- Server ------------------------------------------------------------------------------------------------
@@ -4327,6 +4512,23 @@ def build_node(config):
     exporter = SpanExporter(config.tracing, node_resource(config), metrics,
                             warn=functools.partial(log_warning, config)) if config.tracing else None
     return Node(config, metrics, exporter)
+
+
+def switch_probe(node, method, probe, query):
+    """SPEC 4: ``POST /-/ready?ready=false`` fails /readyz, ``POST /-/healthy?healthy=false`` fails /healthz (so
+    the kubelet restarts the container), until set true again; GET shows the switch."""
+    host = node.config.host
+    if method == "POST" and not node.config.allow_directives:
+        return error_outcome(host, 403, f"switching /-/{probe} is not allowed here (ALLOW_DIRECTIVES=false)",
+                             rule="ALLOW_DIRECTIVES")
+    if method == "POST":
+        try:
+            setattr(node, probe, parse_bool(query.get(probe) or "unset"))
+        except ValueError:
+            return error_outcome(host, 400, f"use ?{probe}=true or ?{probe}=false")
+    elif method != "GET":
+        return error_outcome(host, 405, "use GET or POST")
+    return Outcome(200, {"host": host, probe: getattr(node, probe)})
 
 
 class Handler:
@@ -4498,8 +4700,9 @@ class Handler:
         if path.startswith(ADMIN_PREFIX):
             return self.admin(node, request)
         if path in PROBE_PATHS:
-            ready = node.ready or path == "/healthz"
-            return Outcome(200 if ready else 503, {"host": node.config.host, "status": "ok" if ready else "not ready"})
+            ready = node.ready if path == "/readyz" else node.healthy
+            status = "ok" if ready else "not ready" if path == "/readyz" else "unhealthy (POST /-/healthy?healthy=true)"
+            return Outcome(200 if ready else 503, {"host": node.config.host, "status": status})
         if path == METRICS_PATH:
             if "application/openmetrics-text" in request.headers.get("accept", ""):
                 return Outcome(200, text=node.metrics.render(openmetrics=True), content_type=OPENMETRICS_TYPE)
@@ -4508,13 +4711,16 @@ class Handler:
         if first in RESERVED_NAMES or first.startswith("-"):
             return error_outcome(node.config.host, 404, f"/{first} is reserved; "
                                              f"to call a service named {first!r} write the step as ({first})")
+        entry = gateway_entry(path, request.query) if node.config.gateway else None
+        if entry:
+            return forward_to_entry(node, request, entry)
         view = choose_view(request.query, request.headers.get("accept", ""))
         if view is None:
             return error_outcome(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}")
         return render_view(node.serve(request), view, request.path, request.query, node.config.trace_ui_url)
 
     def admin(self, node, request):
-        """SPEC 4 runtime controls: /-/defaults and /-/ready."""
+        """SPEC 4 runtime controls: /-/defaults, /-/ready and /-/healthy."""
         host = node.config.host
         query = split_query(request.query)
         if request.path == "/-/defaults":
@@ -4531,16 +4737,8 @@ class Handler:
             elif request.method != "GET":
                 return error_outcome(host, 405, "use GET, POST or DELETE")
             return Outcome(200, {"host": host, "defaults": node.defaults})
-        if request.path == "/-/ready":
-            if request.method == "POST" and not node.config.allow_directives:
-                return error_outcome(host, 403, "taking a node out of service is not allowed here "
-                                     "(ALLOW_DIRECTIVES=false)", rule="ALLOW_DIRECTIVES")
-            if request.method == "POST":
-                try:
-                    node.ready = parse_bool(query.get("ready") or "unset")
-                except ValueError:
-                    return error_outcome(host, 400, "use ?ready=true or ?ready=false")
-            return Outcome(200, {"host": host, "ready": node.ready})
+        if request.path in (ADMIN_PREFIX + "ready", ADMIN_PREFIX + "healthy"):
+            return switch_probe(node, request.method, request.path[len(ADMIN_PREFIX):], query)
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
@@ -4550,10 +4748,10 @@ class Handler:
         keep = head.keep_alive and not self.server.draining
         connection = None if keep and head.version == "HTTP/1.1" else ("keep-alive" if keep else "close")
         if outcome.text is not None:
-            body = outcome.text.encode()
+            body = outcome.text if isinstance(outcome.text, (bytes, bytearray)) else outcome.text.encode()
             length = len(body)
         else:
-            length, pieces = answer_json(outcome.record, outcome.size, outcome.big)
+            length, pieces = answer_json(outcome.record, outcome.size, outcome.big, wants_indented_json(head.headers))
             body = "".join(pieces).encode() if length <= ANSWER_CHUNK else None
         sock = self.conn.sock
         sock.sendall(encode_answer(outcome.status, body, outcome.content_type, outcome.extra_headers,
@@ -4580,7 +4778,8 @@ class Handler:
             return
         log_line(config, {
             "method": request.method if request else "-", "path": request.path if request else "-",
-            "status": outcome.status or "reset", "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
+            "query": request.query if request and request.query else None, "status": outcome.status or "reset",
+            "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
             "span_id": outcome.trace.span_id if outcome.trace else "", "targets": list(outcome.targets)})
 
 
@@ -5408,7 +5607,7 @@ def start_node(config):
     return server
 
 
-def startup_line(config):
+def startup_line(config, hint=False):
     log_line(config, {"event": "start",
                       "listen": (f"[{config.address}]:{config.port}" if ":" in config.address
                                  else f"{config.address}:{config.port}"), "version": config.version or None,
@@ -5417,7 +5616,9 @@ def startup_line(config):
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
                       "max_concurrency": config.max_concurrency, "max_connections": config.max_connections,
                       "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
-                                 else "mesh-only"), "simplemesh": __version__})
+                                 else "mesh-only"), "simplemesh": __version__,
+                      "try": f"curl 'localhost:{config.port}/?view=tree' or python3 simplemesh.py call "
+                             f"localhost:{config.port}/" if hint else None})
 
 
 def stop_signals():
@@ -5453,6 +5654,7 @@ def wait_for_stop(servers, stop=None, internal=()):
     for server in everything:
         server.node.ready = False
         server.draining = True
+    log_draining(everything)
     time.sleep(max(server.node.config.shutdown_delay for server in everything))
     for server in servers:
         server.shutdown()
@@ -5476,6 +5678,19 @@ def wait_for_stop(servers, stop=None, internal=()):
             hook()
         server.node.pool.close()
     return dropped
+
+
+def log_draining(servers):
+    """Say what shutting down waits for: ``draining 3 requests, up to 30 s`` (after SHUTDOWN_DELAY, if any)."""
+    config = servers[0].node.config
+    if config.log_level not in ("debug", "info"):
+        return
+    count = sum(in_flight(server) for server in servers)
+    delay = max(server.node.config.shutdown_delay for server in servers)
+    grace = max(server.node.config.shutdown_grace for server in servers)
+    waits = f"not ready; new connections taken for {delay:g} s more, then " if delay else ""
+    log_line(config, {"event": "stop",
+                      "message": f"{waits}draining {count} request{'' if count == 1 else 's'}, up to {grace:g} s"})
 
 
 def in_flight(server):
@@ -5511,7 +5726,7 @@ def command_serve(args, environ):
     config = Config.from_env(environ)
     stop = stop_signals()
     server = start_node(config)
-    startup_line(config)
+    startup_line(config, hint=True)
     release_start_up_memory()
     return 1 if wait_for_stop([server], stop) else 0  # dropped requests: the orchestrator should know
 
@@ -5536,7 +5751,7 @@ def command_mesh(args, environ):
     peers.update(ports)
     if base.tracing:  # each node of a local mesh is its own service in the trace backend
         base = base.replace(tracing=base.tracing.replace(service_name=""))
-    configs = [base.replace(host="gateway", port=args.port, peers=peers, version="")]
+    configs = [base.replace(host="gateway", port=args.port, peers=peers, version="", gateway=True)]
     for index, (name, version, directives) in enumerate(specs, start=1):
         defaults = dict(base.defaults)
         defaults.update(directives)
@@ -5554,19 +5769,28 @@ def command_mesh(args, environ):
             server.shutdown()
             server.server_close()
         raise ConfigError(f"cannot start the mesh: {error}") from None
-    names = [name for name, _version, _directives in specs]
-    example = "/".join(dict.fromkeys(names))
-    host = ("localhost" if args.address in ("0.0.0.0", "127.0.0.1", "::") else
-            f"[{args.address}]" if ":" in args.address else args.address)
-    print(f"simple-mesh: gateway on http://{host}:{args.port}, nodes: "
-          + ", ".join(f"{config.host}{'@' + config.version if config.version else ''}=:{config.port}"
-                      for config in configs[1:]), flush=True)
-    print(f"  try: curl http://{host}:{args.port}/{example}\n"
-          f"       curl 'http://{host}:{args.port}/{names[0]}~{names[-1]}?parallel'\n"
-          f"       curl http://{host}:{args.port}/metrics\n  Ctrl-C stops the mesh.", flush=True)
+    print(mesh_banner(args.address, args.port, configs[1:]), flush=True)
     release_start_up_memory()
     dropped = wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
     return 1 if dropped else 0
+
+
+def mesh_banner(address, port, nodes):
+    """What ``mesh`` prints once it runs: where the gateway and the ``nodes`` (their Configs) listen, and requests
+    to try (a chain, its tree, ``call``, a fan-out at the entry node, the metrics)."""
+    names = [config.host for config in nodes]
+    example = "/".join(dict.fromkeys(names))
+    fan_out = "~".join(dict.fromkeys(names[1:3] or names[:1]))  # /a/b~c?parallel: a calls b and c at once
+    host = ("localhost" if address in ("0.0.0.0", "127.0.0.1", "::") else
+            f"[{address}]" if ":" in address else address)
+    return (f"simple-mesh: gateway on http://{host}:{port}, nodes: "
+            + ", ".join(f"{config.host}{'@' + config.version if config.version else ''}=:{config.port}"
+                        for config in nodes)
+            + f"\n  try: curl http://{host}:{port}/{example}\n"
+              f"       curl 'http://{host}:{port}/{example}?view=tree'\n"
+              f"       python3 simplemesh.py call {host}:{port}/{example}\n"
+              f"       curl 'http://{host}:{port}/{names[0]}/{fan_out}?parallel'\n"
+              f"       curl http://{host}:{port}/metrics\n  Ctrl-C stops the mesh.")
 
 
 def command_manifests(args, environ):
@@ -5894,7 +6118,7 @@ def add_manifests_parser(commands):
         epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
                "--load http://a/b/c --istio | kubectl apply -f -")
     manifests.add_argument("nodes", nargs="+", metavar="NODE",
-                           help="a node spec: name[;directive=value...][;version=v2]")
+                           help="a node spec: name[;directive=value...][;version=v2][;route=b~c]")
     manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
     manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
     manifests.add_argument("--istio", action="store_true",
@@ -5925,9 +6149,12 @@ def build_parser():
                                     "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
     mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
                                description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names.")
+                                           "the next ports, resolving each other's names. The gateway is invisible, "
+                                           "like an ingress: /a/b~c?parallel is a's route and a's query string, and "
+                                           "the answer is a's.")
     mesh.add_argument("nodes", nargs="*", metavar="NODE",
-                      help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
+                      help="a node spec: name[;directive=value...][;version=v2][;route=b~c] (default: %s)"
+                      % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add_manifests_parser(commands)
