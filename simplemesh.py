@@ -4507,11 +4507,11 @@ class Server:
     """A node's listener, poller and workers. ``serve_forever`` runs the poller until ``shutdown``;
     ``server_close`` closes the listener (requests in flight still finish on their workers)."""
 
-    def __init__(self, node):
+    def __init__(self, node, sock=None):
         config = node.config
         self.node = node
         self.draining = False
-        self.socket = listen(config.address, config.port)
+        self.socket = sock or listen(config.address, config.port)
         self.server_address = self.socket.getsockname()
         self.max_connections = connection_cap(config.max_connections)
         self.workers = WorkerPool(config.max_concurrency + REFUSING_WORKERS, f"http-{config.host}")
@@ -5209,9 +5209,9 @@ def parse_node_spec(text):
     return name, version, directives
 
 
-def start_node(config):
-    """Bind a node's server and serve it on a daemon thread; returns the Server."""
-    server = Server(Node(config))
+def start_node(config, sock=None):
+    """Bind a node's server (or take the listening ``sock``) and serve it on a daemon thread; returns the Server."""
+    server = Server(Node(config), sock)
     threading.Thread(target=server.serve_forever, name=f"serve-{config.host}", daemon=True).start()
     return server
 
@@ -5351,6 +5351,13 @@ def command_mesh(args, environ):
         defaults.update(directives)
         configs.append(base.replace(host=name, port=args.port + index, peers=peers, version=version,
                                defaults=defaults))
+    if args.one_process:
+        return run_mesh_in_process(args, specs, configs)
+    return run_mesh_processes(args, specs, configs)
+
+
+def run_mesh_in_process(args, specs, configs):
+    """``mesh --one-process``: every node a Server of this process (they share one core)."""
     stop = stop_signals()
     servers = []
     try:
@@ -5363,6 +5370,14 @@ def command_mesh(args, environ):
             server.shutdown()
             server.server_close()
         raise ConfigError(f"cannot start the mesh: {error}") from None
+    announce_mesh(args, specs, configs)
+    release_start_up_memory()
+    dropped = wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
+    return 1 if dropped else 0
+
+
+def announce_mesh(args, specs, configs):
+    """The lines that say the mesh is up: printed once every node answers."""
     names = [name for name, _version, _directives in specs]
     example = "/".join(dict.fromkeys(names))
     host = ("localhost" if args.address in ("0.0.0.0", "127.0.0.1", "::") else
@@ -5373,9 +5388,111 @@ def command_mesh(args, environ):
     print(f"  try: curl http://{host}:{args.port}/{example}\n"
           f"       curl 'http://{host}:{args.port}/{names[0]}~{names[-1]}?parallel'\n"
           f"       curl http://{host}:{args.port}/metrics\n  Ctrl-C stops the mesh.", flush=True)
+
+
+# --- Local mesh, one process per node ------------------------------------------------------------------------
+# ``mesh`` runs each node in a child process (forked where the system can: no re-import, no pickling), so a local
+# mesh uses every core rather than one. The gateway stays in this process and binds its port before any child
+# starts: a client that sees a node's port open finds the gateway's open too. Children log straight to the
+# inherited stdout (each line one write, tagged with its host, as in one process). Ctrl-C reaches the whole
+# process group, so children ignore SIGINT: this process drains the gateway first (nodes still finish its calls),
+# then sends each child SIGTERM, and they drain their own requests. A child whose parent died stops by itself.
+
+MESH_CHILD_START_SECONDS = 30.0  # a child that has not bound its port by then failed to start
+
+
+def run_mesh_processes(args, specs, configs):
+    """``mesh``: the gateway here, one child process per node; the exit status of the whole drain."""
+    for config in configs:
+        try:
+            Directives.resolve(config, config.defaults, {})
+        except DirectiveError as error:
+            raise ConfigError(f"cannot start the mesh: {error}") from None
+    stop = stop_signals()
+    gateway_socket = listen(configs[0].address, configs[0].port)  # raises ConfigError naming the port
+    children = []
+    try:
+        children = start_node_processes(configs[1:], gateway_socket)
+        gateway = start_node(configs[0], gateway_socket)
+    except BaseException:
+        stop_node_processes(children, 0.0)
+        gateway_socket.close()
+        raise
+    startup_line(configs[0])
+    announce_mesh(args, specs, configs)
     release_start_up_memory()
-    dropped = wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
-    return 1 if dropped else 0
+    dropped = wait_for_stop([gateway], stop)  # the gateway drains while every node still answers
+    grace = max(config.shutdown_grace for config in configs)
+    statuses = stop_node_processes(children, grace)
+    return 1 if dropped or any(statuses) else 0
+
+
+def start_node_processes(configs, inherited_socket):
+    """One started child per config, each ready (its port bound); ConfigError naming the first that failed."""
+    import multiprocessing  # here: only this command needs it, and start-up time is measured
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    children = []
+    try:
+        for config in configs:
+            reader, writer = context.Pipe(duplex=False)
+            child = context.Process(target=serve_node_process, name=f"mesh-{config.host}", daemon=False,
+                                    args=(config, writer, inherited_socket, os.getpid()))
+            child.start()
+            writer.close()  # the child's end: closed here, so a child that dies shows as EOF
+            children.append((child, reader))
+        for child, reader in children:
+            problem = reader.recv() if reader.poll(MESH_CHILD_START_SECONDS) else "did not start in time"
+            if problem:
+                raise ConfigError(f"cannot start the mesh: {problem}")
+    except EOFError:
+        raise ConfigError("cannot start the mesh: a node's process exited while starting") from None
+    except BaseException:
+        stop_node_processes([child for child, _reader in children], 0.0)
+        raise
+    finally:
+        for _child, reader in children:
+            reader.close()
+    return [child for child, _reader in children]
+
+
+def serve_node_process(config, ready, inherited_socket, parent_pid):
+    """A mesh node's child process: serve until SIGTERM (or the parent's death), then drain and exit."""
+    inherited_socket.close()  # this process's copy of the gateway's listener
+    stop = stop_signals()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides the order of the drain
+    try:
+        server = start_node(config)
+    except (ConfigError, OSError) as error:
+        ready.send(str(error))
+        sys.exit(2)
+    startup_line(config)
+    ready.send("")
+    ready.close()
+    threading.Thread(target=watch_parent, args=(parent_pid, stop), name="watch-parent", daemon=True).start()
+    release_start_up_memory()
+    sys.exit(1 if wait_for_stop([server], stop) else 0)
+
+
+def watch_parent(parent_pid, stop):
+    """Set ``stop`` when the process that started this one is gone (killed, not drained): no orphan nodes."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            stop.set()
+
+
+def stop_node_processes(children, grace):
+    """SIGTERM every child at once, wait for their drains (``grace`` and some), kill any left; their statuses."""
+    for child in children:
+        if child.is_alive():
+            child.terminate()
+    deadline = time.monotonic() + grace + 5.0
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(5.0)
+    return [child.exitcode for child in children]
 
 
 def command_manifests(args, environ):
@@ -5760,13 +5877,16 @@ def build_parser():
                         description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
                                     "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
                                     "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
-    mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
-                               description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names.")
+    mesh = commands.add_parser("mesh", help="run a gateway and named nodes, each in its own process",
+                               description="Run a whole mesh on this machine: a gateway on --port and each NODE on "
+                                           "the next ports, resolving each other's names; each node in its own "
+                                           "process (every core), unless --one-process.")
     mesh.add_argument("nodes", nargs="*", metavar="NODE",
                       help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mesh.add_argument("--one-process", action="store_true",
+                      help="run the gateway and every node in this one process (one core; easier to debug)")
     add_manifests_parser(commands)
     call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
                                description="Send one request and draw the answer as a tree (in colour on a "
