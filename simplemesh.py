@@ -3814,7 +3814,11 @@ class Node:
                 self.metrics.count_fault("delay")
                 record["delay"] = round(delay, 6)
                 trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
-                time.sleep(delay)
+                turn = REQUEST_TURNS.pause()
+                try:
+                    time.sleep(delay)
+                finally:
+                    REQUEST_TURNS.resume(turn)
         if directives.cpu:
             if not self.burn(directives.cpu):
                 return self.busy(trace, "the CPU work queued here is near", self.cpu_queue)
@@ -3906,10 +3910,12 @@ class Node:
         """
         if not self.cpu_queue.charge(seconds):
             return False
+        turn = REQUEST_TURNS.pause()  # burners queue on cpu_lock, and one burning must not hold a turn either
         try:
             with self.cpu_lock:
                 burn_cpu(seconds)
         finally:
+            REQUEST_TURNS.resume(turn)
             self.cpu_queue.release(seconds)
         return True
 
@@ -3976,8 +3982,12 @@ class Node:
                 inline.append(index)
         for index in inline:
             self.call_branch(calls, index, records, (request, trace, directives))
-        for finished in waits:
-            finished.wait()
+        turn = REQUEST_TURNS.pause()
+        try:
+            for finished in waits:
+                finished.wait()
+        finally:
+            REQUEST_TURNS.resume(turn)
         return records
 
     def call_branch(self, calls, index, records, context, finished=None):
@@ -3999,9 +4009,13 @@ class Node:
             headers = trace.headers_for(span_id)
             if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
-            status, content_type, data = call_peer(
-                self.pool, peer, path, request.method, request.body, headers,
-                directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            turn = REQUEST_TURNS.pause()  # the wait for the peer's answer is no work here
+            try:
+                status, content_type, data = call_peer(
+                    self.pool, peer, path, request.method, request.body, headers,
+                    directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            finally:
+                REQUEST_TURNS.resume(turn)
             if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
                 raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
             elapsed = time.perf_counter() - started
@@ -4041,8 +4055,19 @@ class Handler:
         """What to do with the connection next: ``keep`` (idle again), ``arriving`` (a request is slow to come:
         the poller gathers the rest), ``linger`` (an error was answered: drain, then close), ``close`` or
         ``reset`` (closed already)."""
+        workers = self.server.workers
         while True:
-            result = self.serve_one()
+            # Turns only when busy (as for staying on a connection): a few runnable threads share the interpreter
+            # fairly by themselves, and queueing them costs a thread switch per request. Draining: a slow client
+            # must not hold a turn.
+            if self.patient or workers.threads - workers.waiting <= TURNS_ABOVE:
+                result = self.serve_one()
+            else:
+                REQUEST_TURNS.enter()
+                try:
+                    result = self.serve_one()
+                finally:
+                    REQUEST_TURNS.leave()
             if result != "keep":
                 return result
             if not self.conn.reader.buffered and not self.next_request_soon():  # pipelined: served at once
@@ -4093,6 +4118,7 @@ class Handler:
         if reader.arrived(max_body, self.node.inflight):
             return True
         sock.settimeout(QUICK_READ)
+        turn = REQUEST_TURNS.pause()  # waiting for a client's bytes is no work
         try:
             while not reader.arrived(max_body, self.node.inflight):
                 if not reader.fill():
@@ -4101,6 +4127,7 @@ class Handler:
         except TimeoutError:
             return False
         finally:
+            REQUEST_TURNS.resume(turn)
             sock.settimeout(self.node.config.keepalive_timeout)
 
     def read_request(self):
@@ -4501,6 +4528,61 @@ class Poller:
 
     def close(self):
         (self.epoll or self.selector).close()
+
+
+class TurnGate:
+    """At most ``slots`` threads of this process run request work at once, let in strictly in the order they asked.
+
+    Under saturation hundreds of workers are runnable, and the interpreter lock goes to whichever thread the OS
+    wakes: a request needs the lock a dozen times (once after every system call), so an unlucky one waited for
+    a second while most were served in milliseconds (issue 15: p99 17x p50 at 256 connections). Here the others
+    wait on a lock of their own, in a queue, and the few inside take turns with the lock among themselves.
+    Work that waits (an upstream call, a delay, a CPU burn queued behind others, a keep-alive wait) steps out with
+    ``pause`` and queues again at the back when it resumes. One gate per process: the interpreter lock is too.
+    Probes, scrapes and refusals of the probe lane never queue here.
+    """
+
+    def __init__(self, slots):
+        self.free = slots
+        self.queue = collections.deque()  # a held lock per waiting thread, released when its turn comes
+        self.lock = threading.Lock()
+        self.holders = threading.local()
+
+    def enter(self):
+        with self.lock:
+            if self.free and not self.queue:
+                self.free -= 1
+                turn = None
+            else:
+                turn = threading.Lock()
+                turn.acquire()
+                self.queue.append(turn)
+        if turn is not None:
+            turn.acquire()  # leave() handed this thread its slot
+        self.holders.inside = True
+
+    def leave(self):
+        self.holders.inside = False
+        with self.lock:
+            if self.queue:
+                self.queue.popleft().release()  # the slot passes straight to the longest waiting thread
+            else:
+                self.free += 1
+
+    def pause(self):
+        """Step out before waiting (a no-op on a thread that is not inside); pass the result to ``resume``."""
+        inside = getattr(self.holders, "inside", False)
+        if inside:
+            self.leave()
+        return inside
+
+    def resume(self, was_inside):
+        if was_inside:
+            self.enter()
+
+
+REQUEST_TURNS = TurnGate(8)  # a few at once keep both cores busy across system calls; more only convoy
+TURNS_ABOVE = 8  # workers at work on one server before its requests take turns (at or below: no queue, no switch)
 
 
 class Server:

@@ -4333,6 +4333,50 @@ def closed_loop(port, path, connections, seconds):
     return counts
 
 
+class TurnGateTest(unittest.TestCase):
+    """Under saturation requests take turns in arrival order (issue 15): at most ``slots`` inside at once, the
+    rest let in first come, first served; a thread that waits steps out and queues again at the back."""
+
+    def test_at_most_slots_inside_and_the_rest_in_arrival_order(self):
+        gate = sm.TurnGate(2)
+        gate.enter()
+        gate.enter()
+        entered, threads = [], []
+
+        def wait_turn(number):
+            gate.enter()
+            entered.append(number)
+            gate.leave()
+
+        for number in range(5):
+            threads.append(threading.Thread(target=wait_turn, args=(number,)))
+            threads[-1].start()
+            wait_until(lambda: len(gate.queue) == number + 1)  # queued in this order
+        self.assertEqual(entered, [])  # both slots are taken
+        gate.leave()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(entered, [0, 1, 2, 3, 4])
+        gate.leave()
+        self.assertEqual((gate.free, len(gate.queue)), (2, 0))
+
+    def test_pause_lets_the_next_in_and_resume_queues_at_the_back(self):
+        gate = sm.TurnGate(1)
+        self.assertFalse(gate.pause())  # a thread that is not inside has nothing to give up
+        gate.enter()
+        order = []
+        waiter = threading.Thread(target=lambda: (gate.enter(), order.append("waiter"), gate.leave()))
+        waiter.start()
+        wait_until(lambda: len(gate.queue) == 1)
+        turn = gate.pause()  # e.g. an upstream call: the waiter goes first
+        waiter.join(5)
+        gate.resume(turn)
+        order.append("resumed")
+        gate.leave()
+        self.assertEqual(order, ["waiter", "resumed"])
+        self.assertEqual(gate.free, 1)
+
+
 class RobustCrowdTest(unittest.TestCase):
     """Issue 11: a crowd of connections costs no thread each, probes are answered first, overload keeps the
     goodput. Figures printed; bounded in time (each part a few seconds), loopback only."""
