@@ -1631,7 +1631,7 @@ class TraceContext:
         # W3C: "If the vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate."
         outbound.pop("traceparent", None)
         outbound.pop("tracestate", None)
-        b3 = parse_b3(headers)
+        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
         if b3 and b3.trace_id:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
             return cls(b3.trace_id, b3.span_id, outbound, b3.span_id, 0 if b3.state == "0" else FLAG_SAMPLED)
         # A new trace, so the whole call tree shares one id; a B3 decision alone (b3: 0) goes on untouched and
@@ -4082,9 +4082,11 @@ class Handler:
         workers = self.server.workers
         if self.patient or workers.queued or workers.threads - workers.waiting > STAY_WORKERS:
             return False
-        poller = select.poll()
-        poller.register(self.conn.sock, select.POLLIN)
-        return bool(poller.poll(STAY_SECONDS * 1000))
+        conn = self.conn
+        if conn.stay_poll is None:  # made once per connection: two system calls fewer per request
+            conn.stay_poll = select.poll()
+            conn.stay_poll.register(conn.sock, select.POLLIN)
+        return bool(conn.stay_poll.poll(STAY_SECONDS * 1000))
 
     def serve_one(self):
         conn = self.conn
@@ -4418,7 +4420,8 @@ REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so
 
 class InboundConnection:
     """One client connection: its socket, reader, and when it was last idle (for the poller)."""
-    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed")
+    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed",
+                 "stay_poll")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -4429,6 +4432,7 @@ class InboundConnection:
         self.linger_until = 0.0
         self.lingered = 0
         self.routed = False  # served by the workers before: its next requests go to them without a peek
+        self.stay_poll = None  # a worker's poll object for this connection's next request (Handler.next_request_soon)
 
     def close(self):
         self.reader.release_charge()
