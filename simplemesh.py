@@ -4297,8 +4297,12 @@ class Handler:
                                    outcome.trace_id, connection, head_only=method == "HEAD" or body is None,
                                    length=length))
         if body is None and method != "HEAD":
-            for chunk in ascii_chunks(pieces):
-                sock.sendall(chunk)
+            turn = REQUEST_TURNS.pause()  # a big answer goes at the client's pace: no turn held meanwhile
+            try:
+                for chunk in ascii_chunks(pieces):
+                    sock.sendall(chunk)
+            finally:
+                REQUEST_TURNS.resume(turn)
         return "keep" if keep else "close"
 
     def reset_connection(self):
@@ -4541,8 +4545,8 @@ class TurnGate:
     wakes: a request needs the lock a dozen times (once after every system call), so an unlucky one waited for
     a second while most were served in milliseconds (issue 15: p99 17x p50 at 256 connections). Here the others
     wait on a lock of their own, in a queue, and the few inside take turns with the lock among themselves.
-    Work that waits (an upstream call, a delay, a CPU burn queued behind others, a keep-alive wait) steps out with
-    ``pause`` and queues again at the back when it resumes. One gate per process: the interpreter lock is too.
+    Work that waits (an upstream call, a delay, a CPU burn queued behind others, a slow client) steps out with
+    ``pause`` and queues again, at the head, when it resumes. One gate per process: the interpreter lock is too.
     Probes, scrapes and refusals of the probe lane never queue here.
     """
 
@@ -4552,7 +4556,7 @@ class TurnGate:
         self.lock = threading.Lock()
         self.holders = threading.local()
 
-    def enter(self):
+    def enter(self, first=False):
         with self.lock:
             if self.free and not self.queue:
                 self.free -= 1
@@ -4560,7 +4564,10 @@ class TurnGate:
             else:
                 turn = threading.Lock()
                 turn.acquire()
-                self.queue.append(turn)
+                if first:
+                    self.queue.appendleft(turn)
+                else:
+                    self.queue.append(turn)
         if turn is not None:
             turn.acquire()  # leave() handed this thread its slot
         self.holders.inside = True
@@ -4581,8 +4588,10 @@ class TurnGate:
         return inside
 
     def resume(self, was_inside):
+        """Back in at the head of the queue: a request under way arrived before any that waits, and finishing it
+        first frees the answers it holds (queued behind new requests, they lifted a node's peak memory)."""
         if was_inside:
-            self.enter()
+            self.enter(first=True)
 
 
 REQUEST_TURNS = TurnGate(8)  # a few at once keep both cores busy across system calls; more only convoy

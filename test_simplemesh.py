@@ -4335,7 +4335,7 @@ def closed_loop(port, path, connections, seconds):
 
 class TurnGateTest(unittest.TestCase):
     """Under saturation requests take turns in arrival order (issue 15): at most ``slots`` inside at once, the
-    rest let in first come, first served; a thread that waits steps out and queues again at the back."""
+    rest let in first come, first served; a thread that waits steps out, and comes back ahead of new arrivals."""
 
     def test_at_most_slots_inside_and_the_rest_in_arrival_order(self):
         gate = sm.TurnGate(2)
@@ -4360,7 +4360,7 @@ class TurnGateTest(unittest.TestCase):
         gate.leave()
         self.assertEqual((gate.free, len(gate.queue)), (2, 0))
 
-    def test_pause_lets_the_next_in_and_resume_queues_at_the_back(self):
+    def test_pause_lets_the_next_in_and_resume_goes_ahead_of_new_arrivals(self):
         gate = sm.TurnGate(1)
         self.assertFalse(gate.pause())  # a thread that is not inside has nothing to give up
         gate.enter()
@@ -4370,10 +4370,18 @@ class TurnGateTest(unittest.TestCase):
         wait_until(lambda: len(gate.queue) == 1)
         turn = gate.pause()  # e.g. an upstream call: the waiter goes first
         waiter.join(5)
-        gate.resume(turn)
-        order.append("resumed")
+        self.assertEqual(order, ["waiter"])
+        gate.enter()  # the slot is ours again; now one arrival queues, then the paused thread comes back
+        newcomer = threading.Thread(target=lambda: (gate.enter(), order.append("newcomer"), gate.leave()))
+        newcomer.start()
+        wait_until(lambda: len(gate.queue) == 1)
+        resumer = threading.Thread(target=lambda: (gate.resume(turn), order.append("resumed"), gate.leave()))
+        resumer.start()
+        wait_until(lambda: len(gate.queue) == 2)
         gate.leave()
-        self.assertEqual(order, ["waiter", "resumed"])
+        for thread in (newcomer, resumer):
+            thread.join(5)
+        self.assertEqual(order, ["waiter", "resumed", "newcomer"])
         self.assertEqual(gate.free, 1)
 
 
