@@ -4595,7 +4595,7 @@ class TurnGate:
 
 
 REQUEST_TURNS = TurnGate(8)  # a few at once keep both cores busy across system calls; more only convoy
-TURNS_ABOVE = 16  # workers at work on one server before its requests take turns (at or below: no queue, no switch)
+TURNS_ABOVE = 8  # workers at work on one server before its requests take turns (at or below: no queue, no switch)
 
 
 class Server:
