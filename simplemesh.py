@@ -14,7 +14,8 @@ Standard library only, one module: copy it into any pod that has Python 3.11 and
 The module reads top to bottom in the order a request flows, in banner sections; each one uses only the
 sections above it (the server and the command line, which assemble everything, excepted):
 
-- Shared utilities: Struct, setting converters, timestamps, the log line, a thread pool, an answer's JSON text.
+- Shared utilities: Struct, setting converters, timestamps, the log line, a thread pool and the turn gate, an
+  answer's JSON text.
 - HTTP/1.1 wire: requests and answers as bytes, both directions (the server's reader, the client's reader).
 - Directives: one directive's text to its typed value (the DIRECTIVES table); a request's Directives. A new
   directive is a row in DIRECTIVES, a field of Directives, and the node's use of it.
@@ -31,12 +32,14 @@ sections above it (the server and the command line, which assemble everything, e
 - Configuration: the environment read once into a Config.
 - Gateway: what ``mesh``'s gateway does with a path that names one entry node: forward it, invisible.
 - Server: the handler (bytes to a Request, an Outcome to bytes) and the poller and workers that run it.
-- Manifests, Command line: Kubernetes objects for a mesh; ``serve``, ``mesh``, ``call``, ``load``.
+- Manifests, Command line: Kubernetes objects for a mesh; ``serve``, ``mesh`` (a process per node), ``call``,
+  ``load``.
 """
 
 import argparse
 import bisect
 import collections
+import contextlib
 import email.utils
 import errno
 import fnmatch
@@ -407,6 +410,74 @@ class WorkerPool:
                 self.queued -= 1
             job()
             job = None  # not kept while waiting for the next one: it may hold a finished request's answers
+
+
+class TurnGate:
+    """At most ``slots`` threads of this process run request work at once, let in strictly in the order they asked.
+
+    Under saturation hundreds of workers are runnable, and the interpreter lock goes to whichever thread the OS
+    wakes: a request needs the lock a dozen times (once after every system call), so an unlucky one waited for
+    a second while most were served in milliseconds (issue 15: p99 17x p50 at 256 connections). Here the others
+    wait on a lock of their own, in a queue, and the few inside take turns with the lock among themselves.
+    Work that waits (an upstream call, a delay, a CPU burn queued behind others, a slow client) steps out with
+    ``pause`` and queues again, at the head, when it resumes. One gate per process: the interpreter lock is too.
+    Probes, scrapes and refusals of the probe lane never queue here.
+    """
+
+    def __init__(self, slots):
+        self.free = slots
+        self.queue = collections.deque()  # a held lock per waiting thread, released when its turn comes
+        self.lock = threading.Lock()
+        self.holders = threading.local()
+
+    def enter(self, first=False):
+        with self.lock:
+            if self.free and not self.queue:
+                self.free -= 1
+                turn = None
+            else:
+                turn = threading.Lock()
+                turn.acquire()
+                if first:
+                    self.queue.appendleft(turn)
+                else:
+                    self.queue.append(turn)
+        if turn is not None:
+            turn.acquire()  # leave() handed this thread its slot
+        self.holders.inside = True
+
+    def leave(self):
+        self.holders.inside = False
+        with self.lock:
+            if self.queue:
+                self.queue.popleft().release()  # the slot passes straight to the longest waiting thread
+            else:
+                self.free += 1
+
+    def pause(self):
+        """Step out before waiting (a no-op on a thread that is not inside); pass the result to ``resume``."""
+        inside = getattr(self.holders, "inside", False)
+        if inside:
+            self.leave()
+        return inside
+
+    def resume(self, was_inside):
+        """Back in at the head of the queue: a request under way arrived before any that waits, and finishing it
+        first frees the answers it holds (queued behind new requests, they lifted a node's peak memory)."""
+        if was_inside:
+            self.enter(first=True)
+
+    @contextlib.contextmanager
+    def outside(self):
+        """``with gate.outside():`` around a wait that is no work (a peer's answer, a delay, a slow client)."""
+        was_inside = self.pause()
+        try:
+            yield
+        finally:
+            self.resume(was_inside)
+
+
+REQUEST_TURNS = TurnGate(8)  # a few at once keep both cores busy across system calls; more only convoy
 
 
 # --- HTTP/1.1 wire -----------------------------------------------------------------------------------------
@@ -1258,7 +1329,6 @@ class Directives(Struct):
         return self.status[-1][0] if code is None else code
 
 
-
 def burn_cpu(seconds):
     """Spend ``seconds`` of this thread's CPU time (visible in CPU metrics and autoscalers), however busy the machine."""
     end = time.thread_time() + seconds
@@ -1963,7 +2033,7 @@ class TraceContext:
         # W3C: "If the vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate."
         outbound.pop("traceparent", None)
         outbound.pop("tracestate", None)
-        b3 = parse_b3(headers)
+        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
         if b3 and b3.trace_id:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
             return cls(b3.trace_id, b3.span_id, outbound, b3.span_id, 0 if b3.state == "0" else FLAG_SAMPLED)
         # A new trace, so the whole call tree shares one id; a B3 decision alone (b3: 0) goes on untouched and
@@ -2925,7 +2995,8 @@ class Node:
                 self.metrics.count_fault("delay")
                 record["delay"] = round(delay, 6)
                 trace.event("simplemesh.delay", **{"simplemesh.delay_seconds": delay})
-                time.sleep(delay)
+                with REQUEST_TURNS.outside():
+                    time.sleep(delay)
         if directives.cpu:
             if not self.burn(directives.cpu):
                 return self.busy("the CPU work queued here is near", self.cpu_queue).outcome(self.config.host, trace)
@@ -2990,8 +3061,9 @@ class Node:
         if not self.cpu_queue.charge(seconds):
             return False
         try:
-            with self.cpu_lock:
-                burn_cpu(seconds)
+            with REQUEST_TURNS.outside():  # burners queue on cpu_lock, and one burning must not hold a turn either
+                with self.cpu_lock:
+                    burn_cpu(seconds)
         finally:
             self.cpu_queue.release(seconds)
         return True
@@ -3029,8 +3101,9 @@ class Node:
                 inline.append(index)
         for index in inline:
             self.call_branch(calls, index, records, (request, trace, directives))
-        for finished in waits:
-            finished.wait()
+        with REQUEST_TURNS.outside():
+            for finished in waits:
+                finished.wait()
         return records
 
     def call_branch(self, calls, index, records, context, finished=None):
@@ -3052,8 +3125,9 @@ class Node:
             headers = dict(trace.headers_for(span_id), **{HOPS_HEADER: str(request.hops + 1), "user-agent": USER_AGENT})
             if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
                 headers["content-type"] = request.headers["content-type"]
-            answer = call_peer(self.pool, peer, path, request.method, request.body, headers,
-                               directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
+            with REQUEST_TURNS.outside():  # the wait for the peer's answer is no work here
+                answer = call_peer(self.pool, peer, path, request.method, request.body, headers,
+                                   directives.timeout, UpstreamBudget(self.config.max_upstream_body, request.budget))
             status, content_type, data = answer.status, answer.headers.get("content-type", ""), answer.body
             if "json" in content_type and not request.budget.charge(max(0, json_parse_overhead(data) - len(data))):
                 raise CallFailed(f"answer of {len(data)} bytes not parsed: {request.budget.refused}", code=status)
@@ -4466,10 +4540,12 @@ def forward_to_entry(node, request, entry):
     headers = {name: value for name, value in request.headers.items()
                if name not in NOT_FORWARDABLE and name != "expect" and not name.startswith("proxy-")}
     request.budget = RequestBudget(node.config.max_route_bytes, node.inflight, RECORD_BYTES)  # as for one call
+    upstream = UpstreamBudget(node.config.max_upstream_body, request.budget)
     started = time.perf_counter()
     try:
-        answer = call_peer(node.pool, peer, path, request.method, request.body, headers, node.base_directives.timeout,
-                           UpstreamBudget(node.config.max_upstream_body, request.budget))
+        with REQUEST_TURNS.outside():  # the wait for the entry node's answer is no work here
+            answer = call_peer(node.pool, peer, path, request.method, request.body, headers,
+                               node.base_directives.timeout, upstream)
     except CallFailed as failure:
         elapsed = time.perf_counter() - started
         record = caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
@@ -4477,7 +4553,6 @@ def forward_to_entry(node, request, entry):
     kept = tuple((name, value) for name, value in answer.headers.items() if name not in GATEWAY_ANSWER_SKIPPED)
     return Outcome(answer.status, text=answer.body, content_type=answer.headers.get("content-type", ""),
                    extra_headers=kept, trace_id=answer.headers.get("x-trace-id", ""), targets=(target.name,))
-
 
 
 # --- Server ------------------------------------------------------------------------------------------------
@@ -4494,6 +4569,8 @@ def forward_to_entry(node, request, entry):
 # then gives the connection back to the poller. Idle connections close after KEEPALIVE_TIMEOUT, the oldest first
 # when MAX_CONNECTIONS is near; beyond it new ones wait in the listen backlog. Error answers end with a lingering
 # close done by the poller, so the client reads the 400 or 413 instead of a reset and no worker waits for it.
+# Above TURNS_ABOVE busy workers, requests take turns through REQUEST_TURNS (a TurnGate, in Shared utilities;
+# the node steps out of it around its waits), so none waits seconds for the interpreter lock under saturation.
 
 PROBE_PREFIXES = tuple(f"{method} {path}{end}".encode() for method in ("GET", "HEAD")
                        for path in OPERATIONS_PATHS for end in (" ", "?"))
@@ -4504,6 +4581,7 @@ STAY_SECONDS = 0.005  # a worker waits this long for a keep-alive client's next 
 STAY_WORKERS = 32  # "not busy": at most this many workers at work
 QUICK_READ = 0.05  # a worker waits this long for more of a request before handing it back to the poller
 REFUSING_WORKERS = 4  # workers beyond MAX_CONCURRENCY: they answer the 503s, so refusing never takes more
+TURNS_ABOVE = 8  # workers at work on one server before its requests take turns (at or below: no queue, no switch)
 
 
 def build_node(config):
@@ -4545,8 +4623,19 @@ class Handler:
         """What to do with the connection next: ``keep`` (idle again), ``arriving`` (a request is slow to come:
         the poller gathers the rest), ``linger`` (an error was answered: drain, then close), ``close`` or
         ``reset`` (closed already)."""
+        workers = self.server.workers
         while True:
-            result = self.serve_one()
+            # Turns only when busy (as for staying on a connection): a few runnable threads share the interpreter
+            # fairly by themselves, and queueing them costs a thread switch per request. Draining: a slow client
+            # must not hold a turn.
+            if self.patient or workers.threads - workers.waiting <= TURNS_ABOVE:
+                result = self.serve_one()
+            else:
+                REQUEST_TURNS.enter()
+                try:
+                    result = self.serve_one()
+                finally:
+                    REQUEST_TURNS.leave()
             if result != "keep":
                 return result
             if not self.conn.reader.buffered and not self.next_request_soon():  # pipelined: served at once
@@ -4561,9 +4650,11 @@ class Handler:
         workers = self.server.workers
         if self.patient or workers.queued or workers.threads - workers.waiting > STAY_WORKERS:
             return False
-        poller = select.poll()
-        poller.register(self.conn.sock, select.POLLIN)
-        return bool(poller.poll(STAY_SECONDS * 1000))
+        conn = self.conn
+        if conn.stay_poll is None:  # made once per connection: two system calls fewer per request
+            conn.stay_poll = select.poll()
+            conn.stay_poll.register(conn.sock, select.POLLIN)
+        return bool(conn.stay_poll.poll(STAY_SECONDS * 1000))
 
     def serve_one(self):
         conn = self.conn
@@ -4598,9 +4689,10 @@ class Handler:
             return True
         sock.settimeout(QUICK_READ)
         try:
-            while not reader.arrived(max_body, self.node.inflight):
-                if not reader.fill():
-                    return True
+            with REQUEST_TURNS.outside():  # waiting for a client's bytes is no work
+                while not reader.arrived(max_body, self.node.inflight):
+                    if not reader.fill():
+                        return True
             return True
         except TimeoutError:
             return False
@@ -4758,8 +4850,9 @@ class Handler:
                                    outcome.trace_id, connection, head_only=method == "HEAD" or body is None,
                                    length=length))
         if body is None and method != "HEAD":
-            for chunk in ascii_chunks(pieces):
-                sock.sendall(chunk)
+            with REQUEST_TURNS.outside():  # a big answer goes at the client's pace: no turn held meanwhile
+                for chunk in ascii_chunks(pieces):
+                    sock.sendall(chunk)
         return "keep" if keep else "close"
 
     def reset_connection(self):
@@ -4832,7 +4925,8 @@ def connection_cap(configured):
 
 class InboundConnection:
     """One client connection: its socket, reader, and when it was last idle (for the poller)."""
-    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed")
+    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed",
+                 "stay_poll")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -4843,6 +4937,7 @@ class InboundConnection:
         self.linger_until = 0.0
         self.lingered = 0
         self.routed = False  # served by the workers before: its next requests go to them without a peek
+        self.stay_poll = None  # a worker's poll object for this connection's next request (Handler.next_request_soon)
 
     def close(self):
         self.reader.release_charge()
@@ -4898,11 +4993,11 @@ class Server:
     """A node's listener, poller and workers. ``serve_forever`` runs the poller until ``shutdown``;
     ``server_close`` closes the listener (requests in flight still finish on their workers)."""
 
-    def __init__(self, node):
+    def __init__(self, node, sock=None):
         config = node.config
         self.node = node
         self.draining = False
-        self.socket = listen(config.address, config.port)
+        self.socket = sock or listen(config.address, config.port)
         self.server_address = self.socket.getsockname()
         self.max_connections = connection_cap(config.max_connections)
         self.workers = WorkerPool(config.max_concurrency + REFUSING_WORKERS, f"http-{config.host}")
@@ -5600,9 +5695,9 @@ def parse_node_spec(text):
     return name, version, directives
 
 
-def start_node(config):
-    """Bind a node's server and serve it on a daemon thread; returns the Server."""
-    server = Server(build_node(config))
+def start_node(config, sock=None):
+    """Bind a node's server (or take the listening ``sock``) and serve it on a daemon thread; returns the Server."""
+    server = Server(build_node(config), sock)
     threading.Thread(target=server.serve_forever, name=f"serve-{config.host}", daemon=True).start()
     return server
 
@@ -5757,6 +5852,13 @@ def command_mesh(args, environ):
         defaults.update(directives)
         configs.append(base.replace(host=name, port=args.port + index, peers=peers, version=version,
                                defaults=defaults))
+    if args.one_process:
+        return run_mesh_in_process(args, configs)
+    return run_mesh_processes(args, configs)
+
+
+def run_mesh_in_process(args, configs):
+    """``mesh --one-process``: every node a Server of this process (they share one core)."""
     stop = stop_signals()
     servers = []
     try:
@@ -5791,6 +5893,111 @@ def mesh_banner(address, port, nodes):
               f"       python3 simplemesh.py call {host}:{port}/{example}\n"
               f"       curl 'http://{host}:{port}/{names[0]}/{fan_out}?parallel'\n"
               f"       curl http://{host}:{port}/metrics\n  Ctrl-C stops the mesh.")
+
+
+# Local mesh, one process per node (part of the command line). ``mesh`` runs each node in a child process (forked
+# where the system can: no re-import, no pickling), so a local mesh uses every core rather than one. The gateway
+# stays in this process and binds its port before any child starts: a client that sees a node's port open finds
+# the gateway's open too. Children log straight to the inherited stdout (each line one write, tagged with its
+# host, as in one process). Ctrl-C reaches the whole process group, so children ignore SIGINT: this process
+# drains the gateway first (nodes still finish its calls), then sends each child SIGTERM, and they drain their
+# own requests. A child whose parent died stops by itself.
+
+MESH_CHILD_START_SECONDS = 30.0  # a child that has not bound its port by then failed to start
+
+
+def run_mesh_processes(args, configs):
+    """``mesh``: the gateway here, one child process per node; the exit status of the whole drain."""
+    for config in configs:
+        try:
+            Directives.resolve(config, config.defaults, {})
+        except DirectiveError as error:
+            raise ConfigError(f"cannot start the mesh: {error}") from None
+    stop = stop_signals()
+    gateway_socket = listen(configs[0].address, configs[0].port)  # raises ConfigError naming the port
+    children = []
+    try:
+        children = start_node_processes(configs[1:], gateway_socket)
+        gateway = start_node(configs[0], gateway_socket)
+    except BaseException:
+        stop_node_processes(children, 0.0)
+        gateway_socket.close()
+        raise
+    startup_line(configs[0])
+    print(mesh_banner(args.address, args.port, configs[1:]), flush=True)
+    release_start_up_memory()
+    dropped = wait_for_stop([gateway], stop)  # the gateway drains while every node still answers
+    grace = max(config.shutdown_grace for config in configs)
+    statuses = stop_node_processes(children, grace)
+    return 1 if dropped or any(statuses) else 0
+
+
+def start_node_processes(configs, inherited_socket):
+    """One started child per config, each ready (its port bound); ConfigError naming the first that failed."""
+    import multiprocessing  # here: only this command needs it, and start-up time is measured
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    children = []
+    try:
+        for config in configs:
+            reader, writer = context.Pipe(duplex=False)
+            child = context.Process(target=serve_node_process, name=f"mesh-{config.host}", daemon=False,
+                                    args=(config, writer, inherited_socket, os.getpid()))
+            child.start()
+            writer.close()  # the child's end: closed here, so a child that dies shows as EOF
+            children.append((child, reader))
+        for child, reader in children:
+            problem = reader.recv() if reader.poll(MESH_CHILD_START_SECONDS) else "did not start in time"
+            if problem:
+                raise ConfigError(f"cannot start the mesh: {problem}")
+    except EOFError:
+        raise ConfigError("cannot start the mesh: a node's process exited while starting") from None
+    except BaseException:
+        stop_node_processes([child for child, _reader in children], 0.0)
+        raise
+    finally:
+        for _child, reader in children:
+            reader.close()
+    return [child for child, _reader in children]
+
+
+def serve_node_process(config, ready, inherited_socket, parent_pid):
+    """A mesh node's child process: serve until SIGTERM (or the parent's death), then drain and exit."""
+    inherited_socket.close()  # this process's copy of the gateway's listener
+    stop = stop_signals()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides the order of the drain
+    try:
+        server = start_node(config)
+    except (ConfigError, OSError) as error:
+        ready.send(str(error))
+        sys.exit(2)
+    startup_line(config)
+    ready.send("")
+    ready.close()
+    threading.Thread(target=watch_parent, args=(parent_pid, stop), name="watch-parent", daemon=True).start()
+    release_start_up_memory()
+    sys.exit(1 if wait_for_stop([server], stop) else 0)
+
+
+def watch_parent(parent_pid, stop):
+    """Set ``stop`` when the process that started this one is gone (killed, not drained): no orphan nodes."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            stop.set()
+
+
+def stop_node_processes(children, grace):
+    """SIGTERM every child at once, wait for their drains (``grace`` and some), kill any left; their statuses."""
+    for child in children:
+        if child.is_alive():
+            child.terminate()
+    deadline = time.monotonic() + grace + 5.0
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(5.0)
+    return [child.exitcode for child in children]
 
 
 def command_manifests(args, environ):
@@ -6138,6 +6345,23 @@ def add_manifests_parser(commands):
     manifests.add_argument("--concurrency", default="", help="the load generator's concurrency")
 
 
+def add_mesh_parser(commands):
+    """The ``mesh`` command's options."""
+    mesh = commands.add_parser("mesh", help="run a gateway and named nodes, each in its own process",
+                               description="Run a whole mesh on this machine: a gateway on --port and each NODE on "
+                                           "the next ports, resolving each other's names; each node in its own "
+                                           "process (every core), unless --one-process. The gateway is invisible, "
+                                           "like an ingress: /a/b~c?parallel is a's route and a's query string, and "
+                                           "the answer is a's.")
+    mesh.add_argument("nodes", nargs="*", metavar="NODE",
+                      help="a node spec: name[;directive=value...][;version=v2][;route=b~c] (default: %s)"
+                      % " ".join(DEFAULT_MESH))
+    mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
+    mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mesh.add_argument("--one-process", action="store_true",
+                      help="run the gateway and every node in this one process (one core; easier to debug)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simplemesh", description="simple-mesh: a test server for service meshes; the URL path is the route.")
@@ -6147,16 +6371,7 @@ def build_parser():
                         description="Run one node. HOST, PORT (9090), ADDRESS, PEERS, UPSTREAM_PORT, the directive "
                                     "defaults (DELAY, ERROR_RATE, ...) and the limits come from the environment; "
                                     "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
-    mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
-                               description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names. The gateway is invisible, "
-                                           "like an ingress: /a/b~c?parallel is a's route and a's query string, and "
-                                           "the answer is a's.")
-    mesh.add_argument("nodes", nargs="*", metavar="NODE",
-                      help="a node spec: name[;directive=value...][;version=v2][;route=b~c] (default: %s)"
-                      % " ".join(DEFAULT_MESH))
-    mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
-    mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add_mesh_parser(commands)
     add_manifests_parser(commands)
     call = commands.add_parser("call", help="one request, the call tree drawn for a terminal",
                                description="Send one request and draw the answer as a tree (in colour on a "
