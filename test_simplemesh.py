@@ -133,8 +133,23 @@ def wait_for_port(port, timeout=10.0, address="127.0.0.1"):
             with socket.create_connection((address, port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.05)  # the poll interval
     raise AssertionError(f"nothing listens on {address}:{port} after {timeout}s")
+
+
+def listens(port, address="127.0.0.1"):
+    """True when something accepts connections on ``address:port``, False when it refuses them."""
+    try:
+        socket.create_connection((address, port), timeout=1).close()
+        return True
+    except ConnectionRefusedError:
+        return False
+
+
+def in_flight_gauge(port):
+    """A node's ``simplemesh_in_flight_requests`` from its /metrics (this scrape counts itself)."""
+    _status, _headers, text = http_request(("127.0.0.1", port), "/metrics", timeout=5)
+    return int(re.search(r"^simplemesh_in_flight_requests (\d+)$", text, re.M).group(1))
 
 
 def wait_until(condition, timeout=5.0, message="the condition never held"):
@@ -143,7 +158,7 @@ def wait_until(condition, timeout=5.0, message="the condition never held"):
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(message)
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval
 
 
 def run_cli(*args, env=None, timeout=30, input=None):
@@ -555,7 +570,7 @@ def fake_getaddrinfo(table, delay=0.0, asked=None):
     def getaddrinfo(host, port, family=0, kind=0):
         if asked is not None:
             asked.append(host)
-        time.sleep(delay)
+        time.sleep(delay)  # the scenario: a slow resolver
         answer = table.get(host, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
         if isinstance(answer, Exception):
             raise answer
@@ -688,12 +703,11 @@ class DevTools:
                                          "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)  # its own group: close() ends its helpers too
         port_file = os.path.join(self.profile.name, "DevToolsActivePort")
-        deadline = time.monotonic() + 20
-        while not read_text(port_file).count("\n"):  # written once the browser listens
-            if time.monotonic() > deadline:
-                self.close()
-                raise AssertionError("chromium did not open its DevTools port")
-            time.sleep(0.05)
+        try:  # the file is written once the browser listens
+            wait_until(lambda: read_text(port_file).count("\n"), 20, "chromium did not open its DevTools port")
+        except AssertionError:
+            self.close()
+            raise
         port = int(read_text(port_file).split()[0])
         _status, _headers, targets = http_request(("127.0.0.1", port), "/json/list")
         page = next(t for t in targets if t["type"] == "page")
@@ -2425,7 +2439,7 @@ class OutboundResolverTest(unittest.TestCase):
             with self.assertRaises(socket.gaierror):
                 resolver.lookup("nowhere.example", 80, time.monotonic() + 5)
         self.assertEqual(asked, ["b.example", "nowhere.example"])
-        time.sleep(0.3)
+        time.sleep(0.3)  # the scenario: the failure's 0.2 s negative TTL runs out
         with self.assertRaises(socket.gaierror):
             resolver.lookup("nowhere.example", 80, time.monotonic() + 5)
         self.assertEqual(asked.count("nowhere.example"), 2)
@@ -2485,7 +2499,8 @@ class OutboundPeerAnswersTest(unittest.TestCase):
         differing = (OK_HEAD + f"Content-Length: {len(body)}\r\nContent-Length: {len(body) + 5}\r\n\r\n".encode()
                      + body)
         started = time.monotonic()
-        (status, _h, answer), = self.through(BadPeer(lambda sock: (sock.sendall(differing), time.sleep(5))))
+        stall = lambda sock: (sock.sendall(differing), time.sleep(5))  # the scenario: then the peer stalls
+        (status, _h, answer), = self.through(BadPeer(stall))
         self.assertLess(time.monotonic() - started, 2.0, "waited for the timeout")
         self.assertEqual((status, answer["next_node"][0]["status"]), (502, 502))
         self.assertIn("differing Content-Length", answer["next_node"][0]["error"])
@@ -2505,7 +2520,7 @@ class OutboundPeerAnswersTest(unittest.TestCase):
     def test_the_race_with_an_idle_timer_is_retried(self):
         def answer_then_idle_close(sock, n):
             sock.sendall(record_bytes({"connection": len(peer.connections)}))
-            time.sleep(0.05)
+            time.sleep(0.05)  # the scenario: idle a moment, then
             return False  # closed while idle in the caller's pool
 
         peer = BadPeer(answer_then_idle_close, keep_alive=True)
@@ -2515,7 +2530,7 @@ class OutboundPeerAnswersTest(unittest.TestCase):
             # the peer's close arriving just after the pool's check: the request goes out on a closed connection
             with unittest.mock.patch.object(sm, "_still_open", lambda sock: True):
                 self.assertEqual(mesh.request("a", "/p")[0], 200)
-                time.sleep(0.3)
+                wait_until(lambda: peer.connections[0].fileno() == -1, message="the peer never closed")
                 self.assertEqual(mesh.node("a").pool.count(), 1)
                 status, _h, answer = mesh.request("a", "/p")
         self.assertEqual((status, answer["next_node"][0]["connection"]), (200, 2))
@@ -2697,15 +2712,12 @@ class OutboundConnectionPoolTest(unittest.TestCase):
                 mesh.peers[f"p{index}"] = [("127.0.0.1", peer.port)]
             self.assertEqual(mesh.request("a", "/p0~p1~p2~p3~p4")[0], 200)
             self.assertEqual(pool.count(), 5)
-            deadline = time.monotonic() + 3
-            while pool.count() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.assertEqual(pool.count(), 0)
+            wait_until(lambda: pool.count() == 0, 3, f"{pool.count()} idle connections never expired")
 
     def test_connections_the_peer_closed_are_reaped_at_once(self):
         def answer_then_close(sock, n):
             sock.sendall(record_bytes({}))
-            time.sleep(0.05)
+            time.sleep(0.05)  # the scenario: idle a moment, then
             return False  # the peer's idle timer: its end of the connection closes
 
         peers = [BadPeer(answer_then_close, keep_alive=True) for _ in range(4)]
@@ -2718,10 +2730,8 @@ class OutboundConnectionPoolTest(unittest.TestCase):
             self.assertEqual(mesh.request("a", "/p0~p1~p2~p3")[0], 200)
             idle = [connection for stack in pool.idle.values() for connection, _since in stack]
             self.assertEqual(len(idle), 4)
-            deadline = time.monotonic() + 3  # max_idle is 30 s: only the liveness check can close them this soon
-            while pool.count() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.assertEqual(pool.count(), 0)
+            # max_idle is 30 s: only the liveness check can close them this soon
+            wait_until(lambda: pool.count() == 0, 3, f"{pool.count()} closed connections never reaped")
             self.assertTrue(all(connection.sock is None for connection in idle), "a socket left in CLOSE_WAIT")
 
     def test_head_calls_reuse_their_connection(self):
@@ -2753,7 +2763,7 @@ class OutboundConnectionPoolTest(unittest.TestCase):
             pool.give_back(peer.address, first)
             self.assertIs(pool.take(peer, time.monotonic() + 5), first)  # fresh: reused
             pool.give_back(peer.address, first)
-            time.sleep(0.1)
+            time.sleep(0.1)  # the scenario: idle for longer than max_idle
             second = pool.take(peer, time.monotonic() + 5)
             self.assertIsNot(second, first)  # idle too long: a new connection
             self.assertIsNone(first.sock)
@@ -2909,7 +2919,7 @@ class NodeFanOutTest(unittest.TestCase):
                 answers = [clients.submit(mesh.request, "a", "/b~b~b~b?parallel") for _ in range(20)]
                 while not all(answer.done() for answer in answers):
                     peak.append(fanout_threads())
-                    time.sleep(0.01)
+                    time.sleep(0.01)  # the sampling period of the peak
             for answer in answers:
                 status, _h, record = answer.result()
                 self.assertEqual((status, [child["host"] for child in record["next_node"]]), (200, ["b"] * 4))
@@ -3249,15 +3259,16 @@ class MetricsPrometheusScrapeTest(unittest.TestCase):
             try:
                 # Scrapes are requests too: the first sample of each counter is the one taken before any scrape.
                 query = "sum by (instance) (min_over_time(simplemesh_http_requests_total[5m]))"
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
+                result = []
+
+                def both_scraped():
                     try:
-                        result = prometheus_get(port, "/api/v1/query?query=" + urllib.parse.quote(query))
+                        result[:] = prometheus_get(port, "/api/v1/query?query=" + urllib.parse.quote(query))
                     except OSError:
-                        result = []
-                    if len(result) == 2:
-                        break
-                    time.sleep(0.2)
+                        pass
+                    return len(result) == 2
+
+                wait_until(both_scraped, 20, "prometheus never scraped both nodes")
                 self.assertEqual({r["metric"]["instance"]: r["value"][1] for r in result},
                                  {targets[0]: str(sent), targets[1]: str(sent)})
                 now = time.time()
@@ -4433,10 +4444,10 @@ class CommandLineLoadTest(unittest.TestCase):
                 process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "load",
                                             f"127.0.0.1:{mesh.port('a')}/", "--rate", "50", "--duration", "0",
                                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                before, deadline = sum(mesh.node("a").metrics.requests.values()), time.monotonic() + 10
-                while sum(mesh.node("a").metrics.requests.values()) == before and time.monotonic() < deadline:
-                    time.sleep(0.02)  # the load has started
-                time.sleep(0.6)
+                before = sum(mesh.node("a").metrics.requests.values())
+                wait_until(lambda: sum(mesh.node("a").metrics.requests.values()) > before, 10,
+                           "the load never started")
+                time.sleep(0.6)  # the scenario: the load runs a while before the signal
                 self.assertIsNone(process.poll())
                 process.send_signal(signum)
                 out, err = process.communicate(timeout=10)
@@ -4511,7 +4522,7 @@ class RobustHttpRulesTest(unittest.TestCase):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
                 self.assertIn(b"\r\nConnection: keep-alive\r\n", answer)
             sock.sendall(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
-            time.sleep(0.2)
+            time.sleep(0.2)  # the scenario: a client that waits for a 100 Continue a moment (none must come)
             sock.sendall(b"hi")
             answer = sock.recv(65536)
             self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)  # not "100 Continue" first
@@ -4523,7 +4534,7 @@ class RobustHttpRulesTest(unittest.TestCase):
             for attempt in range(5):
                 with socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) as sock:
                     sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300000\r\n\r\n")
-                    time.sleep(0.05)  # the node answered and closed its side
+                    sock.recv(1, socket.MSG_PEEK)  # the node answered (and closes its side)
                     try:
                         sock.sendall(b"x" * 300000)
                     except (BrokenPipeError, ConnectionResetError):
@@ -4826,7 +4837,7 @@ class RobustDeadAndSlowPeerTest(unittest.TestCase):
         self.assertEqual(answer["next_node"][0]["error"], "connection refused")
 
     def test_never_answers(self):
-        status, child, seconds = self.call_through(lambda sock: time.sleep(5))
+        status, child, seconds = self.call_through(lambda sock: time.sleep(5))  # the peer stalls
         self.assertEqual((status, child["status"], child["error"]), (504, 504, "timeout after 0.5s"))
         self.assertLess(seconds, 1.0)
 
@@ -4835,7 +4846,7 @@ class RobustDeadAndSlowPeerTest(unittest.TestCase):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
             for _ in range(100):  # each byte well inside the timeout, the whole answer far beyond it
                 sock.sendall(b"X-Slow: 1\r\n")
-                time.sleep(0.1)
+                time.sleep(0.1)  # the scenario: a byte at a time
 
         status, child, seconds = self.call_through(trickle)
         self.assertEqual((status, child["status"]), (504, 504))
@@ -4846,7 +4857,7 @@ class RobustDeadAndSlowPeerTest(unittest.TestCase):
             sock.sendall(answer_bytes(b"", length=1000))
             for _ in range(100):
                 sock.sendall(b" ")
-                time.sleep(0.1)
+                time.sleep(0.1)  # the scenario: a byte at a time
 
         status, child, seconds = self.call_through(slow_body)
         self.assertEqual((status, child["status"]), (504, 504))
@@ -4855,7 +4866,7 @@ class RobustDeadAndSlowPeerTest(unittest.TestCase):
     def test_reset_mid_answer(self):
         def reset(sock):
             sock.sendall(answer_bytes(b'{"host": "p", "sta', length=500))
-            time.sleep(0.05)
+            time.sleep(0.05)  # the scenario: part of the answer arrives, then the reset
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
 
@@ -5100,7 +5111,7 @@ class RobustLimitsTest(unittest.TestCase):
                        for _ in range(2)]
             for thread in threads:
                 thread.start()
-            time.sleep(0.1)
+            wait_until(lambda: mesh.node("a").metrics.in_flight == 2, message="the slow requests never arrived")
             status, headers, answer = mesh.request("a", "/")
             probes = [mesh.request("a", path)[0] for path in ("/healthz", "/readyz", "/metrics")]
             for thread in threads:
@@ -5131,17 +5142,16 @@ class RobustLimitsTest(unittest.TestCase):
                     self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 200"))
                 else:
                     sock.sendall(b"GET /")
-            time.sleep(0.1)
+            time.sleep(0.1)  # time for the node to start a thread per slow client, if it did (none must come)
             self.assertLessEqual(threading.active_count(), before + 20)  # the slow ones hold a worker each, at most
             busy = threading.active_count()
             socks += [socket.create_connection(("127.0.0.1", mesh.port("a")), timeout=5) for _ in range(100)]
-            time.sleep(0.05)
+            time.sleep(0.05)  # time for the node to start a thread per connection, if it did (none must come)
             self.assertLessEqual(threading.active_count(), busy)  # a connection with nothing to read costs no thread
-            time.sleep(0.6)
-            for sock in socks:
+            for sock in socks:  # each recv waits (up to its 5 s timeout) for KEEPALIVE_TIMEOUT to close it
                 self.assertEqual(sock.recv(65536), b"", "the node kept an idle connection open")
                 sock.close()
-            self.assertEqual(mesh.servers["a"].active, 0)
+            wait_until(lambda: mesh.servers["a"].active == 0, message="a closed connection still counts as active")
 
     def test_a_client_trickling_its_request_is_cut_at_the_keepalive_timeout(self):
         with Mesh({"a": {}}, keepalive_timeout=0.5) as mesh:
@@ -5153,7 +5163,7 @@ class RobustLimitsTest(unittest.TestCase):
                     sock.sendall(head)
                     with self.assertRaises(OSError):  # every byte inside the timeout, the whole far beyond
                         for _ in range(30):
-                            time.sleep(0.1)
+                            time.sleep(0.1)  # the scenario: a piece at a time
                             sock.sendall(trickle)
                             if select.select([sock], [], [], 0)[0] and sock.recv(1) == b"":
                                 raise ConnectionResetError("closed")
@@ -5166,7 +5176,7 @@ class RobustLimitsTest(unittest.TestCase):
             idle = []
             for _ in range(4):  # idle in this order
                 idle += open_clients(port, 1, request % b"0")
-                time.sleep(0.02)
+                time.sleep(0.02)  # the scenario: each idle since a distinct moment
             newest = open_clients(port, 1, request % b"0")[0]  # answered: the oldest idle connection made room
             self.assertEqual(idle[0].recv(100), b"")
             for sock in idle[1:]:
@@ -5175,12 +5185,12 @@ class RobustLimitsTest(unittest.TestCase):
                     sock.recv(100)
             for sock in idle + [newest]:
                 sock.close()
-            time.sleep(0.1)
+            wait_until(lambda: mesh.servers["a"].open == 0, message="the node never saw the clients close")
             threads = threading.active_count()
             busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
             for sock in busy:
                 sock.sendall(request % b"400ms")
-            time.sleep(0.1)
+            wait_until(lambda: mesh.node("a").metrics.in_flight == 4, message="the busy requests never arrived")
             started = time.monotonic()
             late = open_clients(port, 1, request % b"0")[0]  # waits in the listen backlog, is not refused
             waited = time.monotonic() - started
@@ -5198,7 +5208,8 @@ class RobustLimitsTest(unittest.TestCase):
             for index, sock in enumerate(slow):
                 sock.sendall(b"GET / HTTP/1.1\r\n" if index % 2 else
                              b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
-            time.sleep(0.3)  # every worker has seen them and handed them back
+            wait_until(lambda: len(mesh.servers["a"].arriving) == 30,  # every worker has seen them and handed them back
+                       message=f"{len(mesh.servers['a'].arriving)} of 30 slow requests handed back to the poller")
             started = time.monotonic()
             self.assertEqual(mesh.request("a", "/?delay=0", timeout=5)[0], 200)
             self.assertLess(time.monotonic() - started, 0.5)
@@ -5393,13 +5404,13 @@ class RobustCrowdTest(unittest.TestCase):
         results = {}
         load = threading.Thread(target=lambda: results.update(closed_loop(port, "/?delay=20ms", 1024, 4.0)))
         load.start()
-        time.sleep(1.0)
+        time.sleep(1.0)  # the scenario: the load builds up before the first probe
         latencies = []
         while load.is_alive() and len(latencies) < 20:
             slowest, statuses = probe_latency(port)
             self.assertEqual(statuses, [200, 200, 200])
             latencies.append(slowest)
-            time.sleep(0.1)
+            time.sleep(0.1)  # the sampling period
         load.join()
         threads = process_status(node.process.pid)[0]
         self.assertGreater(sum(results.values()), 1000)
@@ -5441,10 +5452,10 @@ class RobustSoakTest(unittest.TestCase):
                                 f"http://127.0.0.1:{port}/a/b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         self.addCleanup(lambda: wrk.poll() is None and wrk.kill())
-        time.sleep(warmup)
+        time.sleep(warmup)  # the scenario: the load warms the mesh up before the first sample
         samples = [process_status(mesh.process.pid)]
         while wrk.poll() is None:
-            time.sleep(min(1.0, self.SECONDS / 10))
+            time.sleep(min(1.0, self.SECONDS / 10))  # the sampling period
             if wrk.poll() is None:
                 samples.append(process_status(mesh.process.pid))
         out, err = wrk.communicate()
@@ -5485,15 +5496,12 @@ class RobustShutdownTest(unittest.TestCase):
 
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.3)  # the request is mid-delay
+        wait_until(lambda: in_flight_gauge(port) >= 2, message="the slow request never arrived")  # and this one
         signalled = time.monotonic()
         process.process.send_signal(signum)
-        time.sleep(0.1)
-        results["ready"] = http_request(("127.0.0.1", port), "/readyz")[0]
+        wait_until(lambda: http_request(("127.0.0.1", port), "/readyz")[0] == 503, message="still ready")
         results["during_delay"] = http_request(("127.0.0.1", port), "/")[0]
-        time.sleep(0.5)  # SHUTDOWN_DELAY is over: the listener is closed
-        with self.assertRaises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        wait_until(lambda: not listens(port), message="the listener stayed open after SHUTDOWN_DELAY")
         thread.join()
         status = process.process.wait(10)
         return status, results, time.monotonic() - signalled, process.logs()
@@ -5506,7 +5514,7 @@ class RobustShutdownTest(unittest.TestCase):
                 env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_DELAY": "0.3"}
                 status, results, seconds, (_out, err) = self.drain(("serve",), env, port, "/?delay=1500ms", signum)
                 self.assertEqual(status, 0, err)
-                self.assertEqual((results["ready"], results["during_delay"]), (503, 200))
+                self.assertEqual(results["during_delay"], 200)
                 slow_status, _headers, answer = results["slow"]
                 self.assertEqual((slow_status, answer["delay"]), (200, 1.5))
                 self.assertLess(seconds, 2.5)
@@ -5533,7 +5541,7 @@ class RobustShutdownTest(unittest.TestCase):
         self.addCleanup(process.kill)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
-            time.sleep(0.2)
+            time.sleep(0.2)  # the node reads the head (no gauge shows a request still arriving in another process)
             process.process.send_signal(signal.SIGTERM)
             time.sleep(0.8)  # the drain waits for the rest of the body, well past the old 0.2 s
             sock.sendall(b"world")
@@ -5550,7 +5558,7 @@ class RobustShutdownTest(unittest.TestCase):
         self.addCleanup(process.kill)
         threading.Thread(target=lambda: raw_exchange(port, b"GET /?delay=10s HTTP/1.1\r\nHost: a\r\n\r\n", timeout=15),
                          daemon=True).start()
-        time.sleep(0.2)
+        wait_until(lambda: in_flight_gauge(port) >= 2, message="the slow request never arrived")  # and this one
         started = time.monotonic()
         self.assertEqual(process.stop(signal.SIGTERM), 1)  # a request was dropped: not a clean exit
         self.assertLess(time.monotonic() - started, 2.0)
@@ -5568,7 +5576,7 @@ class RobustShutdownTest(unittest.TestCase):
         client = threading.Thread(target=lambda: events.append(
             ("answer", http_request(("127.0.0.1", port), "/?delay=400ms")[0])))
         client.start()
-        time.sleep(0.1)
+        wait_until(lambda: server.node.metrics.in_flight == 1, message="the request never arrived")
         stop.set()
         sm.wait_for_stop([server], stop)
         client.join()
@@ -5586,7 +5594,7 @@ class RobustShutdownTest(unittest.TestCase):
         drainer = threading.Thread(target=sm.wait_for_stop, args=([server], stop))
         drainer.start()
         stop.set()
-        time.sleep(0.1)
+        wait_until(lambda: server.draining, message="the server never started draining")
         connection.request("GET", "/")
         response = connection.getresponse()
         response.read()
