@@ -5,8 +5,8 @@ Run with ``python3 -m unittest -v`` (stdlib only); the tests that drive external
 Chromium, kubectl, opentelemetry-proto) need what ``.ci/run`` installs and fail, never skip, in CI without them.
 
 Layout: the harness first (every helper class and function: nodes, peers, sockets, tools), then one banner per
-section of the module (shared utilities and configuration, the HTTP/1.1 wire, route, directives and budgets, trace
-context, outbound client, the node, views, metrics, spans, server, manifests, command line), then the end-to-end
+section of the module (shared utilities, the HTTP/1.1 wire, directives, route, budgets, trace context, outbound
+client, the node, views, metrics, spans, configuration, server, manifests, command line), then the end-to-end
 ``Robust*`` classes in the same order. Test classes are named ``<Section><Topic>Test`` (``RouteGrammarTest``,
 ``OutboundConnectionPoolTest``, ``RobustCrowdTest``); ``-k Robust`` runs the robustness part alone.
 
@@ -18,7 +18,7 @@ SPEC                       Test classes
 1 Route grammar            RouteGrammarTest, RouteOverHttpTest, RobustParsingTest
 2 Directives               DirectivesValuesTest, DirectivesOverHttpTest, ConfigEnvironmentTest
 3 The answer               NodeAnswerTest, NodeFanOutTest, OutboundPeerAnswersTest, OutboundOverHttpTest,
-                           View*Test (ViewAnswerJsonTest, ViewTreeTest, ViewHtmlTest, ...),
+                           SharedAnswerJsonTest, View*Test (ViewTreeTest, ViewHtmlTest, ...),
                            RobustOutputHygieneTest
 4 Operations endpoints     NodeOperationsTest, MetricsExpositionTest, MetricsPrometheusScrapeTest,
                            ServerOverHttpTest, TraceIdsInJsonLogsTest (access log)
@@ -26,7 +26,7 @@ SPEC                       Test classes
                            Span*Test (OTEL_* environment, OTLP encoding, export)
 6 Command line             CommandLine*Test (serve, mesh, call, load), ConfigEnvironmentTest
 7 Packaging                Manifest*Test, PackagingDockerfileTest, PackagingWheelTest
-8 Robustness               Robust*Test; WireRequestTest, DirectivesBudgetTest, OutboundAnswerReaderTest,
+8 Robustness               Robust*Test; WireRequestTest, BudgetAccountingTest, OutboundAnswerReaderTest,
                            OutboundResolverTest, OutboundDeadlineAndReachTest, OutboundConnectionPoolTest,
                            OutboundReachRuleTest
 =========================  =================================================================================
@@ -1170,36 +1170,48 @@ def pod_security_problems(deployment):
     return problems
 
 
-# --- Shared utilities and configuration -----------------------------------------------------------------------
-# Record, the value converters and Config.from_env (SPEC 2, 4, 6, 8 name the variables).
+# --- Shared utilities -----------------------------------------------------------------------------------------
+# Record, converters, the log line and the worker pool are tested through the sections that use them; here
+# the answer's JSON text (padded to its size, streamed in chunks).
 
-class ConfigEnvironmentTest(unittest.TestCase):
-    """Config.from_env: defaults, the downward API, and bad values named by their variable."""
+class SharedAnswerJsonTest(unittest.TestCase):
+    """The JSON answer: the record padded to its size, streamed."""
 
-    def test_defaults_and_environment(self):
-        config = sm.Config.from_env({"HOST": "a", "PORT": "8081", "PEERS": "b=127.0.0.1:9092,c=10.0.0.1:80|10.0.0.2:80",
-                                     "DELAY": "0.5", "FANOUT": "parallel", "MAX_CALLS": "7"})
-        self.assertEqual((config.host, config.port, config.max_calls), ("a", 8081, 7))
-        self.assertEqual(config.peers, {"b": [("127.0.0.1", 9092)], "c": [("10.0.0.1", 80), ("10.0.0.2", 80)]})
-        self.assertEqual(config.defaults, {"delay": "0.5", "parallel": "true"})
-        self.assertEqual(config.upstream_port, 80)
-        self.assertEqual(sm.Config.from_env({}).host, socket.gethostname())
+    def render(self, record, size=0, big=False):
+        length, pieces = sm.answer_json(record, size, big)
+        body = b"".join(sm.ascii_chunks(pieces))
+        self.assertEqual(len(body), length)
+        return body
 
-    def test_identity_from_downward_api(self):
-        config = sm.Config.from_env({"POD_NAME": "a-1", "POD_NAMESPACE": "mesh", "POD_IP": "10.1.2.3"})
-        self.assertEqual(config.identity, {"pod": "a-1", "namespace": "mesh", "ip": "10.1.2.3"})
+    def test_the_answer_is_the_record_padded_to_its_size(self):
+        child = {"host": "b", "padding": "x" * (3 * sm.ANSWER_CHUNK + 5), "note": "caf\u00e9 \"q\""}
+        record = {"host": "a", "status": 200, "next_node": [child]}
+        for big in (False, True):
+            with self.subTest(big=big):
+                self.assertEqual(json.loads(self.render(record, big=big)), record)
+                self.assertEqual(self.render(record, big=big), json.dumps(record).encode())
+                for size in (1, 100, 10_000, 3 * sm.ANSWER_CHUNK + 7):
+                    padded = self.render({"host": "a"}, size, big)
+                    self.assertEqual(len(padded), size if size > 30 else len(b'{"host": "a"}'))
+                    self.assertEqual(set(json.loads(padded)["padding"]) if size > 30 else set(), {"x"} if size > 30
+                                     else set())
+                padded = json.loads(self.render(record, len(json.dumps(record)) + 100_000, big))
+                self.assertEqual(padded["next_node"], [child])
+                self.assertEqual(list(padded)[-1], "padding")  # the last field, as before
 
-    def test_bad_values_name_the_variable(self):
-        for env, word in [({"PORT": "http"}, "PORT"), ({"PEERS": "a=nowhere"}, "PEERS"), ({"DELAY": "soon"}, "DELAY"),
-                          ({"ERROR_RATE": "2"}, "ERROR_RATE"), ({"FANOUT": "both"}, "FANOUT"),
-                          ({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"DELAY": "2m", "MAX_DELAY": "1m"}, "DELAY"),
-                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS"),
-                          ({"MAX_ROUTE_BYTES": "0"}, "MAX_ROUTE_BYTES"), ({"MAX_INFLIGHT_BYTES": "lots"}, "INFLIGHT"),
-                          ({"RESPONSE_SIZE": "2m", "MAX_ROUTE_BYTES": "1m"}, "RESPONSE_SIZE=2m is above MAX_ROUTE"),
-                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1"),
-                          ({"CPU": "2s", "MAX_INFLIGHT_CPU": "1s"}, "CPU=2s is above MAX_INFLIGHT_CPU=1")]:
-            with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
-                sm.Config.from_env(env)
+    def test_a_big_answer_is_never_held_whole(self):
+        import tracemalloc
+        record = {"host": "a", "next_node": [{"host": "b", "padding": "x" * 4_000_000}]}
+        tracemalloc.start()
+        try:
+            length, pieces = sm.answer_json(record, 12_000_000, big=True)
+            sent = sum(len(chunk) for chunk in sm.ascii_chunks(pieces))
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(sent, length)
+        self.assertEqual(length, 12_000_000)
+        self.assertLess(peak, 4_000_000 + 4 * sm.ANSWER_CHUNK)  # one copy of the child's padding, at most
 
 
 # --- The HTTP/1.1 wire ----------------------------------------------------------------------------------------
@@ -1324,6 +1336,157 @@ class WireRequestTest(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"))
         self.assertIn(b"\r\nRetry-After: 1\r\nConnection: keep-alive\r\n\r\n{}", answer)
         self.assertTrue(sm.encode_answer(200, b"{}", head_only=True).endswith(b"\r\n\r\n"))
+
+
+# --- Directives -----------------------------------------------------------------------------------------------
+# Directive values and their resolution (SPEC 2), then through real nodes.
+
+class DirectivesValuesTest(unittest.TestCase):
+    """Directive values (durations, sizes, probabilities, distributions) and their resolution."""
+
+    config = sm.Config(host="t")
+
+    def test_durations_and_sizes(self):
+        for text, seconds in [("200ms", 0.2), ("1.5s", 1.5), ("2m", 120), ("0.5", 0.5), (".25s", 0.25), ("3", 3)]:
+            self.assertAlmostEqual(sm.parse_duration(text), seconds)
+        for text in ["", "fast", "1h", "-1s", "1 s", "1e3"]:
+            self.assertRaises(ValueError, sm.parse_duration, text)
+        for text, size in [("512", 512), ("10k", 10240), ("2m", 2 * 1024 ** 2), ("1KB", 1024)]:
+            self.assertEqual(sm.parse_size(text), size)
+        self.assertRaises(ValueError, sm.parse_size, "lots")
+
+    def test_probabilities_as_fractions_or_percentages(self):
+        for text, value in [("0.25", 0.25), ("25%", 0.25), ("100%", 1.0), ("0%", 0.0), ("1", 1.0), ("0.5%", 0.005)]:
+            self.assertAlmostEqual(sm.parse_probability(text), value)
+        for text in ["", "%", "1.5", "150%", "-1%", "nan", "half"]:
+            self.assertRaises(ValueError, sm.parse_probability, text)
+
+    def test_delay_distributions(self):
+        rng = __import__("random").Random(1)
+        self.assertEqual(sm.parse_delay("200ms").sample(rng), 0.2)
+        samples = [sm.parse_delay("100ms..300ms").sample(rng) for _ in range(500)]
+        self.assertTrue(all(0.1 <= s <= 0.3 for s in samples))
+        self.assertLess(abs(sum(samples) / len(samples) - 0.2), 0.02)
+        weighted = [sm.parse_delay("10ms:0.9,2s:0.1").sample(rng) for _ in range(2000)]
+        self.assertEqual(set(weighted), {0.01, 2.0})
+        self.assertLess(abs(weighted.count(2.0) / 2000 - 0.1), 0.03)
+        self.assertEqual(sm.parse_delay("1s:0.5,2s:0.5").maximum, 2.0)
+
+    def test_resolve_merges_defaults_and_request_and_checks_caps(self):
+        directives = sm.Directives.resolve(self.config, {"delay": "1s", "error": "0.5"}, {"delay": "2s", "parallel": None})
+        self.assertEqual((directives.delay.low, directives.error, directives.parallel), (2.0, 0.5, True))
+        self.assertEqual(sm.Directives.resolve(self.config, {}, {}).timeout, 30.0)
+        for requested, limit in [({"delay": "61s"}, "MAX_DELAY"), ({"delay": "1s..2m"}, "MAX_DELAY"),
+                                 ({"size": "11m"}, "MAX_SIZE"), ({"cpu": "6s"}, "MAX_CPU"),
+                                 ({"timeout": "301s"}, "MAX_TIMEOUT")]:
+            with self.subTest(requested=requested), self.assertRaisesRegex(sm.DirectiveError, limit):
+                sm.Directives.resolve(self.config, {}, requested)
+        self.assertRaises(sm.DirectiveError, sm.Directives.resolve, self.config, {}, {"timeout": "0"})
+        self.assertRaisesRegex(sm.DirectiveError, "unknown directive 'bogus'",
+                               sm.Directives.resolve, self.config, {}, {"bogus": "1"})
+
+    def failures(self, defaults, requested, n=4000):
+        rng = __import__("random").Random(7)
+        directives = sm.Directives.resolve(self.config, defaults, requested)
+        return [directives.failure_status(rng) for _ in range(n)]
+
+    def test_failure_rules(self):
+        self.assertEqual(set(self.failures({}, {})), {None})
+        self.assertEqual(set(self.failures({}, {"status": "503"})), {503})  # status alone always fails
+        self.assertEqual(set(self.failures({"status": "503"}, {})), {None})  # ERROR_STATUS only names the code
+        errors = self.failures({}, {"error": "0.3"})
+        self.assertEqual(set(errors), {None, 500})
+        self.assertLess(abs(errors.count(500) / len(errors) - 0.3), 0.03)
+        self.assertEqual(set(self.failures({"status": "429"}, {"error": "1"})), {429})
+        weighted = self.failures({}, {"status": "503:0.2,429:0.1"})
+        self.assertLess(abs(weighted.count(503) / len(weighted) - 0.2), 0.03)
+        self.assertLess(abs(weighted.count(429) / len(weighted) - 0.1), 0.03)
+        self.assertLess(abs(weighted.count(None) / len(weighted) - 0.7), 0.03)
+
+    def test_split_query(self):
+        self.assertEqual(sm.split_query("delay=1s&parallel&view=tree&x=%32"),
+                         {"delay": "1s", "parallel": None, "view": "tree", "x": "2"})
+
+    def test_node_spec_uses_the_directive_syntax(self):
+        self.assertEqual(sm.parse_node_spec("B;delay=0.5;version=v2;parallel"),
+                         ("b", "v2", {"delay": "0.5", "parallel": "true"}))
+        for bad in ["", "b;dealy=1", "b_c", "b;error=2"]:
+            self.assertRaises(ValueError, sm.parse_node_spec, bad)
+
+
+class DirectivesOverHttpTest(unittest.TestCase):
+    """Directives through real nodes: per hop, from the query and the environment, caps, faults."""
+
+    def test_directives_apply_to_their_hop_only(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            started = time.perf_counter()
+            _s, _h, answer = mesh.request("a", "/b;delay=300ms/c")
+            elapsed = time.perf_counter() - started
+        b, c = answer["next_node"][0], answer["next_node"][0]["next_node"][0]
+        self.assertEqual(b["delay"], 0.3)
+        self.assertNotIn("delay", c)
+        self.assertNotIn("delay", answer)
+        self.assertGreaterEqual(elapsed, 0.3)
+        self.assertGreaterEqual(answer["elapsed_time"], b["elapsed_time"])
+        self.assertGreaterEqual(b["elapsed_time"], 0.3)
+
+    def test_query_string_directives_are_the_entry_nodes(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b?status=503")
+            self.assertEqual((status, answer["status"]), (503, 503))
+            self.assertEqual(answer["next_node"], [])  # a failing node calls no one
+            self.assertIn("503", answer["error"])
+            status, _h, answer = mesh.request("a", "/?size=20k")
+            self.assertEqual(status, 200)
+            self.assertLess(abs(len(json.dumps(answer)) - 20480), 200)
+
+    def test_environment_defaults_and_request_override(self):
+        with Mesh({"a": {"delay": "0.2", "status": "418"}, "b": {}}) as mesh:
+            _s, _h, answer = mesh.request("a", "/")
+            self.assertEqual((answer["delay"], answer["status"]), (0.2, 200))  # ERROR_STATUS alone fails nothing
+            _s, _h, answer = mesh.request("a", "/?delay=0&error=1")
+            self.assertNotIn("delay", answer)
+            self.assertEqual(answer["status"], 418)
+
+    def test_hop_directives_above_a_cap_are_refused_at_the_entry(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b/(b;delay=100s)")
+            self.assertEqual(status, 400)
+            self.assertIn("MAX_DELAY", answer["error"])
+            self.assertEqual(mesh.node("b").metrics.requests, {})  # nobody was called
+
+    def test_timeout_is_504(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            started = time.perf_counter()
+            status, _h, answer = mesh.request("a", "/b;delay=2s?timeout=300ms")
+            elapsed = time.perf_counter() - started
+        self.assertEqual((status, answer["next_node"][0]["status"]), (504, 504))
+        self.assertIn("timeout", answer["next_node"][0]["error"])
+        self.assertLess(elapsed, 1.5)
+
+    def test_a_child_answering_504_is_a_failed_call_not_a_timeout(self):
+        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
+            self.assertEqual(mesh.request("a", "/b;status=504")[0], 502)
+            status, _h, answer = mesh.request("a", "/b;timeout=200ms/c;delay=1s", timeout=10)
+            self.assertEqual(status, 502)  # b timed out calling c (504); a saw b answer 504
+            self.assertEqual(answer["next_node"][0]["status"], 504)
+            self.assertTrue(answer["next_node"][0]["next_node"][0]["timeout"])
+
+    def test_reset_closes_without_an_answer(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            status, _h, answer = mesh.request("a", "/b;reset=1")
+            self.assertEqual(status, 502)
+            self.assertIn("reset", answer["next_node"][0]["error"])
+            with self.assertRaises(ConnectionResetError):  # an RST, not a clean close
+                mesh.request("b", "/?reset=1")
+
+    def test_cpu_burn(self):
+        with Mesh({"a": {}}) as mesh:
+            before = time.process_time()
+            _s, _h, answer = mesh.request("a", "/?cpu=200ms")
+            burnt = time.process_time() - before
+        self.assertEqual(answer["cpu"], 0.2)
+        self.assertGreater(burnt, 0.19)
 
 
 # --- Route ----------------------------------------------------------------------------------------------------
@@ -1451,83 +1614,10 @@ class RouteOverHttpTest(unittest.TestCase):
             self.assertEqual(mesh.node("b").metrics.requests, {})  # nobody was called
 
 
-# --- Directives and budgets -----------------------------------------------------------------------------------
-# Directive values and their resolution (SPEC 2), budgets (SPEC 8), then through real nodes.
+# --- Budgets --------------------------------------------------------------------------------------------------
+# What a request may spend: route cost, request and node budgets, the route cache (SPEC 8).
 
-class DirectivesValuesTest(unittest.TestCase):
-    """Directive values (durations, sizes, probabilities, distributions) and their resolution."""
-
-    config = sm.Config(host="t")
-
-    def test_durations_and_sizes(self):
-        for text, seconds in [("200ms", 0.2), ("1.5s", 1.5), ("2m", 120), ("0.5", 0.5), (".25s", 0.25), ("3", 3)]:
-            self.assertAlmostEqual(sm.parse_duration(text), seconds)
-        for text in ["", "fast", "1h", "-1s", "1 s", "1e3"]:
-            self.assertRaises(ValueError, sm.parse_duration, text)
-        for text, size in [("512", 512), ("10k", 10240), ("2m", 2 * 1024 ** 2), ("1KB", 1024)]:
-            self.assertEqual(sm.parse_size(text), size)
-        self.assertRaises(ValueError, sm.parse_size, "lots")
-
-    def test_probabilities_as_fractions_or_percentages(self):
-        for text, value in [("0.25", 0.25), ("25%", 0.25), ("100%", 1.0), ("0%", 0.0), ("1", 1.0), ("0.5%", 0.005)]:
-            self.assertAlmostEqual(sm.parse_probability(text), value)
-        for text in ["", "%", "1.5", "150%", "-1%", "nan", "half"]:
-            self.assertRaises(ValueError, sm.parse_probability, text)
-
-    def test_delay_distributions(self):
-        rng = __import__("random").Random(1)
-        self.assertEqual(sm.parse_delay("200ms").sample(rng), 0.2)
-        samples = [sm.parse_delay("100ms..300ms").sample(rng) for _ in range(500)]
-        self.assertTrue(all(0.1 <= s <= 0.3 for s in samples))
-        self.assertLess(abs(sum(samples) / len(samples) - 0.2), 0.02)
-        weighted = [sm.parse_delay("10ms:0.9,2s:0.1").sample(rng) for _ in range(2000)]
-        self.assertEqual(set(weighted), {0.01, 2.0})
-        self.assertLess(abs(weighted.count(2.0) / 2000 - 0.1), 0.03)
-        self.assertEqual(sm.parse_delay("1s:0.5,2s:0.5").maximum, 2.0)
-
-    def test_resolve_merges_defaults_and_request_and_checks_caps(self):
-        directives = sm.Directives.resolve(self.config, {"delay": "1s", "error": "0.5"}, {"delay": "2s", "parallel": None})
-        self.assertEqual((directives.delay.low, directives.error, directives.parallel), (2.0, 0.5, True))
-        self.assertEqual(sm.Directives.resolve(self.config, {}, {}).timeout, 30.0)
-        for requested, limit in [({"delay": "61s"}, "MAX_DELAY"), ({"delay": "1s..2m"}, "MAX_DELAY"),
-                                 ({"size": "11m"}, "MAX_SIZE"), ({"cpu": "6s"}, "MAX_CPU"),
-                                 ({"timeout": "301s"}, "MAX_TIMEOUT")]:
-            with self.subTest(requested=requested), self.assertRaisesRegex(sm.DirectiveError, limit):
-                sm.Directives.resolve(self.config, {}, requested)
-        self.assertRaises(sm.DirectiveError, sm.Directives.resolve, self.config, {}, {"timeout": "0"})
-        self.assertRaisesRegex(sm.DirectiveError, "unknown directive 'bogus'",
-                               sm.Directives.resolve, self.config, {}, {"bogus": "1"})
-
-    def failures(self, defaults, requested, n=4000):
-        rng = __import__("random").Random(7)
-        directives = sm.Directives.resolve(self.config, defaults, requested)
-        return [directives.failure_status(rng) for _ in range(n)]
-
-    def test_failure_rules(self):
-        self.assertEqual(set(self.failures({}, {})), {None})
-        self.assertEqual(set(self.failures({}, {"status": "503"})), {503})  # status alone always fails
-        self.assertEqual(set(self.failures({"status": "503"}, {})), {None})  # ERROR_STATUS only names the code
-        errors = self.failures({}, {"error": "0.3"})
-        self.assertEqual(set(errors), {None, 500})
-        self.assertLess(abs(errors.count(500) / len(errors) - 0.3), 0.03)
-        self.assertEqual(set(self.failures({"status": "429"}, {"error": "1"})), {429})
-        weighted = self.failures({}, {"status": "503:0.2,429:0.1"})
-        self.assertLess(abs(weighted.count(503) / len(weighted) - 0.2), 0.03)
-        self.assertLess(abs(weighted.count(429) / len(weighted) - 0.1), 0.03)
-        self.assertLess(abs(weighted.count(None) / len(weighted) - 0.7), 0.03)
-
-    def test_split_query(self):
-        self.assertEqual(sm.split_query("delay=1s&parallel&view=tree&x=%32"),
-                         {"delay": "1s", "parallel": None, "view": "tree", "x": "2"})
-
-    def test_node_spec_uses_the_directive_syntax(self):
-        self.assertEqual(sm.parse_node_spec("B;delay=0.5;version=v2;parallel"),
-                         ("b", "v2", {"delay": "0.5", "parallel": "true"}))
-        for bad in ["", "b;dealy=1", "b_c", "b;error=2"]:
-            self.assertRaises(ValueError, sm.parse_node_spec, bad)
-
-
-class DirectivesBudgetTest(unittest.TestCase):
+class BudgetAccountingTest(unittest.TestCase):
     """Route cost, request and node budgets, the route cache: pure, no sockets."""
 
     def test_route_cost_sums_size_and_cpu_over_every_call(self):
@@ -1614,81 +1704,6 @@ class DirectivesBudgetTest(unittest.TestCase):
         self.assertIsNotNone(cache.get("/b999/c"))
         cache.put("/" + "b" * 1001, ())
         self.assertNotIn("/" + "b" * 1001, cache.entries)  # a long route is not kept
-
-
-class DirectivesOverHttpTest(unittest.TestCase):
-    """Directives through real nodes: per hop, from the query and the environment, caps, faults."""
-
-    def test_directives_apply_to_their_hop_only(self):
-        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
-            started = time.perf_counter()
-            _s, _h, answer = mesh.request("a", "/b;delay=300ms/c")
-            elapsed = time.perf_counter() - started
-        b, c = answer["next_node"][0], answer["next_node"][0]["next_node"][0]
-        self.assertEqual(b["delay"], 0.3)
-        self.assertNotIn("delay", c)
-        self.assertNotIn("delay", answer)
-        self.assertGreaterEqual(elapsed, 0.3)
-        self.assertGreaterEqual(answer["elapsed_time"], b["elapsed_time"])
-        self.assertGreaterEqual(b["elapsed_time"], 0.3)
-
-    def test_query_string_directives_are_the_entry_nodes(self):
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            status, _h, answer = mesh.request("a", "/b?status=503")
-            self.assertEqual((status, answer["status"]), (503, 503))
-            self.assertEqual(answer["next_node"], [])  # a failing node calls no one
-            self.assertIn("503", answer["error"])
-            status, _h, answer = mesh.request("a", "/?size=20k")
-            self.assertEqual(status, 200)
-            self.assertLess(abs(len(json.dumps(answer)) - 20480), 200)
-
-    def test_environment_defaults_and_request_override(self):
-        with Mesh({"a": {"delay": "0.2", "status": "418"}, "b": {}}) as mesh:
-            _s, _h, answer = mesh.request("a", "/")
-            self.assertEqual((answer["delay"], answer["status"]), (0.2, 200))  # ERROR_STATUS alone fails nothing
-            _s, _h, answer = mesh.request("a", "/?delay=0&error=1")
-            self.assertNotIn("delay", answer)
-            self.assertEqual(answer["status"], 418)
-
-    def test_hop_directives_above_a_cap_are_refused_at_the_entry(self):
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            status, _h, answer = mesh.request("a", "/b/(b;delay=100s)")
-            self.assertEqual(status, 400)
-            self.assertIn("MAX_DELAY", answer["error"])
-            self.assertEqual(mesh.node("b").metrics.requests, {})  # nobody was called
-
-    def test_timeout_is_504(self):
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            started = time.perf_counter()
-            status, _h, answer = mesh.request("a", "/b;delay=2s?timeout=300ms")
-            elapsed = time.perf_counter() - started
-        self.assertEqual((status, answer["next_node"][0]["status"]), (504, 504))
-        self.assertIn("timeout", answer["next_node"][0]["error"])
-        self.assertLess(elapsed, 1.5)
-
-    def test_a_child_answering_504_is_a_failed_call_not_a_timeout(self):
-        with Mesh({"a": {}, "b": {}, "c": {}}) as mesh:
-            self.assertEqual(mesh.request("a", "/b;status=504")[0], 502)
-            status, _h, answer = mesh.request("a", "/b;timeout=200ms/c;delay=1s", timeout=10)
-            self.assertEqual(status, 502)  # b timed out calling c (504); a saw b answer 504
-            self.assertEqual(answer["next_node"][0]["status"], 504)
-            self.assertTrue(answer["next_node"][0]["next_node"][0]["timeout"])
-
-    def test_reset_closes_without_an_answer(self):
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            status, _h, answer = mesh.request("a", "/b;reset=1")
-            self.assertEqual(status, 502)
-            self.assertIn("reset", answer["next_node"][0]["error"])
-            with self.assertRaises(ConnectionResetError):  # an RST, not a clean close
-                mesh.request("b", "/?reset=1")
-
-    def test_cpu_burn(self):
-        with Mesh({"a": {}}) as mesh:
-            before = time.process_time()
-            _s, _h, answer = mesh.request("a", "/?cpu=200ms")
-            burnt = time.process_time() - before
-        self.assertEqual(answer["cpu"], 0.2)
-        self.assertGreater(burnt, 0.19)
 
 
 # --- Trace context --------------------------------------------------------------------------------------------
@@ -2971,47 +2986,7 @@ class NodeOperationsTest(unittest.TestCase):
 
 
 # --- Views ----------------------------------------------------------------------------------------------------
-# The answer as JSON, a terminal tree and an HTML waterfall (SPEC 3).
-
-class ViewAnswerJsonTest(unittest.TestCase):
-    """The JSON answer: the record padded to its size, streamed."""
-
-    def render(self, record, size=0, big=False):
-        length, pieces = sm.answer_json(record, size, big)
-        body = b"".join(sm.ascii_chunks(pieces))
-        self.assertEqual(len(body), length)
-        return body
-
-    def test_the_answer_is_the_record_padded_to_its_size(self):
-        child = {"host": "b", "padding": "x" * (3 * sm.ANSWER_CHUNK + 5), "note": "caf\u00e9 \"q\""}
-        record = {"host": "a", "status": 200, "next_node": [child]}
-        for big in (False, True):
-            with self.subTest(big=big):
-                self.assertEqual(json.loads(self.render(record, big=big)), record)
-                self.assertEqual(self.render(record, big=big), json.dumps(record).encode())
-                for size in (1, 100, 10_000, 3 * sm.ANSWER_CHUNK + 7):
-                    padded = self.render({"host": "a"}, size, big)
-                    self.assertEqual(len(padded), size if size > 30 else len(b'{"host": "a"}'))
-                    self.assertEqual(set(json.loads(padded)["padding"]) if size > 30 else set(), {"x"} if size > 30
-                                     else set())
-                padded = json.loads(self.render(record, len(json.dumps(record)) + 100_000, big))
-                self.assertEqual(padded["next_node"], [child])
-                self.assertEqual(list(padded)[-1], "padding")  # the last field, as before
-
-    def test_a_big_answer_is_never_held_whole(self):
-        import tracemalloc
-        record = {"host": "a", "next_node": [{"host": "b", "padding": "x" * 4_000_000}]}
-        tracemalloc.start()
-        try:
-            length, pieces = sm.answer_json(record, 12_000_000, big=True)
-            sent = sum(len(chunk) for chunk in sm.ascii_chunks(pieces))
-            _current, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        self.assertEqual(sent, length)
-        self.assertEqual(length, 12_000_000)
-        self.assertLess(peak, 4_000_000 + 4 * sm.ANSWER_CHUNK)  # one copy of the child's padding, at most
-
+# The answer as a terminal tree and an HTML waterfall (SPEC 3).
 
 class ViewTreeTest(unittest.TestCase):
     """?view=tree: the plain-text tree for a terminal."""
@@ -3616,6 +3591,38 @@ class SpanExportTest(unittest.TestCase):
         spans = self.receiver.spans()  # ... and SIGTERM flushed it
         self.assertEqual(sorted({service for service, _span in spans}), ["a", "b", "gateway"])
         self.assertEqual({span["traceId"] for _service, span in spans}, {answer["trace_id"]})
+
+
+# --- Configuration --------------------------------------------------------------------------------------------
+# Config.from_env: the environment read once (SPEC 2, 4, 6, 8 name the variables).
+
+class ConfigEnvironmentTest(unittest.TestCase):
+    """Config.from_env: defaults, the downward API, and bad values named by their variable."""
+
+    def test_defaults_and_environment(self):
+        config = sm.Config.from_env({"HOST": "a", "PORT": "8081", "PEERS": "b=127.0.0.1:9092,c=10.0.0.1:80|10.0.0.2:80",
+                                     "DELAY": "0.5", "FANOUT": "parallel", "MAX_CALLS": "7"})
+        self.assertEqual((config.host, config.port, config.max_calls), ("a", 8081, 7))
+        self.assertEqual(config.peers, {"b": [("127.0.0.1", 9092)], "c": [("10.0.0.1", 80), ("10.0.0.2", 80)]})
+        self.assertEqual(config.defaults, {"delay": "0.5", "parallel": "true"})
+        self.assertEqual(config.upstream_port, 80)
+        self.assertEqual(sm.Config.from_env({}).host, socket.gethostname())
+
+    def test_identity_from_downward_api(self):
+        config = sm.Config.from_env({"POD_NAME": "a-1", "POD_NAMESPACE": "mesh", "POD_IP": "10.1.2.3"})
+        self.assertEqual(config.identity, {"pod": "a-1", "namespace": "mesh", "ip": "10.1.2.3"})
+
+    def test_bad_values_name_the_variable(self):
+        for env, word in [({"PORT": "http"}, "PORT"), ({"PEERS": "a=nowhere"}, "PEERS"), ({"DELAY": "soon"}, "DELAY"),
+                          ({"ERROR_RATE": "2"}, "ERROR_RATE"), ({"FANOUT": "both"}, "FANOUT"),
+                          ({"MAX_CALLS": "0"}, "MAX_CALLS"), ({"DELAY": "2m", "MAX_DELAY": "1m"}, "DELAY"),
+                          ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"), ({"ECHO_HEADERS": "maybe"}, "ECHO_HEADERS"),
+                          ({"MAX_ROUTE_BYTES": "0"}, "MAX_ROUTE_BYTES"), ({"MAX_INFLIGHT_BYTES": "lots"}, "INFLIGHT"),
+                          ({"RESPONSE_SIZE": "2m", "MAX_ROUTE_BYTES": "1m"}, "RESPONSE_SIZE=2m is above MAX_ROUTE"),
+                          ({"CPU": "2s", "MAX_ROUTE_CPU": "1s"}, "CPU=2s is above MAX_ROUTE_CPU=1"),
+                          ({"CPU": "2s", "MAX_INFLIGHT_CPU": "1s"}, "CPU=2s is above MAX_INFLIGHT_CPU=1")]:
+            with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
+                sm.Config.from_env(env)
 
 
 # --- Server ---------------------------------------------------------------------------------------------------
@@ -4465,8 +4472,8 @@ class CommandLineLoadTest(unittest.TestCase):
 
 
 # --- Robustness -----------------------------------------------------------------------------------------------
-# End to end: what bad input and bad days get (SPEC 8), in the order of the sections above: wire, route,
-# budgets, outbound, node, views, server. `python3 -m unittest -k Robust test_simplemesh` runs just these.
+# End to end: what bad input and bad days get (SPEC 8), in the order of the sections above: wire,
+# directives and route, budgets, outbound, node, views, configuration and server. `python3 -m unittest -k Robust test_simplemesh` runs just these.
 
 class RobustHttpRulesTest(unittest.TestCase):
     """RFC 9110/9112 on a live node with a raw-socket client: what each client behaviour gets."""
@@ -5580,7 +5587,9 @@ class RobustShutdownTest(unittest.TestCase):
         stop.set()
         sm.wait_for_stop([server], stop)
         client.join()
-        self.assertEqual(events, [("answer", 200), ("hook", 0)])
+        # The request was in flight at the stop and the hook saw none: it ran after the drain. The client's thread
+        # may note its answer after the hook ran (a race of two threads, not of the drain), so order is not checked.
+        self.assertCountEqual(events, [("answer", 200), ("hook", 0)])
 
     def test_keepalive_clients_are_told_to_close_while_draining(self):
         stop = threading.Event()
