@@ -88,7 +88,6 @@ def require_module(testcase, name):
 
 def free_port(count=1):
     """A port with ``count - 1`` free ports after it, below the ephemeral range (so no client socket takes them)."""
-    import random
     for _attempt in range(200):
         base = random.randrange(20000, 32000)
         try:
@@ -255,7 +254,6 @@ class NodeProcess:
     """``python3 -I -S simplemesh.py ARGS`` as a real process, its stdout and stderr kept for reading afterwards."""
 
     def __init__(self, *args, env, port):
-        import tempfile
         self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), *args],
@@ -275,7 +273,6 @@ class NodeProcess:
 
     def stop(self, signum=None, timeout=10):
         """Send ``signum`` (SIGTERM by default) and wait: the exit status."""
-        import signal
         self.process.send_signal(signum or signal.SIGTERM)
         return self.process.wait(timeout)
 
@@ -697,7 +694,6 @@ class DevTools:
 
     def __init__(self, test):
         require_tool(test, "chromium")
-        import tempfile
         self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.process = subprocess.Popen(["chromium", *chromium_flags(self.profile.name), "--remote-debugging-port=0",
                                          "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -4445,7 +4441,6 @@ class CommandLineLoadTest(unittest.TestCase):
         self.assertEqual(run_cli("load", url, "--max-error-rate", "2").returncode, 2)
 
     def test_duration_0_runs_until_sigterm_and_prints_the_summary(self):
-        import signal
         with Mesh({"a": {}}) as mesh:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "load",
@@ -5001,7 +4996,6 @@ class RobustInternalErrorTest(unittest.TestCase):
     """A bug answers 500 with a JSON error and one log line saying where; the connection keeps serving."""
 
     def test_an_exception_is_a_500_and_one_log_line(self):
-        import tempfile
         with Mesh({"a": {}}) as mesh, tempfile.TemporaryFile() as log:
             node = mesh.node("a")
 
@@ -5514,7 +5508,6 @@ class RobustShutdownTest(unittest.TestCase):
         return status, results, time.monotonic() - signalled, process.logs()
 
     def test_serve_drains_on_sigterm_and_sigint(self):
-        import signal
         for signum in (signal.SIGTERM, signal.SIGINT):
             with self.subTest(signal=signum.name):
                 port = free_port()
@@ -5528,7 +5521,6 @@ class RobustShutdownTest(unittest.TestCase):
                 self.assertEqual(err, "")
 
     def test_mesh_drains_a_chain_in_flight(self):
-        import signal
         port = free_port()
         while any(not port_is_free(port + n) for n in range(1, 3)):
             port = free_port()
@@ -5541,7 +5533,6 @@ class RobustShutdownTest(unittest.TestCase):
         self.assertEqual(err, "")
 
     def test_a_request_still_arriving_counts_as_in_flight(self):
-        import signal
         port = free_port()
         env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_GRACE": "5"}
         process = NodeProcess("serve", env=env, port=port)
@@ -5558,7 +5549,6 @@ class RobustShutdownTest(unittest.TestCase):
         self.assertEqual(process.process.wait(5), 0)
 
     def test_grace_period_bounds_the_drain(self):
-        import signal
         port = free_port()
         env = {"HOST": "a", "PORT": str(port), "ADDRESS": "127.0.0.1", "SHUTDOWN_GRACE": "0.5"}
         process = NodeProcess("serve", env=env, port=port)
