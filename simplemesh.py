@@ -44,7 +44,7 @@ import time
 import http.client
 from http import HTTPStatus
 from datetime import datetime
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -200,6 +200,7 @@ class Config(Record):
     shutdown_grace: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
+    gateway: bool = False  # GATEWAY: a mesh's gateway, transparent like an ingress (SPEC 6)
     trace_ui_url: str = ""  # TRACE_UI_URL: the trace id on the HTML page links there ({trace_id} filled in)
     identity: dict = {}  # pod, namespace, ip, node from the downward API
     tracing: object = None  # TracingConfig when native spans are on (OTEL_EXPORTER_OTLP_*ENDPOINT set)
@@ -250,6 +251,7 @@ class Config(Record):
         read("LOG_FORMAT", "log_format", _choice("text", "json"))
         read("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
         read("TRACE_UI_URL", "trace_ui_url", str)
+        read("GATEWAY", "gateway", parse_bool)
         if "host" not in settings:
             settings["host"] = socket.gethostname()
         defaults = {}
@@ -1116,6 +1118,9 @@ DIRECTIVES = {d.name: d for d in (
               lambda v, c: (v, c.max_timeout, "MAX_TIMEOUT")),
     Directive("parallel", "FANOUT", _flag, flag=True),
     Directive("headers", "ECHO_HEADERS", _flag, flag=True),
+    Directive("body", "ECHO_BODY", _flag, flag=True),
+    Directive("response-header", "RESPONSE_HEADERS", lambda text: parse_response_headers(text)),
+    Directive("route", "ROUTE", lambda text: parse_default_route(text)),
 )}
 
 
@@ -1181,15 +1186,23 @@ class Directives(Record):
     timeout: float = 30.0
     parallel: bool = False
     headers: bool = False
+    body: bool = False  # echo the request body in the record (httpbin's /anything)
+    response_headers: tuple = ()  # (name, value) pairs added to this hop's answer
+    route: tuple = ()  # the node's default route (ROUTE): the steps a request for "/" follows
+
+    FIELDS = {"response-header": "response_headers"}  # directive name -> field, where they differ
 
     @classmethod
     def resolve(cls, config, defaults, requested):
         """Merge node defaults (raw text, as in the environment) with a request's (raw text) and check caps."""
         values = {}
+        status_alone = False  # one meaning everywhere (SPEC 4): ``status`` without ``error`` always fails
         for source in (defaults, requested):
             for key, text in source.items():
-                values[key] = capped_directive(config, key, text)
-        if "status" in requested and "error" not in requested:
+                values[cls.FIELDS.get(key, key)] = capped_directive(config, key, text)
+            if "error" in source or "status" in source:
+                status_alone = "error" not in source
+        if status_alone:
             values["error"] = None
         elif "error" not in values:
             values["error"] = 0.0
@@ -1213,6 +1226,42 @@ class Directives(Record):
         if len(self.status) == 1:
             return self.status[0][0]
         return _weighted_pick(self.status, rng)
+
+
+MAX_RESPONSE_HEADERS = 8
+MAX_RESPONSE_HEADER_BYTES = 1024
+HEADER_VALUE_RE = re.compile(r"[ \t!-~]*")  # visible ASCII, space and tab: no CR, LF or NUL
+NODE_WRITTEN_HEADERS = frozenset(("content-type", "date", "x-trace-id"))
+
+
+def parse_response_headers(text):
+    """``response-header=set-cookie:v=1|cache-control:no-store`` -> (("set-cookie", "v=1"), ...): headers a hop
+    adds to its answer. Names are tokens and never a header the node writes itself (hop-by-hop, framing,
+    Content-Type, Date); values are visible ASCII; at most MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEADER_BYTES in all."""
+    if len(text) > MAX_RESPONSE_HEADER_BYTES:
+        raise ValueError(f"response headers above {MAX_RESPONSE_HEADER_BYTES} bytes")
+    pairs = []
+    for item in text.split("|"):
+        name, sep, value = item.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not TOKEN_RE.fullmatch(name):
+            raise ValueError(f"bad header {item!r}: expected name:value, several separated by '|'")
+        if name in NOT_FORWARDABLE or name in NODE_WRITTEN_HEADERS or name.startswith("proxy-"):
+            raise ValueError(f"{name!r} is written by the node itself (hop-by-hop, framing, content-type, date)")
+        if not HEADER_VALUE_RE.fullmatch(value):
+            raise ValueError(f"bad value for {name!r}: visible ASCII only (no CR, LF or control characters)")
+        pairs.append((name, value))
+    if len(pairs) > MAX_RESPONSE_HEADERS:
+        raise ValueError(f"more than {MAX_RESPONSE_HEADERS} response headers")
+    return tuple(pairs)
+
+
+def parse_default_route(text):
+    """ROUTE / ``route=``: a route (``b~c/d`` or ``/b~c/d``) that a request for "/" follows -> its steps."""
+    try:
+        return parse_route("/" + text.strip().lstrip("/"))
+    except RouteError as error:
+        raise ValueError(f"{error.message} (at {error.position} in {text!r})") from None
 
 
 def _weighted_pick(choices, rng):
@@ -2317,7 +2366,13 @@ IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 
 def call_peer(pool, peer, path, method, body, headers, timeout, budget):
-    """One HTTP call on a pooled connection -> (status, content type, answer bytes), within ``timeout`` in all
+    """call_peer_answer() -> (status, content type, answer bytes)."""
+    answer = call_peer_answer(pool, peer, path, method, body, headers, timeout, budget)
+    return answer.status, answer.headers.get("content-type", ""), answer.body
+
+
+def call_peer_answer(pool, peer, path, method, body, headers, timeout, budget):
+    """One HTTP call on a pooled connection -> its Answer, within ``timeout`` in all
     (name resolution and connecting included). ``budget.charge(nbytes)`` is told of answer bytes as they come.
 
     A reused connection that the peer closed before sending any byte (the race with its idle timer: a clean
@@ -2353,7 +2408,7 @@ def call_peer(pool, peer, path, method, body, headers, timeout, budget):
             pool.give_back(peer.address, connection)
         else:
             connection.close()
-        return answer.status, answer.headers.get("content-type", ""), answer.body
+        return answer
 
 
 class _Retry(Exception):
@@ -2507,9 +2562,21 @@ def node_status(own_failure, children):
 ANSWER_CHUNK = 256 * 1024  # a big answer is encoded and sent in pieces of about this size
 PADDING_FIELD = ', "padding": ""'
 STRICT_JSON = json.JSONEncoder(allow_nan=False)  # iterencode() yields the text piece by piece, for big answers
+INDENTED_JSON = json.JSONEncoder(allow_nan=False, indent=2)  # for people's tools (wants_indented_json)
+PEOPLE_TOOLS = ("curl/", "httpie/", "wget/", "wget2/", "xh/")  # User-Agent prefixes, lower-cased
 
 
-def answer_json(record, size=0, big=False):
+def wants_indented_json(headers):
+    """Whether the client is a person's tool (curl, HTTPie, Wget, xh, or a browser asking for JSON without
+    text/html): it gets indented JSON. Nodes send their own User-Agent and get compact JSON, as do scripts."""
+    agent = headers.get("user-agent", "").lower()
+    if agent.startswith(PEOPLE_TOOLS):
+        return True
+    accept = headers.get("accept", "")
+    return agent.startswith("mozilla/") and "json" in accept and "text/html" not in accept
+
+
+def answer_json(record, size=0, big=False, indent=False):
     """(length, pieces): a record's JSON text, padded with a last ``padding`` field to about ``size`` bytes (SPEC 2).
 
     The text is ASCII (json escapes the rest), so its length in characters is its length in bytes. A ``big``
@@ -2518,19 +2585,22 @@ def answer_json(record, size=0, big=False):
     strict: a peer may answer NaN or Infinity (Python's json reads them), which no other JSON reader accepts, so
     those values become null rather than make the whole answer invalid.
     """
+    encoder = INDENTED_JSON if indent else STRICT_JSON
     try:
         if big:
-            length, pieces = sum(map(len, STRICT_JSON.iterencode(record))), STRICT_JSON.iterencode(record)
+            length, pieces = sum(map(len, encoder.iterencode(record))), encoder.iterencode(record)
         else:
-            text = STRICT_JSON.encode(record)
+            text = encoder.encode(record)
             length, pieces = len(text), (text,)
     except ValueError:
-        return answer_json(finite_only(record), size, big)
+        return answer_json(finite_only(record), size, big, indent)
+    end = "\n" if indent else ""  # a terminal's prompt starts on a line of its own
     missing = size - length - len(PADDING_FIELD)
     if missing <= 0:
-        return length, pieces
+        return length + len(end), itertools.chain(pieces, (end,)) if end else pieces
     # A record is never empty, so the padding field always follows another.
-    return size, itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing), ('"}',))
+    return size + len(end), itertools.chain(_without_closing_brace(pieces), (', "padding": "',), _padding(missing),
+                                            ('"}' + end,))
 
 
 def _without_closing_brace(pieces):
@@ -3708,9 +3778,10 @@ class SpanExporter:
 
 class Request:
     """One inbound request, as the handler read it. (Made per request: plain slots, not a Record.)"""
-    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget")
+    __slots__ = ("method", "path", "query", "headers", "body", "received", "received_wall", "held", "budget", "hops")
 
     def __init__(self, method, path, query, headers, body=b"", received=0.0, received_wall=0.0, held=0):
+        self.hops = 0  # calls between the entry node and this one (HOPS_HEADER), read by Node.plan
         self.held = held  # body bytes charged to the node's budget (Node.release gives them back)
         self.budget = None  # the RequestBudget of a routed request, once admitted
         self.method = method
@@ -3742,6 +3813,20 @@ class Outcome:
         self.trace = trace  # the request's TraceContext: its SERVER span, exemplar and log fields
 
 
+HOPS_HEADER = "x-simplemesh-hops"  # calls made since the entry node: MAX_DEPTH holds across nodes (ROUTE cycles)
+USER_AGENT = f"simplemesh/{__version__}"  # nodes talk compact JSON to each other (wants_indented_json)
+
+
+def hop_count(headers):
+    """The hop count a call arrived with (0 at the entry node); ValueError for a value that is not one."""
+    text = headers.get(HOPS_HEADER)
+    if text is None:
+        return 0
+    if not is_number(text.strip()) or len(text.strip()) > 6:
+        raise ValueError(f"bad {HOPS_HEADER} header {text[:20]!r}: a whole number of hops")
+    return int(text)
+
+
 class Node:
     """One simple-mesh node: its configuration, runtime defaults, connection pool and metrics."""
 
@@ -3759,6 +3844,7 @@ class Node:
         self.exporter = SpanExporter(config.tracing, node_resource(config), self.metrics,
                                      warn=functools.partial(log_warning, config)) if config.tracing else None
         self.ready = True
+        self.healthy = True  # POST /-/healthy?healthy=false fails /healthz on purpose (SPEC 4)
         self.rng = random.Random()
         self.lock = threading.Lock()
         self.on_stop = [self.flush_spans] if self.exporter else []  # run once the node has drained
@@ -3789,6 +3875,8 @@ class Node:
                                route=request.path)
         except DirectiveError as error:
             return self.refuse(400, f"bad directive: {error}", trace)
+        except ValueError as error:  # a bad hop count
+            return self.refuse(400, str(error), trace)
         if isinstance(plan, Outcome):
             return plan
         calls, directives = plan
@@ -3827,6 +3915,10 @@ class Node:
                 return self.busy(trace)
             request.held += echoed
             record["headers"] = dict(request.headers.items())
+        if directives.body and request.body:
+            refusal = self.echo_body(request, record, trace)
+            if refusal:
+                return refusal
 
         failure = directives.failure_status(rng)
         children = []
@@ -3848,7 +3940,19 @@ class Node:
             return self.busy(trace)
         request.held += own
         return Outcome(status, record, trace_id=trace.trace_id, targets=tuple(target.name for target, _rest in calls),
-                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK)
+                       trace=trace, size=directives.size, big=request.budget.used > ANSWER_CHUNK,
+                       extra_headers=directives.response_headers)
+
+    def echo_body(self, request, record, trace):
+        """``body``: the request body in the record (httpbin's /anything), as text; None, or the Outcome refusing
+        it. The body is at most MAX_BODY; its JSON text (up to 6 characters a byte, escaped) is charged to the
+        request's budget before it is made."""
+        if not request.budget.charge(6 * len(request.body)):
+            outcome = self.refuse(503, f"the body is not echoed: {request.budget.refused}", trace)
+            outcome.extra_headers = (("Retry-After", "1"),)
+            return outcome
+        record["body"] = request.body.decode("utf-8", "replace")
+        return None
 
     def plan(self, request, query, trace):
         """(calls, directives) for a request, or the Outcome refusing it: every check made before any call.
@@ -3866,9 +3970,11 @@ class Node:
             return self.refuse(403, f"directives {where}are not allowed here (ALLOW_DIRECTIVES=false)", trace,
                                rule="ALLOW_DIRECTIVES")
         directives = Directives.resolve(config, self.defaults, query) if query else self.base_directives
+        parsed, steps = steps, steps or directives.route  # ROUTE: a route in the request wins
+        request.hops = hop_count(request.headers)  # ValueError: refused by serve()
         calls = plan_calls(steps)
         if calls:
-            refusal = self.route_refusal(steps, calls, trace)
+            refusal = self.route_refusal(steps, calls, trace, request.hops)
             if refusal:
                 return refusal
         answer_bytes, cpu, call_count = route_cost(steps, config.max_calls)
@@ -3882,7 +3988,7 @@ class Node:
                 return self.refuse(400, f"the route asks for {amount:g} {what} across its tree, above the limit "
                                         f"{variable}={limit:g}", trace, rule=variable)
         if fresh:
-            ROUTES.put(request.path, steps)
+            ROUTES.put(request.path, parsed)
         if self.inflight.used + answer_bytes > self.inflight.limit:  # a look, not a hold: see RequestBudget
             return self.busy(trace)
         # Answers bring their records' own fields besides their padding: RECORD_BYTES each, headers echo aside.
@@ -3913,10 +4019,16 @@ class Node:
             self.cpu_queue.release(seconds)
         return True
 
-    def route_refusal(self, steps, calls, trace):
-        """The Outcome refusing a route with calls (too big, a forbidden target, a hop above a cap), or None."""
+    def route_refusal(self, steps, calls, trace, hops=0):
+        """The Outcome refusing a route with calls (too big, too deep, a forbidden target, a hop above a cap), or
+        None. ``hops``: the calls already made to reach this node; with default routes (ROUTE) a cycle of nodes
+        could call forever, so the hops so far count against MAX_DEPTH too (508 Loop Detected)."""
         config = self.config
         total, depth = route_size(steps, config.max_calls, config.max_depth)
+        if hops and hops + depth > config.max_depth:
+            return self.refuse(508, f"this call is {hops} hops from its entry node and its route goes {depth} "
+                                    f"deeper, above MAX_DEPTH={config.max_depth}: a cycle of default routes (ROUTE)?",
+                               trace, rule="MAX_DEPTH", hops=hops)
         if total > config.max_calls:
             return self.refuse(400, f"the route expands to more than MAX_CALLS={config.max_calls} calls",
                                trace, rule="MAX_CALLS")
@@ -3996,7 +4108,7 @@ class Node:
         started_ns = time.time_ns() if trace.sampled else 0
         started = time.perf_counter()
         try:
-            headers = trace.headers_for(span_id)
+            headers = dict(trace.headers_for(span_id), **{HOPS_HEADER: str(request.hops + 1), "user-agent": USER_AGENT})
             if request.body and "content-type" in request.headers:  # the body goes on unchanged, and so does its type
                 headers = dict(headers, **{"content-type": request.headers["content-type"]})
             status, content_type, data = call_peer(
@@ -4018,8 +4130,80 @@ class Node:
                 self.exporter.add_client_span(trace, span_id, request.method, target.name, peer, failure.status,
                                              str(failure), started_ns, time.time_ns())
             extra = {"rule": failure.rule} if failure.rule else {}
-            return caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504,
+            error = str(failure)
+            if error.startswith("cannot resolve"):
+                error += other_tool_hint(target.name, rest)
+            return caller_record(target.name, peer.url, failure.status, error, elapsed, failure.status == 504,
                                  **extra)
+
+
+# Paths of other tools (httpbin, podinfo, fortio) -> the directives asking a simple-mesh node for the same thing.
+OTHER_TOOL_PATHS = {"status": "status={}", "delay": "delay={}s", "bytes": "size={}", "headers": "headers",
+                    "user-agent": "headers", "anything": "headers&body", "echo": "headers&body", "get": "headers",
+                    "post": "headers&body", "put": "headers&body", "patch": "headers&body", "delete": "headers",
+                    "response-headers": "response-header=name:value"}
+
+
+def other_tool_hint(name, rest):
+    """For a target that could not be resolved and reads like another tool's path (``/status/503``,
+    ``/delay/1``, ``/anything``): how simple-mesh says it, as a sentence to add to the call's error; else ''."""
+    form = OTHER_TOOL_PATHS.get(name)
+    argument = format_route(rest).split("/", 1)[0].split(";", 1)[0]
+    if form is None or ("{}" in form and not is_number(argument.replace(".", "", 1))):
+        return ""
+    query = form.format(argument)
+    path = f"/{name}/{argument}" if "{}" in form else f"/{name}"
+    return (f"; {path} reads like httpbin's or podinfo's path, but here a path names services and a hop's "
+            f"behaviour is a directive: ?{query} at this node, or /b;{query.replace('&', ';')} for hop b")
+
+
+# --- Gateway -----------------------------------------------------------------------------------------------
+# SPEC 6. The gateway of ``mesh`` (GATEWAY=true) is what an ingress is in a cluster: invisible. The first segment
+# of the path names the entry node and everything after it is that node's, so ``/a/b~c?parallel`` at the gateway
+# is ``http://a/b~c?parallel`` in a cluster (``/a/metrics`` is a's /metrics, ``/a/-/healthy`` a's control): the
+# answer, its status and its headers are a's. A path without one entry node (``/``, a fan-out ``/a~b``, a group)
+# is answered by the gateway as a node of its own, as are the gateway's own /metrics, probes and /-/ paths.
+
+GATEWAY_ANSWER_SKIPPED = NOT_FORWARDABLE | {"content-type", "date", "x-trace-id", "server"}  # written again
+
+
+def gateway_entry(path, query):
+    """(entry Target, the rest of the path as sent on, the entry's query) for a request to the gateway, or None
+    when the first segment is not one node. The rest goes on as it came (the entry node checks it), percent-
+    encoded again; the entry's matrix directives join its query (``/a;delay=1s/b``)."""
+    first, _slash, rest = path[1:].partition("/")
+    try:
+        steps = parse_route("/" + first)
+    except RouteError:
+        return None
+    if len(steps) != 1 or len(steps[0]) != 1 or isinstance(steps[0][0], Group):
+        return None
+    entry = steps[0][0]
+    return entry, quote(rest, safe="/;~()=:,.-_!*'+@$&|"), "&".join(part for part in (entry.query(), query) if part)
+
+
+def forward_to_entry(node, request, entry):
+    """The entry node's answer, as it came (status, body, headers), or the gateway's record of the failed call."""
+    target, rest, query = entry
+    refusal = node.target_refusal(target.name)
+    if refusal:
+        return error_outcome(node.config.host, 403, refusal[0], rule=refusal[1], target=target.name)
+    peer, path = node.resolver.resolve(target, rest, query)
+    headers = {name: value for name, value in request.headers.items()
+               if name not in NOT_FORWARDABLE and name != "expect" and not name.startswith("proxy-")}
+    request.budget = RequestBudget(node.config.max_route_bytes, node.inflight, RECORD_BYTES)  # as for one call
+    started = time.perf_counter()
+    try:
+        answer = call_peer_answer(node.pool, peer, path, request.method, request.body, headers,
+                                  node.base_directives.timeout,
+                                  UpstreamBudget(node.config.max_upstream_body, request.budget))
+    except CallFailed as failure:
+        elapsed = time.perf_counter() - started
+        record = caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
+        return Outcome(failure.status, record, targets=(target.name,))
+    kept = tuple((name, value) for name, value in answer.headers.items() if name not in GATEWAY_ANSWER_SKIPPED)
+    return Outcome(answer.status, text=answer.body, content_type=answer.headers.get("content-type", ""),
+                   extra_headers=kept, trace_id=answer.headers.get("x-trace-id", ""), targets=(target.name,))
 
 
 # --- HTTP handler ------------------------------------------------------------------------------------------
@@ -4196,8 +4380,9 @@ class Handler:
         if path.startswith("/-/"):
             return self.admin(node, request)
         if path in ("/healthz", "/readyz"):
-            ready = node.ready or path == "/healthz"
-            return Outcome(200 if ready else 503, {"host": node.config.host, "status": "ok" if ready else "not ready"})
+            ready = node.ready if path == "/readyz" else node.healthy
+            status = "ok" if ready else "not ready" if path == "/readyz" else "unhealthy (POST /-/healthy?healthy=true)"
+            return Outcome(200 if ready else 503, {"host": node.config.host, "status": status})
         if path == "/metrics":
             if "application/openmetrics-text" in request.headers.get("accept", ""):
                 return Outcome(200, text=node.metrics.render(openmetrics=True), content_type=OPENMETRICS_TYPE)
@@ -4206,6 +4391,9 @@ class Handler:
         if first in RESERVED_NAMES or first.startswith("-"):
             return error_outcome(node.config.host, 404, f"/{first} is reserved; "
                                              f"to call a service named {first!r} write the step as ({first})")
+        entry = gateway_entry(path, request.query) if node.config.gateway else None
+        if entry:
+            return forward_to_entry(node, request, entry)
         view = choose_view(request.query, request.headers.get("accept", ""))
         if view is None:
             return error_outcome(node.config.host, 400, f"unknown view; use ?view={'|'.join(VIEWS)}")
@@ -4239,16 +4427,8 @@ class Handler:
             elif request.method != "GET":
                 return error_outcome(host, 405, "use GET, POST or DELETE")
             return Outcome(200, {"host": host, "defaults": node.defaults})
-        if request.path == "/-/ready":
-            if request.method == "POST" and not node.config.allow_directives:
-                return error_outcome(host, 403, "taking a node out of service is not allowed here "
-                                     "(ALLOW_DIRECTIVES=false)", rule="ALLOW_DIRECTIVES")
-            if request.method == "POST":
-                try:
-                    node.ready = parse_bool(query.get("ready") or "unset")
-                except ValueError:
-                    return error_outcome(host, 400, "use ?ready=true or ?ready=false")
-            return Outcome(200, {"host": host, "ready": node.ready})
+        if request.path in ("/-/ready", "/-/healthy"):
+            return switch_probe(node, request.method, request.path[3:], query)
         return error_outcome(host, 404, f"no admin path {request.path}")
 
     def write_answer(self, outcome, method):
@@ -4258,10 +4438,10 @@ class Handler:
         keep = head.keep_alive and not self.server.draining
         connection = None if keep and head.version == "HTTP/1.1" else ("keep-alive" if keep else "close")
         if outcome.text is not None:
-            body = outcome.text.encode()
+            body = outcome.text if isinstance(outcome.text, (bytes, bytearray)) else outcome.text.encode()
             length = len(body)
         else:
-            length, pieces = answer_json(outcome.record, outcome.size, outcome.big)
+            length, pieces = answer_json(outcome.record, outcome.size, outcome.big, wants_indented_json(head.headers))
             body = "".join(pieces).encode() if length <= ANSWER_CHUNK else None
         sock = self.conn.sock
         sock.sendall(encode_answer(outcome.status, body, outcome.content_type, outcome.extra_headers,
@@ -4288,9 +4468,27 @@ class Handler:
             return
         log_line(config, {
             "time": iso_time(time.time()), "host": config.host, "method": request.method if request else "-",
-            "path": request.path if request else "-", "status": outcome.status or "reset",
+            "path": request.path if request else "-", "query": request.query if request and request.query else None,
+            "status": outcome.status or "reset",
             "elapsed": round(elapsed, 6), "trace_id": outcome.trace_id,
             "span_id": outcome.trace.span_id if outcome.trace else "", "targets": list(outcome.targets)})
+
+
+def switch_probe(node, method, probe, query):
+    """SPEC 4: ``POST /-/ready?ready=false`` fails /readyz, ``POST /-/healthy?healthy=false`` fails /healthz (so
+    the kubelet restarts the container), until set true again; GET shows the switch."""
+    host = node.config.host
+    if method == "POST" and not node.config.allow_directives:
+        return error_outcome(host, 403, f"switching /-/{probe} is not allowed here (ALLOW_DIRECTIVES=false)",
+                             rule="ALLOW_DIRECTIVES")
+    if method == "POST":
+        try:
+            setattr(node, probe, parse_bool(query.get(probe) or "unset"))
+        except ValueError:
+            return error_outcome(host, 400, f"use ?{probe}=true or ?{probe}=false")
+    elif method != "GET":
+        return error_outcome(host, 405, "use GET or POST")
+    return Outcome(200, {"host": host, probe: getattr(node, probe)})
 
 
 def internal_error(config, error):
@@ -4459,6 +4657,7 @@ class WorkerPool:
                 self.waiting -= 1
                 self.queued -= 1
             job()
+            job = None  # not kept while waiting for the next one: it may hold a finished request's answers
 
 
 def is_probe(first_bytes):
@@ -5216,7 +5415,7 @@ def start_node(config):
     return server
 
 
-def startup_line(config):
+def startup_line(config, hint=False):
     log_line(config, {"time": iso_time(time.time()), "host": config.host, "event": "start",
                       "listen": (f"[{config.address}]:{config.port}" if ":" in config.address
                                  else f"{config.address}:{config.port}"), "version": config.version or None,
@@ -5225,7 +5424,9 @@ def startup_line(config):
                       "max_calls": config.max_calls, "max_depth": config.max_depth,
                       "max_concurrency": config.max_concurrency, "max_connections": config.max_connections,
                       "traces": (f"{config.tracing.endpoint} sampler={config.tracing.sampler}" if config.tracing
-                                 else "mesh-only"), "simplemesh": __version__})
+                                 else "mesh-only"), "simplemesh": __version__,
+                      "try": f"curl 'localhost:{config.port}/?view=tree' or python3 simplemesh.py call "
+                             f"localhost:{config.port}/" if hint else None})
 
 
 def stop_signals():
@@ -5261,6 +5462,7 @@ def wait_for_stop(servers, stop=None, internal=()):
     for server in everything:
         server.node.ready = False
         server.draining = True
+    log_draining(everything)
     time.sleep(max(server.node.config.shutdown_delay for server in everything))
     for server in servers:
         server.shutdown()
@@ -5285,6 +5487,19 @@ def wait_for_stop(servers, stop=None, internal=()):
             hook()
         server.node.pool.close()
     return dropped
+
+
+def log_draining(servers):
+    """Say what shutting down waits for: ``draining 3 requests, up to 30 s`` (after SHUTDOWN_DELAY, if any)."""
+    config = servers[0].node.config
+    if config.log_level not in ("debug", "info"):
+        return
+    count = sum(in_flight(server) for server in servers)
+    delay = max(server.node.config.shutdown_delay for server in servers)
+    grace = max(server.node.config.shutdown_grace for server in servers)
+    waits = f"not ready; new connections taken for {delay:g} s more, then " if delay else ""
+    log_line(config, {"time": iso_time(time.time()), "host": config.host, "event": "stop",
+                      "message": f"{waits}draining {count} request{'' if count == 1 else 's'}, up to {grace:g} s"})
 
 
 def in_flight(server):
@@ -5320,7 +5535,7 @@ def command_serve(args, environ):
     config = Config.from_env(environ)
     stop = stop_signals()
     server = start_node(config)
-    startup_line(config)
+    startup_line(config, hint=True)
     release_start_up_memory()
     return 1 if wait_for_stop([server], stop) else 0  # dropped requests: the orchestrator should know
 
@@ -5345,7 +5560,7 @@ def command_mesh(args, environ):
     peers.update(ports)
     if base.tracing:  # each node of a local mesh is its own service in the trace backend
         base = base.replace(tracing=base.tracing.replace(service_name=""))
-    configs = [base.replace(host="gateway", port=args.port, peers=peers, version="")]
+    configs = [base.replace(host="gateway", port=args.port, peers=peers, version="", gateway=True)]
     for index, (name, version, directives) in enumerate(specs, start=1):
         defaults = dict(base.defaults)
         defaults.update(directives)
@@ -5365,13 +5580,16 @@ def command_mesh(args, environ):
         raise ConfigError(f"cannot start the mesh: {error}") from None
     names = [name for name, _version, _directives in specs]
     example = "/".join(dict.fromkeys(names))
+    fan_out = "~".join(dict.fromkeys(names[1:3] or names[:1]))  # /a/b~c?parallel: a calls b and c at once
     host = ("localhost" if args.address in ("0.0.0.0", "127.0.0.1", "::") else
             f"[{args.address}]" if ":" in args.address else args.address)
     print(f"simple-mesh: gateway on http://{host}:{args.port}, nodes: "
           + ", ".join(f"{config.host}{'@' + config.version if config.version else ''}=:{config.port}"
                       for config in configs[1:]), flush=True)
     print(f"  try: curl http://{host}:{args.port}/{example}\n"
-          f"       curl 'http://{host}:{args.port}/{names[0]}~{names[-1]}?parallel'\n"
+          f"       curl 'http://{host}:{args.port}/{example}?view=tree'\n"
+          f"       python3 simplemesh.py call {host}:{args.port}/{example}\n"
+          f"       curl 'http://{host}:{args.port}/{names[0]}/{fan_out}?parallel'\n"
           f"       curl http://{host}:{args.port}/metrics\n  Ctrl-C stops the mesh.", flush=True)
     release_start_up_memory()
     dropped = wait_for_stop(servers[:1], stop, internal=servers[1:])  # the gateway closes first: nodes finish its calls
@@ -5731,7 +5949,7 @@ def add_manifests_parser(commands):
         epilog="example:\n  simplemesh manifests 'a;delay=0.5' 'b;delay=1' 'b;delay=1;version=v2' c "
                "--load http://a/b/c --istio | kubectl apply -f -")
     manifests.add_argument("nodes", nargs="+", metavar="NODE",
-                           help="a node spec: name[;directive=value...][;version=v2]")
+                           help="a node spec: name[;directive=value...][;version=v2][;route=b~c]")
     manifests.add_argument("--namespace", default="", help="put everything in this namespace (and create it)")
     manifests.add_argument("--image", default=DEFAULT_IMAGE, help="container image (default %(default)s)")
     manifests.add_argument("--istio", action="store_true",
@@ -5762,9 +5980,12 @@ def build_parser():
                                     "OTEL_EXPORTER_OTLP_ENDPOINT turns on native spans (OTLP/HTTP JSON).")
     mesh = commands.add_parser("mesh", help="run a gateway and named nodes in one process",
                                description="Run a whole mesh in one process: a gateway on --port and each NODE on "
-                                           "the next ports, resolving each other's names.")
+                                           "the next ports, resolving each other's names. The gateway is invisible, "
+                                           "like an ingress: /a/b~c?parallel is a's route and a's query string, and "
+                                           "the answer is a's.")
     mesh.add_argument("nodes", nargs="*", metavar="NODE",
-                      help="a node spec: name[;directive=value...][;version=v2] (default: %s)" % " ".join(DEFAULT_MESH))
+                      help="a node spec: name[;directive=value...][;version=v2][;route=b~c] (default: %s)"
+                      % " ".join(DEFAULT_MESH))
     mesh.add_argument("--port", type=int, default=9090, help="the gateway's port; nodes take the next ones")
     mesh.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add_manifests_parser(commands)

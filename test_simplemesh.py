@@ -15,25 +15,29 @@ SPEC section -> test classes:
 =========================  =================================================================================
 SPEC                       Test classes
 =========================  =================================================================================
-1 Route grammar            RouteGrammarTest, RouteOverHttpTest, RobustParsingTest
-2 Directives               DirectivesValuesTest, DirectivesOverHttpTest, ConfigEnvironmentTest
+1 Route grammar            RouteGrammarTest, RouteOverHttpTest, RouteDefaultTest, RobustParsingTest
+2 Directives               DirectivesValuesTest, DirectivesOverHttpTest, DirectivesOneMeaningTest,
+                           DirectivesResponseShapingTest, ConfigEnvironmentTest
 3 The answer               NodeAnswerTest, NodeFanOutTest, OutboundPeerAnswersTest, OutboundOverHttpTest,
-                           SharedAnswerJsonTest, View*Test (ViewTreeTest, ViewHtmlTest, ...),
+                           SharedAnswerJsonTest, View*Test (ViewTreeTest, ViewHtmlTest, ViewReadableJsonTest, ...),
                            RobustOutputHygieneTest
-4 Operations endpoints     NodeOperationsTest, MetricsExpositionTest, MetricsPrometheusScrapeTest,
+4 Operations endpoints     NodeOperationsTest, NodeLivenessControlTest, RouteDefaultTest (ROUTE),
+                           MetricsExpositionTest, MetricsPrometheusScrapeTest,
                            ServerOverHttpTest, TraceIdsInJsonLogsTest (access log)
 5 Tracing                  Trace*Test (traceparent, tracestate, B3, samplers, propagation),
                            Span*Test (OTEL_* environment, OTLP encoding, export)
-6 Command line             CommandLine*Test (serve, mesh, call, load), ConfigEnvironmentTest
+6 Command line             CommandLine*Test (serve, mesh, call, load), NodeGatewayTest (mesh's gateway),
+                           ConfigEnvironmentTest
 7 Packaging                Manifest*Test, PackagingDockerfileTest, PackagingWheelTest
 8 Robustness               Robust*Test; WireRequestTest, BudgetAccountingTest, OutboundAnswerReaderTest,
                            OutboundResolverTest, OutboundDeadlineAndReachTest, OutboundConnectionPoolTest,
-                           OutboundReachRuleTest
+                           OutboundReachRuleTest, OutboundOtherToolsHintTest
 =========================  =================================================================================
 """
 
 import base64
 import concurrent.futures
+import functools
 import glob
 import gzip
 import http.client
@@ -250,6 +254,21 @@ class Mesh:
         self.close()
 
 
+def start_gateway(testcase, mesh, **config):
+    """A mesh's gateway (GATEWAY=true) resolving ``mesh``'s nodes; stopped at the test's end. Its address."""
+    server = sm.Server(sm.Node(sm.Config(host="gateway", port=0, address="127.0.0.1", peers=mesh.peers,
+                                         gateway=True, log_level="warning", **config)))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        server.node.pool.close()
+
+    testcase.addCleanup(stop)
+    return ("127.0.0.1", server.server_address[1])
+
+
 class NodeProcess:
     """``python3 -I -S simplemesh.py ARGS`` as a real process, its stdout and stderr kept for reading afterwards."""
 
@@ -297,6 +316,14 @@ def http_request(address, path, method="GET", body=None, headers=None, timeout=3
         return response.status, answer_headers, data.decode("utf-8", "replace")
     finally:
         connection.close()
+
+
+def deepest(record):
+    """The records from the root down the first child of each, as a list."""
+    chain = [record]
+    while chain[-1].get("next_node"):
+        chain.append(chain[-1]["next_node"][0])
+    return chain
 
 
 def hosts(record):
@@ -588,6 +615,14 @@ KNOWN_TREE = {
              {"host": "c", "status": 200, "elapsed_time": 0.05, "start_time": "2026-01-01T00:00:00.150000Z",
               "next_node": []}]},
         {"host": "d", "url": "http://d/", "status": 502, "elapsed_time": 0.01, "error": "connection refused"}]}
+DIRECTIVE_SOURCES = [  # directive, its text (None: a flag), its environment variable and that variable's text
+    ("delay", "200ms", "DELAY", "0.2"), ("error", "25%", "ERROR_RATE", "0.25"),
+    ("status", "503", "ERROR_STATUS", "503"),
+    ("reset", "0.1", "RESET_RATE", "10%"), ("size", "10k", "RESPONSE_SIZE", "10240"), ("cpu", "50ms", "CPU", "0.05"),
+    ("timeout", "2s", "UPSTREAM_TIMEOUT", "2"), ("parallel", None, "FANOUT", "parallel"),
+    ("headers", None, "ECHO_HEADERS", "true"), ("body", None, "ECHO_BODY", "true"),
+    ("response-header", "x-lab:1", "RESPONSE_HEADERS", "x-lab:1"), ("route", "b", "ROUTE", "/b"),
+]
 
 
 def fuzz_requests(rng, count):
@@ -595,7 +630,9 @@ def fuzz_requests(rng, count):
     route_tokens = ["a", "b", "c", "/", "/", "~", "(", ")", ";delay=1ms", ";error=0.5", ";status=503", ";bogus",
                     ";delay=", ";size=1k", ";timeout=1s", ";cpu=1ms", ";parallel", ";headers", ":9", ":99999",
                     ":", "%", "%zz", "%ff", "%0d%0a", "%00", "%2f", "%7e", "..", ".", "-", "A", "127.0.0.1",
-                    "0x7f000001", "x" * 70, "é", "\t", " ", "?", "#", "&", "=", "metrics", "-/defaults", "\\"]
+                    "0x7f000001", "x" * 70, "é", "\t", " ", "?", "#", "&", "=", "metrics", "-/defaults", "\\",
+                    ";body", ";response-header=x-a:1|set-cookie:v", ";response-header=host:x", ";route=b",
+                    ";route=a"]
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "get", "TRACE", "CONNECT", "G\x00T",
                "", "BREW", "GET GET"]
     base = b"GET /a/b?delay=1ms HTTP/1.1\r\nHost: a\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-" \
@@ -607,7 +644,8 @@ def fuzz_requests(rng, count):
             yield "route", f"GET /{route} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
         elif kind == 1:  # query-string directives with random keys and values
             query = "&".join(rng.choice(["delay", "error", "status", "reset", "size", "cpu", "timeout", "parallel",
-                                         "headers", "view", "x", ""]) + rng.choice(["", "="]) +
+                                         "headers", "view", "x", "", "body", "response-header", "route"]) +
+                             rng.choice(["", "="]) +
                              "".join(rng.choice("0123456789.:,ms-kKgx%~ \x00é") for _ in range(rng.randint(0, 8)))
                              for _ in range(rng.randint(1, 4)))
             yield "query", f"GET /b?{query} HTTP/1.1\r\nHost: a\r\n\r\n".encode("utf-8")
@@ -1389,7 +1427,9 @@ class DirectivesValuesTest(unittest.TestCase):
     def test_failure_rules(self):
         self.assertEqual(set(self.failures({}, {})), {None})
         self.assertEqual(set(self.failures({}, {"status": "503"})), {503})  # status alone always fails
-        self.assertEqual(set(self.failures({"status": "503"}, {})), {None})  # ERROR_STATUS only names the code
+        self.assertEqual(set(self.failures({"status": "503"}, {})), {503})  # one meaning: alone, it always fails
+        self.assertEqual(set(self.failures({"status": "503"}, {"error": "0"})), {None})
+        self.assertEqual(set(self.failures({"error": "0"}, {"status": "503"})), {503})
         errors = self.failures({}, {"error": "0.3"})
         self.assertEqual(set(errors), {None, 500})
         self.assertLess(abs(errors.count(500) / len(errors) - 0.3), 0.03)
@@ -1439,7 +1479,9 @@ class DirectivesOverHttpTest(unittest.TestCase):
     def test_environment_defaults_and_request_override(self):
         with Mesh({"a": {"delay": "0.2", "status": "418"}, "b": {}}) as mesh:
             _s, _h, answer = mesh.request("a", "/")
-            self.assertEqual((answer["delay"], answer["status"]), (0.2, 200))  # ERROR_STATUS alone fails nothing
+            self.assertEqual((answer["delay"], answer["status"]), (0.2, 418))  # status alone fails, as in a route
+            _s, _h, answer = mesh.request("a", "/?error=0")
+            self.assertEqual(answer["status"], 200)
             _s, _h, answer = mesh.request("a", "/?delay=0&error=1")
             self.assertNotIn("delay", answer)
             self.assertEqual(answer["status"], 418)
@@ -1483,6 +1525,74 @@ class DirectivesOverHttpTest(unittest.TestCase):
             burnt = time.process_time() - before
         self.assertEqual(answer["cpu"], 0.2)
         self.assertGreater(burnt, 0.19)
+
+
+class DirectivesOneMeaningTest(unittest.TestCase):
+    """A directive means the same in a route, a query, a node spec, /-/defaults and the environment."""
+    config = sm.Config(host="n")
+
+    def test_every_directive_resolves_the_same_from_every_source(self):
+        self.assertEqual({row[0] for row in DIRECTIVE_SOURCES}, set(sm.DIRECTIVES))  # a new one joins the table
+        for key, text, variable, env_text in DIRECTIVE_SOURCES:
+            with self.subTest(directive=key):
+                written = key if text is None else f"{key}={text}"
+                resolve = functools.partial(sm.Directives.resolve, self.config)
+                expected = resolve({}, sm.split_query(written))
+                self.assertNotEqual(expected, resolve({}, {}))  # the directive changes something
+                self.assertEqual(resolve(dict(sm.parse_route(f"/n;{written}")[0][0].directives), {}), expected)
+                self.assertEqual(resolve(sm.parse_node_spec(f"n;{written}")[2], {}), expected)
+                self.assertEqual(resolve(sm.Config.from_env({variable: env_text}).defaults, {}), expected)
+                node = sm.Node(self.config)
+                node.set_defaults(sm.split_query(written))
+                self.assertEqual(node.base_directives, expected)
+                manifest = sm._node_env(sm.parse_node_spec(f"n;{written}")[2], "")  # what `manifests` deploys
+                env = {item["name"]: item.get("value") for item in manifest}
+                self.assertEqual(resolve(sm.Config.from_env({variable: env[variable]}).defaults, {}), expected)
+
+    def test_status_alone_fails_every_request_from_every_source_over_http(self):
+        env_config = sm.Config.from_env({"ERROR_STATUS": "503"}, port=0, address="127.0.0.1", log_level="warning")
+        with Mesh({"a": {}, "spec": sm.parse_node_spec("spec;status=503")[2], "posted": {},
+                   "env": env_config.defaults}) as mesh:
+            self.assertEqual(mesh.request("posted", "/-/defaults?status=503", method="POST")[0], 200)
+            for name, path in [("a", "/?status=503"), ("spec", "/"), ("posted", "/"), ("env", "/")]:
+                with self.subTest(node=name):
+                    status, _h, answer = mesh.request(name, path)
+                    self.assertEqual((status, answer["error"]), (503, "injected failure 503"))
+            _s, _h, answer = mesh.request("a", "/a;status=503")
+            self.assertEqual(answer["next_node"][0]["status"], 503)
+            self.assertEqual(mesh.request("posted", "/?error=0")[0], 200)  # a request's error wins
+
+
+class DirectivesResponseShapingTest(unittest.TestCase):
+    """``response-header=name:value|...`` adds headers to a hop's answer; ``body`` echoes the request body."""
+
+    def test_response_headers_are_validated(self):
+        self.assertEqual(sm.parse_response_headers("Set-Cookie: lab=1; Path=/|cache-control:no-store"),
+                         (("set-cookie", "lab=1; Path=/"), ("cache-control", "no-store")))
+        for bad in ["x-a", "x a:1", "content-length:3", "transfer-encoding:chunked", "connection:close",
+                    "content-type:text/plain", "proxy-x:1", "x-a:1\r\nx-b:2", "x-a:\x00", "x-a:é",
+                    "|".join(f"x-{i}:1" for i in range(9)), "x-a:" + "v" * 1100]:
+            self.assertRaises(ValueError, sm.parse_response_headers, bad)
+
+    def test_a_hop_adds_headers_to_its_answer(self):
+        with Mesh({"a": {}, "b": {"response-header": "x-served-by:b"}}) as mesh:
+            status, headers, _answer = mesh.request("a", "/?response-header=set-cookie:lab%3D1|retry-after:2")
+            self.assertEqual((status, headers["set-cookie"], headers["retry-after"]), (200, "lab=1", "2"))
+            self.assertEqual(mesh.request("b", "/")[1]["x-served-by"], "b")
+            self.assertNotIn("x-served-by", mesh.request("a", "/b")[1])  # b's answer, not a's
+            status, _h, answer = mesh.request("a", "/?response-header=x-a:1%0d%0ax-b:2")
+            self.assertEqual(status, 400)
+            self.assertIn("response-header", answer["error"])
+            self.assertEqual(mesh.request("a", "/b;response-header=content-length:1")[0], 400)
+
+    def test_the_body_is_echoed_within_the_request_budget(self):
+        with Mesh({"a": {}, "b": {}}, max_route_bytes=64 * 1024) as mesh:
+            _s, _h, answer = mesh.request("a", "/b;body?body", method="POST", body="héllo".encode())
+            self.assertEqual((answer["body"], answer["next_node"][0]["body"]), ("héllo", "héllo"))
+            self.assertNotIn("body", mesh.request("a", "/", method="POST", body=b"x")[2])
+            status, headers, answer = mesh.request("a", "/?body", method="POST", body=b"x" * 20000)
+            self.assertEqual((status, headers["retry-after"]), (503, "1"))
+            self.assertIn("MAX_ROUTE_BYTES", answer["error"])
 
 
 # --- Route ----------------------------------------------------------------------------------------------------
@@ -1608,6 +1718,49 @@ class RouteOverHttpTest(unittest.TestCase):
             self.assertEqual(status, 400)
             self.assertIn("MAX_DEPTH=3", answer["error"])
             self.assertEqual(mesh.node("b").metrics.requests, {})  # nobody was called
+
+
+class RouteDefaultTest(unittest.TestCase):
+    """ROUTE / ``route=``: a deployed topology, driven by a plain request for "/", cycles stopped at MAX_DEPTH."""
+
+    def test_a_request_for_the_root_follows_the_default_route_and_a_request_route_wins(self):
+        with Mesh({"a": {"route": "b~c"}, "b": {"route": "/d"}, "c": {}, "d": {}}) as mesh:
+            _s, _h, answer = mesh.request("a", "/")
+            self.assertEqual(hosts(answer), ["a", [["b", [["d", []]]], ["c", []]]])
+            _s, _h, answer = mesh.request("a", "/c")
+            self.assertEqual(hosts(answer), ["a", [["c", []]]])  # a route in the request wins
+            _s, _h, answer = mesh.request("a", "/?route=c")  # the directive, from a request, means the same
+            self.assertEqual(hosts(answer), ["a", [["c", []]]])
+
+    def test_a_cycle_of_default_routes_ends_at_max_depth(self):
+        with Mesh({"a": {"route": "b"}, "b": {"route": "a"}}, max_depth=4) as mesh:
+            status, _h, answer = mesh.request("a", "/", timeout=10)
+        chain = deepest(answer)
+        self.assertEqual([record["host"] for record in chain], ["a", "b", "a", "b", "a"])
+        self.assertEqual(status, 502)
+        last = chain[-1]
+        self.assertEqual((last["status"], last["rule"], last["hops"]), (508, "MAX_DEPTH", 4))
+        self.assertIn("MAX_DEPTH=4", last["error"])
+
+    def test_the_hop_count_travels_with_each_call_and_a_bad_one_is_refused(self):
+        with Mesh({"a": {}, "b": {"headers": "true"}}) as mesh:
+            _s, _h, answer = mesh.request("a", "/b", headers={"x-simplemesh-hops": "2"})
+            self.assertEqual(answer["next_node"][0]["headers"]["x-simplemesh-hops"], "3")
+            status, _h, answer = mesh.request("a", "/b", headers={"x-simplemesh-hops": "many"})
+            self.assertEqual(status, 400)
+            self.assertIn("x-simplemesh-hops", answer["error"])
+            status, _h, _answer = mesh.request("a", "/b", headers={"x-simplemesh-hops": "16"})
+            self.assertEqual(status, 508)
+
+    def test_a_bad_default_route_stops_the_node_at_start_up(self):
+        self.assertRaisesRegex(sm.ConfigError, "ROUTE", sm.Config.from_env, {"ROUTE": "b//c"})
+        self.assertEqual(sm.parse_node_spec("a;route=b~c")[2], {"route": "b~c"})
+        self.assertRaisesRegex(ValueError, "route", sm.parse_node_spec, "a;route=b(")
+
+    def test_manifests_deploy_the_default_route(self):
+        objects = sm.build_manifests([sm.parse_node_spec(s) for s in ("a;route=b~c", "b", "c")])
+        env = container_env(node_deployments(objects)[0])
+        self.assertEqual((env["HOST"], env["ROUTE"]), ("a", "b~c"))
 
 
 # --- Budgets --------------------------------------------------------------------------------------------------
@@ -2866,8 +3019,30 @@ class OutboundOverHttpTest(unittest.TestCase):
         self.assertEqual(answer["next_node"][0]["headers"]["content-type"], "application/json")
 
 
+class OutboundOtherToolsHintTest(unittest.TestCase):
+    """A name that cannot be resolved and reads like httpbin's or podinfo's path gets the simple-mesh way."""
+
+    def test_hints(self):
+        rest = lambda text: sm.parse_route("/" + text) if text else ()
+        self.assertIn("?status=503 at this node, or /b;status=503", sm.other_tool_hint("status", rest("503")))
+        self.assertIn("?delay=1.5s", sm.other_tool_hint("delay", rest("1.5")))
+        self.assertIn("?headers&body", sm.other_tool_hint("anything", ()))
+        self.assertIn("/b;headers;body", sm.other_tool_hint("anything", rest("x/y")))
+        for name, tail in [("status", ""), ("status", "abc"), ("shop", "503"), ("bytes", "")]:
+            self.assertEqual(sm.other_tool_hint(name, rest(tail)), "", (name, tail))
+
+    def test_an_unresolvable_tool_path_gets_a_hint_in_the_tree(self):
+        with Mesh({"a": {}}) as mesh:
+            mesh.node("a").resolver.getaddrinfo = fake_getaddrinfo({})  # every invented name is unknown
+            _s, _h, answer = mesh.request("a", "/status/503")
+            self.assertIn("cannot resolve 'status'", answer["next_node"][0]["error"])
+            self.assertIn("?status=503", answer["next_node"][0]["error"])
+            _s, _h, answer = mesh.request("a", "/shop")
+            self.assertNotIn("reads like", answer["next_node"][0]["error"])
+
+
 # --- The node -------------------------------------------------------------------------------------------------
-# What a node answers (SPEC 3), fan-out, and its operations endpoints (SPEC 4).
+# What a node answers (SPEC 3), fan-out, its operations endpoints (SPEC 4), the mesh's gateway (SPEC 6).
 
 class NodeAnswerTest(unittest.TestCase):
     """The answer a node gives (SPEC 3): the nested record, its fields and identity."""
@@ -2981,6 +3156,81 @@ class NodeOperationsTest(unittest.TestCase):
             self.assertEqual(mesh.request("a", "/")[0], 200)
 
 
+class NodeLivenessControlTest(unittest.TestCase):
+    """POST /-/healthy makes /healthz fail on purpose (SPEC 4), gated by ALLOW_DIRECTIVES."""
+
+    def test_healthz_fails_on_purpose_until_reset(self):
+        with Mesh({"a": {}}) as mesh:
+            self.assertEqual(mesh.request("a", "/-/healthy?healthy=false", method="POST")[2],
+                             {"host": "a", "healthy": False})
+            self.assertEqual(mesh.request("a", "/healthz")[0], 503)
+            self.assertEqual(mesh.request("a", "/readyz")[0], 200)  # liveness only
+            self.assertEqual(mesh.request("a", "/")[0], 200)
+            self.assertEqual(mesh.request("a", "/-/healthy")[2], {"host": "a", "healthy": False})
+            self.assertEqual(mesh.request("a", "/-/healthy?healthy=maybe", method="POST")[0], 400)
+            self.assertEqual(mesh.request("a", "/-/healthy", method="PUT")[0], 405)
+            mesh.request("a", "/-/healthy?healthy=true", method="POST")
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+
+    def test_gated_by_allow_directives(self):
+        with Mesh({"a": {}}, allow_directives=False) as mesh:
+            status, _h, answer = mesh.request("a", "/-/healthy?healthy=false", method="POST")
+            self.assertEqual((status, answer["rule"]), (403, "ALLOW_DIRECTIVES"))
+            self.assertEqual(mesh.request("a", "/healthz")[0], 200)
+
+
+class NodeGatewayTest(unittest.TestCase):
+    """The gateway of ``mesh`` is an ingress: invisible; the entry node's query, answer, status and headers."""
+
+    def test_gateway_entry_names_the_entry_node_and_its_query(self):
+        entry, rest, query = sm.gateway_entry("/a/b~c", "parallel")
+        self.assertEqual((entry.name, rest, query), ("a", "b~c", "parallel"))
+        entry, rest, query = sm.gateway_entry("/a;delay=1s/b", "size=1k")
+        self.assertEqual((entry.name, rest, query), ("a", "b", "delay=1s&size=1k"))
+        entry, rest, query = sm.gateway_entry("/a/metrics", "")  # a's own /metrics, as http://a/metrics is
+        self.assertEqual((entry.name, rest, query), ("a", "metrics", ""))
+        self.assertEqual(sm.gateway_entry("/a/b c\r\n", "")[1], "b%20c%0D%0A")  # sent on as it came, encoded again
+        for path in ("/", "/a~b", "/(a/b)", "/a(", "/A_b/c"):
+            self.assertIsNone(sm.gateway_entry(path, ""), path)
+
+    def test_the_answer_is_the_entry_nodes_with_its_query(self):
+        with Mesh({"a": {}, "b": {"delay": "0.3"}, "c": {"delay": "0.3"}}) as mesh:
+            gateway = start_gateway(self, mesh)
+            status, headers, answer = http_request(gateway, "/a/b~c?parallel")
+            self.assertEqual(status, 200)
+            self.assertEqual(hosts(answer), ["a", [["b", []], ["c", []]]])
+            self.assertLess(answer["elapsed_time"], 0.55)  # a ran its fan-out in parallel
+            self.assertEqual(headers["x-trace-id"], answer["trace_id"])
+            _s, headers, text = http_request(gateway, "/a/b?view=tree")
+            self.assertTrue(headers["content-type"].startswith("text/plain"))
+            self.assertRegex(text, r"(?m)^a +200")
+            _s, _h, answer = http_request(gateway, "/a;delay=0.1")
+            self.assertEqual((answer["host"], answer["delay"]), ("a", 0.1))
+            status, headers, answer = http_request(gateway, "/a?status=503&response-header=retry-after:2")
+            self.assertEqual((status, answer["host"], headers["retry-after"]), (503, "a", "2"))
+            seen = mesh.record_requests("a")
+            http_request(gateway, "/a", method="POST", body=b"order=1")
+            self.assertEqual(seen, [("POST", b"order=1")])
+            self.assertEqual(http_request(gateway, "/a/-/healthy?healthy=false", method="POST")[2]["host"], "a")
+            self.assertEqual(http_request(gateway, "/a/healthz")[0], 503)  # a's probe, as http://a/healthz is
+            self.assertEqual(http_request(gateway, "/healthz")[0], 200)  # the gateway's own
+
+    def test_without_one_entry_node_the_gateway_answers_itself(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            gateway = start_gateway(self, mesh)
+            self.assertEqual(hosts(http_request(gateway, "/a~b")[2]), ["gateway", [["a", []], ["b", []]]])
+            self.assertEqual(http_request(gateway, "/")[2]["host"], "gateway")
+            self.assertEqual(http_request(gateway, "/healthz")[0], 200)
+
+    def test_an_entry_node_that_is_down_is_a_502_record(self):
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["z"] = [("127.0.0.1", free_port())]  # nothing listens there
+            gateway = start_gateway(self, mesh)
+            status, _h, answer = http_request(gateway, "/z/a")
+        self.assertEqual((status, answer["host"], answer["status"]), (502, "z", 502))
+        self.assertIn("refused", answer["error"])
+
+
 # --- Views ----------------------------------------------------------------------------------------------------
 # The answer as a terminal tree and an HTML waterfall (SPEC 3).
 
@@ -3092,6 +3342,37 @@ class ViewHtmlTest(unittest.TestCase):
         self.assertIsNone(sm.choose_view("view=xml", ""))
         self.assertEqual(sm.view_route("/b/c", "delay=1s&view=tree"), "b/c?delay=1s")
         self.assertEqual(sm.view_route("/", "view=tree"), "")
+
+
+class ViewReadableJsonTest(unittest.TestCase):
+    """People's tools get indented JSON; nodes and scripts compact JSON."""
+
+    def test_who_gets_indented_json(self):
+        for agent, accept, indented in [("curl/8.5.0", "*/*", True), ("HTTPie/3.2.2", "application/json", True),
+                                        ("Wget/1.21.4", "*/*", True), ("Mozilla/5.0", "application/json", True),
+                                        ("Mozilla/5.0", "text/html,application/json", False),
+                                        ("python-requests/2.32", "*/*", False), ("", "", False),
+                                        (sm.USER_AGENT, "*/*", False)]:
+            headers = sm.Headers({"user-agent": agent, "accept": accept})
+            self.assertEqual(sm.wants_indented_json(headers), indented, (agent, accept))
+
+    def test_curl_gets_indented_json_and_nodes_talk_compact(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            _s, _h, text = mesh.request("a", "/b;headers?view=json", headers={"user-agent": "curl/8.5.0"})
+            connection = http.client.HTTPConnection(*mesh.peers["a"][0], timeout=10)
+            connection.request("GET", "/b?size=3k", headers={"user-agent": "curl/8.5.0"})
+            padded = connection.getresponse().read().decode()
+            connection.close()
+            connection = http.client.HTTPConnection(*mesh.peers["a"][0], timeout=10)
+            connection.request("GET", "/b", headers={"user-agent": "a-script"})
+            compact = connection.getresponse().read().decode()
+            connection.close()
+        self.assertEqual(text["next_node"][0]["headers"]["user-agent"], sm.USER_AGENT)  # nodes say who they are
+        self.assertTrue(padded.startswith('{\n  "host": "a"'), padded[:40])
+        self.assertTrue(padded.endswith("\n"))
+        self.assertEqual(len(padded), 3 * 1024 + 1)  # padded to the size asked, then the last newline
+        self.assertEqual(json.loads(padded)["next_node"][0]["host"], "b")
+        self.assertNotIn("\n", compact)
 
 
 class ViewOverHttpTest(unittest.TestCase):
@@ -3585,7 +3866,7 @@ class SpanExportTest(unittest.TestCase):
                 process.wait()
             process.stderr.close()
         spans = self.receiver.spans()  # ... and SIGTERM flushed it
-        self.assertEqual(sorted({service for service, _span in spans}), ["a", "b", "gateway"])
+        self.assertEqual(sorted({service for service, _span in spans}), ["a", "b"])  # the gateway is invisible
         self.assertEqual({span["traceId"] for _service, span in spans}, {answer["trace_id"]})
 
 
@@ -4232,8 +4513,9 @@ class CommandLineServeAndMeshTest(unittest.TestCase):
             wait_for_port(port + 3)
             status, _h, answer = http_request(("127.0.0.1", port), "/a/b/c")
             self.assertEqual(status, 200)
-            self.assertEqual(hosts(answer), ["gateway", [["a", [["b", [["c", []]]]]]]])
-            a = answer["next_node"][0]
+            self.assertEqual(hosts(answer), ["a", [["b", [["c", []]]]]])  # the gateway is invisible
+            self.assertEqual(http_request(("127.0.0.1", port), "/a/b?parallel&size=1k")[0], 200)
+            a = answer
             self.assertGreaterEqual(a["elapsed_time"], 0.6)
             self.assertLess(a["elapsed_time"], 0.9)
         finally:
@@ -4243,6 +4525,9 @@ class CommandLineServeAndMeshTest(unittest.TestCase):
         self.assertIn(f"curl http://localhost:{port}/a/b/c", out)
         self.assertNotIn("Traceback", err)
         self.assertIn("path=/a/b/c status=200", out)  # the access log
+        self.assertIn('a method=GET path=/b query="parallel&size=1k" status=200', out)  # with the query (directives)
+        self.assertIn(f"python3 simplemesh.py call localhost:{port}/a/b/c", out)
+        self.assertIn(f"curl 'http://localhost:{port}/a/b/c?view=tree'", out)
 
     def test_mesh_with_two_versions_behind_one_name(self):
         port = free_port(3)
@@ -4251,7 +4536,7 @@ class CommandLineServeAndMeshTest(unittest.TestCase):
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for_port(port + 2)
-            versions = {http_request(("127.0.0.1", port), "/b")[2]["next_node"][0]["version"] for _ in range(4)}
+            versions = {http_request(("127.0.0.1", port), "/b")[2]["version"] for _ in range(4)}
         finally:
             process.terminate()
             process.communicate(timeout=15)
@@ -4273,6 +4558,7 @@ class CommandLineServeAndMeshTest(unittest.TestCase):
         self.assertEqual(process.returncode, 0, err)
         lines = [json.loads(line) for line in out.splitlines()]
         self.assertEqual(lines[0]["event"], "start")
+        self.assertIn(f"curl 'localhost:{port}/?view=tree' or python3 simplemesh.py call", lines[0]["try"])
         access = [line for line in lines if line.get("path") == "/"]
         self.assertEqual(access[0]["trace_id"], answer["trace_id"])
         self.assertEqual(access[0]["status"], 200)
@@ -4617,7 +4903,7 @@ class RobustFuzzLiveNodeTest(unittest.TestCase):
         self.assertEqual(http_request(("127.0.0.1", port), forged)[0], 400)
         self.assertEqual(node.stop(), 0)
         lines = node.logs()[0].splitlines()
-        self.assertEqual(len(lines), 5, lines)  # the start-up line and one per request
+        self.assertEqual(len(lines), 6, lines)  # the start-up line, one per request and the stop line
         self.assertTrue(all(line.isprintable() for line in lines), lines)
         self.assertIn('path="/\\r\\n2026-01-01T00:00:00Z forged method=GET"', lines[1])
         fields = logfmt_fields(lines[4])
@@ -5529,7 +5815,7 @@ class RobustShutdownTest(unittest.TestCase):
             ("mesh", "--port", str(port), "a", "b"), env, port, "/a;delay=2500ms/b", signal.SIGTERM)
         self.assertEqual(status, 0, err)
         slow_status, _headers, answer = results["slow"]
-        self.assertEqual((slow_status, hosts(answer)), (200, ["gateway", [["a", [["b", []]]]]]))
+        self.assertEqual((slow_status, hosts(answer)), (200, ["a", [["b", []]]]))
         self.assertEqual(err, "")
 
     def test_a_request_still_arriving_counts_as_in_flight(self):
@@ -5555,12 +5841,13 @@ class RobustShutdownTest(unittest.TestCase):
         self.addCleanup(process.kill)
         threading.Thread(target=lambda: raw_exchange(port, b"GET /?delay=10s HTTP/1.1\r\nHost: a\r\n\r\n", timeout=15),
                          daemon=True).start()
-        wait_until(lambda: in_flight_gauge(port) >= 2, message="the slow request never arrived")  # and this one
+        time.sleep(0.2)  # the request is in: polling /metrics here would itself count in the drain's message
         started = time.monotonic()
         self.assertEqual(process.stop(signal.SIGTERM), 1)  # a request was dropped: not a clean exit
         self.assertLess(time.monotonic() - started, 2.0)
         out, err = process.logs()
         self.assertRegex(out, r"level=warning event=drop dropped=1 error=\"SHUTDOWN_GRACE=0.5s ran out")
+        self.assertIn('event=stop message="draining 1 request, up to 0.5 s"', out)  # what it waits for
         self.assertEqual(err, "")
 
     def test_on_stop_hooks_run_after_the_drain(self):
