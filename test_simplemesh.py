@@ -4,11 +4,12 @@ Pure functions are tested directly; everything else starts real nodes on loopbac
 Run with ``python3 -m unittest -v`` (stdlib only); the tests that drive external tools (promtool, Prometheus,
 Chromium, kubectl, opentelemetry-proto) need what ``.ci/run`` installs and fail, never skip, in CI without them.
 
-Layout: the harness first (every helper class and function: nodes, peers, sockets, tools), then one banner per
-section of the module (shared utilities, the HTTP/1.1 wire, directives, route, budgets, trace context, outbound
-client, the node, views, metrics, spans, configuration, server, manifests, command line), then the end-to-end
-``Robust*`` classes in the same order. Test classes are named ``<Section><Topic>Test`` (``RouteGrammarTest``,
-``OutboundConnectionPoolTest``, ``RobustCrowdTest``); ``-k Robust`` runs the robustness part alone.
+Layout: the harness first (every helper class and function: nodes, peers, sockets, tools), then the module's
+shape (issue 16's rules, ModuleShapeTest), then one banner per section of the module (shared utilities, the
+HTTP/1.1 wire, directives, route, budgets, trace context, outbound client, the node, views, metrics, spans,
+configuration, gateway, server, manifests, command line), then the end-to-end ``Robust*`` classes in the same order.
+Test classes are named ``<Section><Topic>Test`` (``RouteGrammarTest``, ``OutboundConnectionPoolTest``,
+``RobustCrowdTest``); ``-k Robust`` runs the robustness part alone.
 
 SPEC section -> test classes:
 
@@ -26,12 +27,12 @@ SPEC                       Test classes
                            ServerOverHttpTest, TraceIdsInJsonLogsTest (access log)
 5 Tracing                  Trace*Test (traceparent, tracestate, B3, samplers, propagation),
                            Span*Test (OTEL_* environment, OTLP encoding, export)
-6 Command line             CommandLine*Test (serve, mesh, call, load), NodeGatewayTest (mesh's gateway),
+6 Command line             CommandLine*Test (serve, mesh, call, load), GatewayEntryTest (mesh's gateway),
                            ConfigEnvironmentTest
 7 Packaging                Manifest*Test, PackagingDockerfileTest, PackagingWheelTest
-8 Robustness               Robust*Test; WireRequestTest, BudgetAccountingTest, OutboundAnswerReaderTest,
-                           OutboundResolverTest, OutboundDeadlineAndReachTest, OutboundConnectionPoolTest,
-                           OutboundReachRuleTest, OutboundOtherToolsHintTest
+8 Robustness               Robust*Test; NodePlanTest (every 4xx refusal), WireRequestTest, BudgetAccountingTest,
+                           OutboundAnswerReaderTest, OutboundResolverTest, OutboundDeadlineAndReachTest,
+                           OutboundConnectionPoolTest, OutboundReachRuleTest, OutboundOtherToolsHintTest
 =========================  =================================================================================
 """
 
@@ -212,7 +213,7 @@ class Mesh:
         for name, defaults in nodes.items():
             node_config = sm.Config(host=name, port=0, address=address, peers=self.peers,
                                     defaults=dict(defaults), log_level="warning", **config)
-            server = sm.Server(sm.Node(node_config))
+            server = sm.Server(sm.build_node(node_config))
             self.servers[name] = server
             self.peers[name] = [(address, server.server_address[1])]
         for server in self.servers.values():
@@ -256,8 +257,8 @@ class Mesh:
 
 def start_gateway(testcase, mesh, **config):
     """A mesh's gateway (GATEWAY=true) resolving ``mesh``'s nodes; stopped at the test's end. Its address."""
-    server = sm.Server(sm.Node(sm.Config(host="gateway", port=0, address="127.0.0.1", peers=mesh.peers,
-                                         gateway=True, log_level="warning", **config)))
+    server = sm.Server(sm.build_node(sm.Config(host="gateway", port=0, address="127.0.0.1", peers=mesh.peers,
+                                               gateway=True, log_level="warning", **config)))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
 
     def stop():
@@ -1204,6 +1205,56 @@ def pod_security_problems(deployment):
     return problems
 
 
+# --- The module's shape ---------------------------------------------------------------------------------------
+# Issue 16's rules for simplemesh.py, read from its syntax tree: no long function, no forward use between sections.
+
+class ModuleShapeTest(unittest.TestCase):
+    """Issue 16: the module's shape, read from its syntax tree (no run)."""
+
+    @classmethod
+    def setUpClass(cls):
+        import ast
+        cls.ast = ast
+        with open(sm.__file__, encoding="utf-8") as source:
+            cls.source = source.read()
+        cls.tree = ast.parse(cls.source)
+
+    def test_no_function_is_longer_than_50_lines(self):
+        ast = self.ast
+        long = [f"{node.name} (line {node.lineno}): {node.end_lineno - node.body[0].lineno + 1} lines"
+                for node in ast.walk(self.tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.body[0].lineno + 1 > 50]
+        self.assertEqual(long, [])
+
+    def test_no_section_uses_a_later_one_but_the_server_and_the_command_line(self):
+        ast = self.ast
+        banners = [(number, match.group(1)) for number, line in enumerate(self.source.splitlines(), 1)
+                   if (match := re.match(r"# --- (.*?) -+$", line))]
+        self.assertIn("Shared utilities", [name for _number, name in banners])
+
+        def section(line):
+            return ([""] + [name for number, name in banners if number <= line])[-1]  # "": imports, __version__
+        defined = {}
+        for node in self.tree.body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+                target.id for target in getattr(node, "targets", ()) if isinstance(target, ast.Name)]
+            for name in names:
+                defined.setdefault(name, node.lineno)
+        forward = []
+        for node in self.tree.body:
+            if section(node.lineno) in ("Server", "Command line"):
+                continue
+            local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
+                      for a in n.posonlyargs + n.args + n.kwonlyargs}
+            for used in ast.walk(node):
+                if (isinstance(used, ast.Name) and isinstance(used.ctx, ast.Load) and used.id not in local
+                        and defined.get(used.id, 0) > node.lineno
+                        and section(defined[used.id]) != section(node.lineno)):
+                    forward.append(f"line {used.lineno}: {used.id} ({section(defined[used.id])})")
+        self.assertEqual(forward, [])
+
+
 # --- Shared utilities -----------------------------------------------------------------------------------------
 # Record, converters, the log line and the worker pool are tested through the sections that use them; here
 # the answer's JSON text (padded to its size, streamed in chunks).
@@ -1542,7 +1593,7 @@ class DirectivesOneMeaningTest(unittest.TestCase):
                 self.assertEqual(resolve(dict(sm.parse_route(f"/n;{written}")[0][0].directives), {}), expected)
                 self.assertEqual(resolve(sm.parse_node_spec(f"n;{written}")[2], {}), expected)
                 self.assertEqual(resolve(sm.Config.from_env({variable: env_text}).defaults, {}), expected)
-                node = sm.Node(self.config)
+                node = sm.build_node(self.config)
                 node.set_defaults(sm.split_query(written))
                 self.assertEqual(node.base_directives, expected)
                 manifest = sm._node_env(sm.parse_node_spec(f"n;{written}")[2], "")  # what `manifests` deploys
@@ -2922,7 +2973,7 @@ class OutboundConnectionPoolTest(unittest.TestCase):
         pool = sm.ConnectionPool(max_idle=0.05)
         with Mesh({"b": {}}) as mesh:
             peer = sm.Peer(mesh.peers["b"][0], "b", "http://b/")
-            self.assertEqual(sm.call_peer(pool, peer, "/", "GET", b"", {}, 5, sm.UpstreamBudget(1 << 20))[0], 200)
+            self.assertEqual(sm.call_peer(pool, peer, "/", "GET", b"", {}, 5, sm.UpstreamBudget(1 << 20)).status, 200)
             first = pool.take(peer, time.monotonic() + 5)
             pool.give_back(peer.address, first)
             self.assertIs(pool.take(peer, time.monotonic() + 5), first)  # fresh: reused
@@ -3042,7 +3093,66 @@ class OutboundOtherToolsHintTest(unittest.TestCase):
 
 
 # --- The node -------------------------------------------------------------------------------------------------
-# What a node answers (SPEC 3), fan-out, its operations endpoints (SPEC 4), the mesh's gateway (SPEC 6).
+# What a node answers (SPEC 3): its plan alone, fan-out, its operations endpoints (SPEC 4).
+
+class NodePlanTest(unittest.TestCase):
+    """The node's pipeline step by step, without sockets: plan_request (a Plan or one Refusal), admit, execute."""
+
+    @staticmethod
+    def plan(path, query="", defaults=None, **config):
+        """plan_request alone: no socket, no thread, no node."""
+        config = sm.Config(host="a", peers={}, **config)
+        defaults = defaults or {}
+        return sm.plan_request(config, defaults, sm.Directives.resolve(config, defaults, {}), path, query)
+
+    def test_plan_gives_the_calls_and_directives_of_a_good_request(self):
+        plan = self.plan("/b;delay=1ms/c", "size=100&view=tree")
+        self.assertIsInstance(plan, sm.Plan)
+        self.assertEqual([target.name for target, _rest in plan.calls], ["b"])
+        self.assertEqual(plan.directives.size, 100)
+        self.assertEqual(plan.call_count, 2)
+        self.assertIsInstance(self.plan("/"), sm.Plan)
+
+    def test_plan_refuses_every_bad_request_with_status_message_and_fields(self):
+        cases = [  # (path, query, config, status, message part, fields)
+            ("/b(", "", {}, 400, "bad route", {"route": "/b(", "position": 2}),
+            ("/b", "delay=fast", {}, 400, "bad directive", {}),
+            ("/b", "delay=1s", {"allow_directives": False}, 403, "not allowed", {"rule": "ALLOW_DIRECTIVES"}),
+            ("/b/c/d", "", {"max_calls": 2}, 400, "MAX_CALLS=2", {"route": "/b/c/d", "position": 5}),
+            ("/b~c/d", "", {"max_calls": 3}, 400, "MAX_CALLS=3", {"rule": "MAX_CALLS"}),
+            ("/b/c/d", "", {"max_depth": 2}, 400, "MAX_DEPTH=2", {"rule": "MAX_DEPTH"}),
+            ("/10.0.0.1", "", {}, 403, "IP address", {"rule": "ALLOW_IP_TARGETS", "target": "10.0.0.1"}),
+            ("/b", "", {"allowed_hosts": ("c*",)}, 403, "ALLOWED_HOSTS", {"rule": "ALLOWED_HOSTS", "target": "b"}),
+            ("/b", "size=2m", {"max_route_bytes": 1 << 20}, 400, "MAX_ROUTE_BYTES", {"rule": "MAX_ROUTE_BYTES"}),
+        ]
+        for path, query, config, status, message, fields in cases:
+            with self.subTest(path=path, query=query, config=config):
+                refusal = self.plan(path, query, **config)
+                self.assertIsInstance(refusal, sm.Refusal)
+                self.assertEqual(refusal.status, status)
+                self.assertIn(message, refusal.message)
+                self.assertEqual(refusal.fields, fields)
+                outcome = refusal.outcome("a")
+                self.assertEqual(outcome.record, {"host": "a", "status": status, "error": refusal.message, **fields})
+
+    def test_admit_and_execute_alone_make_the_answer_of_a_plan(self):
+        config = sm.Config(host="a", peers={})
+        node = sm.build_node(config)
+        self.addCleanup(node.pool.close)
+        for query, status in (("", 200), ("error=1&status=503", 503)):
+            with self.subTest(query=query):
+                request = sm.Request("GET", "/", query, sm.Headers({"host": "a"}), b"", time.perf_counter(),
+                                     time.time())
+                trace = sm.TraceContext.from_headers(request.headers, config.forward_headers, config.tracing)
+                plan = node.admit(request, self.plan("/", query))
+                self.assertIsInstance(plan, sm.Plan)
+                outcome = node.execute(request, plan, trace)
+                node.release(request)
+                self.assertEqual((outcome.status, outcome.record["status"]), (status, status))
+                self.assertEqual((outcome.record["host"], outcome.record["next_node"]), ("a", []))
+                self.assertEqual(outcome.record["trace_id"], trace.trace_id)
+        self.assertEqual(node.inflight.used, 0)
+
 
 class NodeAnswerTest(unittest.TestCase):
     """The answer a node gives (SPEC 3): the nested record, its fields and identity."""
@@ -3179,58 +3289,6 @@ class NodeLivenessControlTest(unittest.TestCase):
             self.assertEqual(mesh.request("a", "/healthz")[0], 200)
 
 
-class NodeGatewayTest(unittest.TestCase):
-    """The gateway of ``mesh`` is an ingress: invisible; the entry node's query, answer, status and headers."""
-
-    def test_gateway_entry_names_the_entry_node_and_its_query(self):
-        entry, rest, query = sm.gateway_entry("/a/b~c", "parallel")
-        self.assertEqual((entry.name, rest, query), ("a", "b~c", "parallel"))
-        entry, rest, query = sm.gateway_entry("/a;delay=1s/b", "size=1k")
-        self.assertEqual((entry.name, rest, query), ("a", "b", "delay=1s&size=1k"))
-        entry, rest, query = sm.gateway_entry("/a/metrics", "")  # a's own /metrics, as http://a/metrics is
-        self.assertEqual((entry.name, rest, query), ("a", "metrics", ""))
-        self.assertEqual(sm.gateway_entry("/a/b c\r\n", "")[1], "b%20c%0D%0A")  # sent on as it came, encoded again
-        for path in ("/", "/a~b", "/(a/b)", "/a(", "/A_b/c"):
-            self.assertIsNone(sm.gateway_entry(path, ""), path)
-
-    def test_the_answer_is_the_entry_nodes_with_its_query(self):
-        with Mesh({"a": {}, "b": {"delay": "0.3"}, "c": {"delay": "0.3"}}) as mesh:
-            gateway = start_gateway(self, mesh)
-            status, headers, answer = http_request(gateway, "/a/b~c?parallel")
-            self.assertEqual(status, 200)
-            self.assertEqual(hosts(answer), ["a", [["b", []], ["c", []]]])
-            self.assertLess(answer["elapsed_time"], 0.55)  # a ran its fan-out in parallel
-            self.assertEqual(headers["x-trace-id"], answer["trace_id"])
-            _s, headers, text = http_request(gateway, "/a/b?view=tree")
-            self.assertTrue(headers["content-type"].startswith("text/plain"))
-            self.assertRegex(text, r"(?m)^a +200")
-            _s, _h, answer = http_request(gateway, "/a;delay=0.1")
-            self.assertEqual((answer["host"], answer["delay"]), ("a", 0.1))
-            status, headers, answer = http_request(gateway, "/a?status=503&response-header=retry-after:2")
-            self.assertEqual((status, answer["host"], headers["retry-after"]), (503, "a", "2"))
-            seen = mesh.record_requests("a")
-            http_request(gateway, "/a", method="POST", body=b"order=1")
-            self.assertEqual(seen, [("POST", b"order=1")])
-            self.assertEqual(http_request(gateway, "/a/-/healthy?healthy=false", method="POST")[2]["host"], "a")
-            self.assertEqual(http_request(gateway, "/a/healthz")[0], 503)  # a's probe, as http://a/healthz is
-            self.assertEqual(http_request(gateway, "/healthz")[0], 200)  # the gateway's own
-
-    def test_without_one_entry_node_the_gateway_answers_itself(self):
-        with Mesh({"a": {}, "b": {}}) as mesh:
-            gateway = start_gateway(self, mesh)
-            self.assertEqual(hosts(http_request(gateway, "/a~b")[2]), ["gateway", [["a", []], ["b", []]]])
-            self.assertEqual(http_request(gateway, "/")[2]["host"], "gateway")
-            self.assertEqual(http_request(gateway, "/healthz")[0], 200)
-
-    def test_an_entry_node_that_is_down_is_a_502_record(self):
-        with Mesh({"a": {}}) as mesh:
-            mesh.peers["z"] = [("127.0.0.1", free_port())]  # nothing listens there
-            gateway = start_gateway(self, mesh)
-            status, _h, answer = http_request(gateway, "/z/a")
-        self.assertEqual((status, answer["host"], answer["status"]), (502, "z", 502))
-        self.assertIn("refused", answer["error"])
-
-
 # --- Views ----------------------------------------------------------------------------------------------------
 # The answer as a terminal tree and an HTML waterfall (SPEC 3).
 
@@ -3342,6 +3400,20 @@ class ViewHtmlTest(unittest.TestCase):
         self.assertIsNone(sm.choose_view("view=xml", ""))
         self.assertEqual(sm.view_route("/b/c", "delay=1s&view=tree"), "b/c?delay=1s")
         self.assertEqual(sm.view_route("/", "view=tree"), "")
+
+    def test_render_view_draws_an_outcome_in_its_view_alone(self):
+        record = {"host": "a", "status": 200, "elapsed_time": 0.01, "next_node": []}
+        self.assertIsNone(sm.render_view(sm.Outcome(200, dict(record)), "json", "/", "").text)
+        tree = sm.render_view(sm.Outcome(200, dict(record)), "tree", "/", "view=tree")
+        self.assertEqual(tree.text, sm.render_tree(record))
+        self.assertTrue(tree.content_type.startswith("text/plain"))
+        page = sm.render_view(sm.Outcome(200, dict(record)), "html", "/b", "delay=1s&view=html", "http://jaeger")
+        self.assertTrue(page.content_type.startswith("text/html"))
+        self.assertIn(("Content-Security-Policy", sm.HTML_CSP), page.extra_headers)
+        self.assertIn("?delay=1s&amp;view=json", page.text)
+        reset = sm.Outcome(0, reset=True)
+        self.assertIs(sm.render_view(reset, "tree", "/", ""), reset)
+        self.assertIsNone(reset.text)
 
 
 class ViewReadableJsonTest(unittest.TestCase):
@@ -3900,6 +3972,61 @@ class ConfigEnvironmentTest(unittest.TestCase):
                           ({"CPU": "2s", "MAX_INFLIGHT_CPU": "1s"}, "CPU=2s is above MAX_INFLIGHT_CPU=1")]:
             with self.subTest(env=env), self.assertRaisesRegex(sm.ConfigError, word):
                 sm.Config.from_env(env)
+
+
+# --- Gateway --------------------------------------------------------------------------------------------------
+# The mesh command's gateway: an invisible ingress in front of the entry node (SPEC 6).
+
+class GatewayEntryTest(unittest.TestCase):
+    """The gateway of ``mesh`` is an ingress: invisible; the entry node's query, answer, status and headers."""
+
+    def test_gateway_entry_names_the_entry_node_and_its_query(self):
+        entry, rest, query = sm.gateway_entry("/a/b~c", "parallel")
+        self.assertEqual((entry.name, rest, query), ("a", "b~c", "parallel"))
+        entry, rest, query = sm.gateway_entry("/a;delay=1s/b", "size=1k")
+        self.assertEqual((entry.name, rest, query), ("a", "b", "delay=1s&size=1k"))
+        entry, rest, query = sm.gateway_entry("/a/metrics", "")  # a's own /metrics, as http://a/metrics is
+        self.assertEqual((entry.name, rest, query), ("a", "metrics", ""))
+        self.assertEqual(sm.gateway_entry("/a/b c\r\n", "")[1], "b%20c%0D%0A")  # sent on as it came, encoded again
+        for path in ("/", "/a~b", "/(a/b)", "/a(", "/A_b/c"):
+            self.assertIsNone(sm.gateway_entry(path, ""), path)
+
+    def test_the_answer_is_the_entry_nodes_with_its_query(self):
+        with Mesh({"a": {}, "b": {"delay": "0.3"}, "c": {"delay": "0.3"}}) as mesh:
+            gateway = start_gateway(self, mesh)
+            status, headers, answer = http_request(gateway, "/a/b~c?parallel")
+            self.assertEqual(status, 200)
+            self.assertEqual(hosts(answer), ["a", [["b", []], ["c", []]]])
+            self.assertLess(answer["elapsed_time"], 0.55)  # a ran its fan-out in parallel
+            self.assertEqual(headers["x-trace-id"], answer["trace_id"])
+            _s, headers, text = http_request(gateway, "/a/b?view=tree")
+            self.assertTrue(headers["content-type"].startswith("text/plain"))
+            self.assertRegex(text, r"(?m)^a +200")
+            _s, _h, answer = http_request(gateway, "/a;delay=0.1")
+            self.assertEqual((answer["host"], answer["delay"]), ("a", 0.1))
+            status, headers, answer = http_request(gateway, "/a?status=503&response-header=retry-after:2")
+            self.assertEqual((status, answer["host"], headers["retry-after"]), (503, "a", "2"))
+            seen = mesh.record_requests("a")
+            http_request(gateway, "/a", method="POST", body=b"order=1")
+            self.assertEqual(seen, [("POST", b"order=1")])
+            self.assertEqual(http_request(gateway, "/a/-/healthy?healthy=false", method="POST")[2]["host"], "a")
+            self.assertEqual(http_request(gateway, "/a/healthz")[0], 503)  # a's probe, as http://a/healthz is
+            self.assertEqual(http_request(gateway, "/healthz")[0], 200)  # the gateway's own
+
+    def test_without_one_entry_node_the_gateway_answers_itself(self):
+        with Mesh({"a": {}, "b": {}}) as mesh:
+            gateway = start_gateway(self, mesh)
+            self.assertEqual(hosts(http_request(gateway, "/a~b")[2]), ["gateway", [["a", []], ["b", []]]])
+            self.assertEqual(http_request(gateway, "/")[2]["host"], "gateway")
+            self.assertEqual(http_request(gateway, "/healthz")[0], 200)
+
+    def test_an_entry_node_that_is_down_is_a_502_record(self):
+        with Mesh({"a": {}}) as mesh:
+            mesh.peers["z"] = [("127.0.0.1", free_port())]  # nothing listens there
+            gateway = start_gateway(self, mesh)
+            status, _h, answer = http_request(gateway, "/z/a")
+        self.assertEqual((status, answer["host"], answer["status"]), (502, "z", 502))
+        self.assertIn("refused", answer["error"])
 
 
 # --- Server ---------------------------------------------------------------------------------------------------
@@ -4754,7 +4881,8 @@ class CommandLineLoadTest(unittest.TestCase):
 
 # --- Robustness -----------------------------------------------------------------------------------------------
 # End to end: what bad input and bad days get (SPEC 8), in the order of the sections above: wire,
-# directives and route, budgets, outbound, node, views, configuration and server. `python3 -m unittest -k Robust test_simplemesh` runs just these.
+# directives and route, budgets, outbound, node, views, configuration, gateway and server.
+# `python3 -m unittest -k Robust test_simplemesh` runs just these.
 
 class RobustHttpRulesTest(unittest.TestCase):
     """RFC 9110/9112 on a live node with a raw-socket client: what each client behaviour gets."""
