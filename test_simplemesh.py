@@ -1257,7 +1257,7 @@ class ModuleShapeTest(unittest.TestCase):
 
 # --- Shared utilities -----------------------------------------------------------------------------------------
 # Record, converters, the log line and the worker pool are tested through the sections that use them; here
-# the answer's JSON text (padded to its size, streamed in chunks).
+# the answer's JSON text (padded to its size, streamed in chunks) and the TurnGate (turns under saturation).
 
 class SharedAnswerJsonTest(unittest.TestCase):
     """The JSON answer: the record padded to its size, streamed."""
@@ -1297,6 +1297,58 @@ class SharedAnswerJsonTest(unittest.TestCase):
         self.assertEqual(sent, length)
         self.assertEqual(length, 12_000_000)
         self.assertLess(peak, 4_000_000 + 4 * sm.ANSWER_CHUNK)  # one copy of the child's padding, at most
+
+
+class SharedTurnGateTest(unittest.TestCase):
+    """Under saturation requests take turns in arrival order (issue 15): at most ``slots`` inside at once, the
+    rest let in first come, first served; a thread that waits steps out, and comes back ahead of new arrivals."""
+
+    def test_at_most_slots_inside_and_the_rest_in_arrival_order(self):
+        gate = sm.TurnGate(2)
+        gate.enter()
+        gate.enter()
+        entered, threads = [], []
+
+        def wait_turn(number):
+            gate.enter()
+            entered.append(number)
+            gate.leave()
+
+        for number in range(5):
+            threads.append(threading.Thread(target=wait_turn, args=(number,)))
+            threads[-1].start()
+            wait_until(lambda: len(gate.queue) == number + 1)  # queued in this order
+        self.assertEqual(entered, [])  # both slots are taken
+        gate.leave()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(entered, [0, 1, 2, 3, 4])
+        gate.leave()
+        self.assertEqual((gate.free, len(gate.queue)), (2, 0))
+
+    def test_pause_lets_the_next_in_and_resume_goes_ahead_of_new_arrivals(self):
+        gate = sm.TurnGate(1)
+        self.assertFalse(gate.pause())  # a thread that is not inside has nothing to give up
+        gate.enter()
+        order = []
+        waiter = threading.Thread(target=lambda: (gate.enter(), order.append("waiter"), gate.leave()))
+        waiter.start()
+        wait_until(lambda: len(gate.queue) == 1)
+        turn = gate.pause()  # e.g. an upstream call: the waiter goes first
+        waiter.join(5)
+        self.assertEqual(order, ["waiter"])
+        gate.enter()  # the slot is ours again; now one arrival queues, then the paused thread comes back
+        newcomer = threading.Thread(target=lambda: (gate.enter(), order.append("newcomer"), gate.leave()))
+        newcomer.start()
+        wait_until(lambda: len(gate.queue) == 1)
+        resumer = threading.Thread(target=lambda: (gate.resume(turn), order.append("resumed"), gate.leave()))
+        resumer.start()
+        wait_until(lambda: len(gate.queue) == 2)
+        gate.leave()
+        for thread in (newcomer, resumer):
+            thread.join(5)
+        self.assertEqual(order, ["waiter", "resumed", "newcomer"])
+        self.assertEqual(gate.free, 1)
 
 
 # --- The HTTP/1.1 wire ----------------------------------------------------------------------------------------
@@ -4689,6 +4741,87 @@ class CommandLineServeAndMeshTest(unittest.TestCase):
         access = [line for line in lines if line.get("path") == "/"]
         self.assertEqual(access[0]["trace_id"], answer["trace_id"])
         self.assertEqual(access[0]["status"], 200)
+
+
+class CommandLineMeshProcessesTest(unittest.TestCase):
+    """``mesh`` runs each node in its own process (every core) unless --one-process; one command starts it, the
+    "mesh is up" lines come only once every node answers, and SIGTERM or a terminal's Ctrl-C drains them all."""
+
+    def start(self, *flags):
+        """A mesh ``a b c`` in a session of its own (as a terminal's process group): (process, port, stdout lines
+        up to the line that says the mesh is up)."""
+        port = free_port_run(4)
+        process = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "simplemesh.py"), "mesh",
+                                    "--port", str(port), "a", "b", "c", *flags], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, 9))
+        lines = []
+        for line in process.stdout:  # blocks until the line comes; a mesh that never says it is up fails below
+            lines.append(line)
+            if "Ctrl-C stops the mesh" in line:
+                break
+        self.assertIn("Ctrl-C stops the mesh", "".join(lines), process.stderr.read() if process.poll() else "")
+        return process, port, lines
+
+    def node_processes(self, pid):
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+
+    def test_each_node_in_its_own_process_ready_before_the_mesh_is_up_line(self):
+        process, port, lines = self.start()
+        # No wait for ports: the line above is printed only once every node answers.
+        status, _headers, answer = http_request(("127.0.0.1", port), "/a/b/c")
+        self.assertEqual((status, hosts(answer)), (200, ["a", [["b", [["c", []]]]]]))  # the gateway is invisible (issue 13)
+        children = self.node_processes(process.pid)
+        self.assertEqual(len(children), 3)
+        for name, child_port in (("a", port + 1), ("b", port + 2), ("c", port + 3)):
+            self.assertEqual(http_request(("127.0.0.1", child_port), "/")[2]["host"], name)
+        starts = [line.split()[1] for line in lines if "event=start" in line]
+        self.assertEqual(sorted(starts), ["a", "b", "c", "gateway"])
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertEqual(err, "")
+        self.assertRegex(out, r"Z c method=GET path=/ status=200")  # the children's access log: their own lines
+        for child in children:  # every node's process has exited and been reaped
+            self.assertFalse(os.path.exists(f"/proc/{child}"), child)
+
+    def test_ctrl_c_drains_a_request_through_every_process(self):
+        process, port, _lines = self.start()
+        results = {}
+        client = threading.Thread(target=lambda: results.update(
+            answer=http_request(("127.0.0.1", port), "/a/b;delay=1500ms/c")))
+        client.start()
+        time.sleep(0.5)  # the request is at b, in its delay
+        os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
+        client.join(15)
+        status, _headers, answer = results["answer"]
+        self.assertEqual((status, hosts(answer)), (200, ["a", [["b", [["c", []]]]]]))
+        _out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertEqual(err, "")
+
+    def test_one_process_flag(self):
+        process, port, _lines = self.start("--one-process")
+        status, _headers, answer = http_request(("127.0.0.1", port), "/a/b/c")
+        self.assertEqual((status, hosts(answer)), (200, ["a", [["b", [["c", []]]]]]))
+        self.assertEqual(self.node_processes(process.pid), [])
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 0, err)
+
+    def test_a_node_that_cannot_start_stops_the_mesh_with_one_line(self):
+        with socket.socket() as taken:
+            port = free_port_run(3)
+            taken.bind(("127.0.0.1", port + 2))
+            taken.listen(1)
+            result = run_cli("mesh", "--port", str(port), "a", "b", env={"PATH": os.environ.get("PATH", "")})
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr.strip().splitlines(),
+                         [f"simplemesh: cannot start the mesh: cannot listen on 127.0.0.1:{port + 2}: "
+                          f"port {port + 2} is already in use"])
+        for offset in (0, 1):  # the gateway and node a are gone too
+            self.assertTrue(port_is_free(port + offset))
 
 
 class CommandLineCallTest(unittest.TestCase):
