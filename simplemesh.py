@@ -2724,10 +2724,11 @@ class Request:
 class Outcome:
     """What the handler sends: a status, a JSON-able record (or raw text) and what to log."""
     __slots__ = ("status", "record", "text", "content_type", "reset", "extra_headers", "trace_id", "targets", "trace",
-                 "size", "big")
+                 "size", "big", "head_length")
 
     def __init__(self, status, record=None, text=None, content_type="application/json", reset=False,
-                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False):
+                 extra_headers=(), trace_id="", targets=(), trace=None, size=0, big=False, head_length=None):
+        self.head_length = head_length  # the Content-Length of a HEAD answer passed on without its body (gateway)
         self.size = size  # the JSON answer is padded to about this many bytes (``size``)
         self.big = big  # the record holds big downstream answers: encode it piece by piece (answer_json)
         self.status = status
@@ -4551,8 +4552,11 @@ def forward_to_entry(node, request, entry):
         record = caller_record(target.name, peer.url, failure.status, str(failure), elapsed, failure.status == 504)
         return Outcome(failure.status, record, targets=(target.name,))
     kept = tuple((name, value) for name, value in answer.headers.items() if name not in GATEWAY_ANSWER_SKIPPED)
+    length = answer.headers.get("content-length", "")  # a HEAD answer has no body, but the length it would have
+    head_length = int(length) if request.method == "HEAD" and length.isascii() and length.isdigit() else None
     return Outcome(answer.status, text=answer.body, content_type=answer.headers.get("content-type", ""),
-                   extra_headers=kept, trace_id=answer.headers.get("x-trace-id", ""), targets=(target.name,))
+                   extra_headers=kept, trace_id=answer.headers.get("x-trace-id", ""), targets=(target.name,),
+                   head_length=head_length)
 
 
 # --- Server ------------------------------------------------------------------------------------------------
@@ -4737,14 +4741,15 @@ class Handler:
         node = self.node
         # A 503: the node's budget was full, try again.
         outcome = Refusal(error.status, str(error), retry_after=error.status == 503).outcome(node.config.host)
+        # Counted before it is sent, so a client that reads /metrics next sees it ("-": no method label value).
+        node.metrics.observe_request("-", str(error.status), 0.0)
+        self.log_access(None, outcome, 0.0)
         try:
             self.conn.sock.sendall(encode_answer(error.status, json_bytes(outcome.record),
                                                  extra_headers=outcome.extra_headers,
                                                  connection="close"))
         except OSError:
             return "close"
-        node.metrics.observe_request("-", str(error.status), 0.0)  # "-": a malformed method is no label value
-        self.log_access(None, outcome, 0.0)
         return "linger"
 
     def answer(self, request):
@@ -4841,7 +4846,7 @@ class Handler:
         connection = None if keep and head.version == "HTTP/1.1" else ("keep-alive" if keep else "close")
         if outcome.text is not None:
             body = outcome.text if isinstance(outcome.text, (bytes, bytearray)) else outcome.text.encode()
-            length = len(body)
+            length = len(body) if outcome.head_length is None or method != "HEAD" else outcome.head_length
         else:
             length, pieces = answer_json(outcome.record, outcome.size, outcome.big, wants_indented_json(head.headers))
             body = "".join(pieces).encode() if length <= ANSWER_CHUNK else None
@@ -5925,6 +5930,8 @@ def run_mesh_processes(args, configs):
         raise
     startup_line(configs[0])
     print(mesh_banner(args.address, args.port, configs[1:]), flush=True)
+    threading.Thread(target=watch_node_processes, args=(children, stop, configs[0]), name="watch-nodes",
+                     daemon=True).start()
     release_start_up_memory()
     dropped = wait_for_stop([gateway], stop)  # the gateway drains while every node still answers
     grace = max(config.shutdown_grace for config in configs)
@@ -5941,8 +5948,9 @@ def start_node_processes(configs, inherited_socket):
     try:
         for config in configs:
             reader, writer = context.Pipe(duplex=False)
+            # SHUTDOWN_DELAY is the gateway's (the mesh's entry is unready for it); a node then drains at once.
             child = context.Process(target=serve_node_process, name=f"mesh-{config.host}", daemon=False,
-                                    args=(config, writer, inherited_socket, os.getpid()))
+                                    args=(config.replace(shutdown_delay=0.0), writer, inherited_socket, os.getpid()))
             child.start()
             writer.close()  # the child's end: closed here, so a child that dies shows as EOF
             children.append((child, reader))
@@ -5977,6 +5985,21 @@ def serve_node_process(config, ready, inherited_socket, parent_pid):
     threading.Thread(target=watch_parent, args=(parent_pid, stop), name="watch-parent", daemon=True).start()
     release_start_up_memory()
     sys.exit(1 if wait_for_stop([server], stop) else 0)
+
+
+def watch_node_processes(children, stop, gateway_config):
+    """Stop the mesh, saying which, when a node's process ends by itself (a crash, an OOM kill): a local mesh
+    never goes on with a node silently missing. The exit status then says a node failed."""
+    import multiprocessing.connection
+    ended = multiprocessing.connection.wait([child.sentinel for child in children])
+    if stop.is_set():
+        return  # the drain ended them
+    for child in children:
+        if child.sentinel in ended:
+            child.join()
+            log_line(gateway_config, {"level": "error", "event": "node-exit", "node": child.name.removeprefix("mesh-"),
+                                      "exitcode": child.exitcode, "error": "a node's process ended: stopping the mesh"})
+    stop.set()
 
 
 def watch_parent(parent_pid, stop):

@@ -4064,6 +4064,11 @@ class GatewayEntryTest(unittest.TestCase):
             self.assertEqual(http_request(gateway, "/a/-/healthy?healthy=false", method="POST")[2]["host"], "a")
             self.assertEqual(http_request(gateway, "/a/healthz")[0], 503)  # a's probe, as http://a/healthz is
             self.assertEqual(http_request(gateway, "/healthz")[0], 200)  # the gateway's own
+            connection = http.client.HTTPConnection(*gateway, timeout=5)
+            self.addCleanup(connection.close)
+            connection.request("HEAD", "/a?size=2k")  # a's head, with the length a's GET would have
+            answer = connection.getresponse()
+            self.assertEqual((answer.status, answer.getheader("content-length"), answer.read()), (200, "2048", b""))
 
     def test_without_one_entry_node_the_gateway_answers_itself(self):
         with Mesh({"a": {}, "b": {}}) as mesh:
@@ -4785,6 +4790,14 @@ class CommandLineMeshProcessesTest(unittest.TestCase):
         self.assertRegex(out, r"Z c method=GET path=/ status=200")  # the children's access log: their own lines
         for child in children:  # every node's process has exited and been reaped
             self.assertFalse(os.path.exists(f"/proc/{child}"), child)
+
+    def test_a_node_process_that_dies_stops_the_mesh_and_says_which(self):
+        process, port, _lines = self.start()
+        b = sorted(self.node_processes(process.pid))[1]  # forked in order: a, b, c
+        os.kill(b, signal.SIGKILL)  # an OOM kill, say
+        out, err = process.communicate(timeout=20)
+        self.assertEqual(process.returncode, 1, err)
+        self.assertRegex(out, r"gateway level=error event=node-exit node=b exitcode=-9")
 
     def test_ctrl_c_drains_a_request_through_every_process(self):
         process, port, _lines = self.start()
