@@ -787,7 +787,8 @@ def body_framing(version, headers, max_body):
 
 
 def wants_keep_alive(version, headers):
-    """HTTP/1.1 keeps the connection unless told ``close``; HTTP/1.0 only when it asks for ``keep-alive``."""
+    """HTTP/1.1 keeps the connection unless told ``close``; HTTP/1.0 only when it asks for ``keep-alive``. The
+    same rule for a client's request and a peer's answer."""
     tokens = {word.strip().lower() for word in headers.get("connection", "").split(",")}
     if "close" in tokens:
         return False
@@ -890,17 +891,6 @@ def request_missing(data, start, max_body):
     return max(0, length - (len(data) - end.end())), length, end.end()
 
 
-def parse_request(stream, max_body):
-    """A whole request -> (RequestHead, body bytes or None if cut short), or None if no request came; BadRequest.
-
-    The server reads the head and body in two steps (a ``100 Continue`` may go between them); this is both."""
-    head = read_request_head(stream, max_body)
-    if head is None:
-        return None
-    split_target(head.target)
-    return head, read_body(stream, head, max_body)
-
-
 def encode_answer(status, body, content_type="application/json", extra_headers=(), trace_id="", connection=None,
                  head_only=False, length=None):
     """An answer's bytes: status line, headers and (unless ``head_only``) the body. ``connection`` is ``"close"``,
@@ -936,17 +926,16 @@ class AnswerError(Exception):
 
 class Answer:
     """A peer's final answer, whole: status, headers, body, and whether its connection may be used again."""
-    __slots__ = ("status", "reason", "headers", "body", "reusable")
+    __slots__ = ("status", "headers", "body", "reusable")
 
-    def __init__(self, status, reason, headers, body, reusable):
+    def __init__(self, status, headers, body, reusable):
         self.status = status
-        self.reason = reason
         self.headers = headers
         self.body = body
         self.reusable = reusable
 
 
-STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
+STATUS_LINE_RE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?\r?\n")  # the reason is not kept
 MAX_INTERIM_ANSWERS = 32
 SMALL_BODY = 16 * 1024  # a request body up to this size is sent with its head in one send
 READ_PIECE = 64 * 1024
@@ -958,7 +947,7 @@ def read_answer(reader, method, charge=None):
     (a declared Content-Length at once); False stops the read. Raises AnswerError, never returns a partial body."""
     reader.received = reader.buffered  # bytes of this answer: a keep-alive reader has read others before
     for _ in range(MAX_INTERIM_ANSWERS + 1):
-        version, status, reason = _status_line(reader)
+        version, status = _status_line(reader)
         try:
             headers = read_header_lines(reader)
         except HeaderError as error:
@@ -976,9 +965,8 @@ def read_answer(reader, method, charge=None):
     except ValueError as error:
         raise AnswerError(str(error), reader.received, status) from None
     body = _read_body(reader, framing, length, charge or (lambda nbytes: True), status)
-    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
-    keep_alive = "close" not in tokens and (version == b"1" or "keep-alive" in tokens)
-    return Answer(status, reason, headers, body, keep_alive and framing != "close")
+    keep_alive = wants_keep_alive("HTTP/1.1" if version == b"1" else "HTTP/1.0", headers)
+    return Answer(status, headers, body, keep_alive and framing != "close")
 
 
 def _status_line(reader):
@@ -990,7 +978,7 @@ def _status_line(reader):
         if not line.endswith(b"\n") and len(line) <= MAX_HEADER_LINE:
             raise AnswerError("closed mid-answer, in the status line", reader.received)
         raise AnswerError(f"the answer is not HTTP/1.x: {_printable(line[:40].decode('latin-1'))!r}", reader.received)
-    return match.group(1), int(match.group(2)), (match.group(3) or b"").decode("latin-1").strip()
+    return match.group(1), int(match.group(2))
 
 
 def answer_framing(status, method, headers):
@@ -1954,6 +1942,8 @@ def parse_b3(headers):
     Single: ``b3: {traceid}-{spanid}[-{state}[-{parentspanid}]]`` or the state alone (``b3: 0``). Multi: a
     64-bit trace id is left-padded to 128 bits, as Zipkin does; ``X-B3-Flags: 1`` is debug.
     """
+    if not any(name in headers for name in B3_SIGNAL_HEADERS):  # the usual case: no B3 at all
+        return None
     single = headers.get("b3")
     if single is not None:
         return _parse_b3_single(single.strip(" \t"))
@@ -2033,7 +2023,7 @@ class TraceContext:
         # W3C: "If the vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate."
         outbound.pop("traceparent", None)
         outbound.pop("tracestate", None)
-        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
+        b3 = parse_b3(headers)
         if b3 and b3.trace_id:  # Envoy's Zipkin tracer speaks B3 only: join its trace and leave the headers alone
             return cls(b3.trace_id, b3.span_id, outbound, b3.span_id, 0 if b3.state == "0" else FLAG_SAMPLED)
         # A new trace, so the whole call tree shares one id; a B3 decision alone (b3: 0) goes on untouched and
@@ -2048,7 +2038,7 @@ class TraceContext:
         outbound = {name: headers[name] for name in copied_headers(forward_headers, True).intersection(headers)}
         propagators = tracing.propagators
         parent = parse_traceparent(headers.get("traceparent")) if "tracecontext" in propagators else None
-        b3 = parse_b3(headers) if any(name in headers for name in B3_SIGNAL_HEADERS) else None
+        b3 = parse_b3(headers)
         decision = {"1": True, "d": True, "0": False}.get(b3.state) if b3 else None
         members, forced = (), None
         if parent:
@@ -2533,13 +2523,14 @@ def exchange(pool, peer, method, request, deadline, charge=None, retry_stale=Fal
     connection when ``retry_stale``, else _Retry is raised. Raises OSError (TimeoutError at the deadline),
     AnswerError, or what ``pool.connect`` raises.
     """
+    connection = pool.take(peer, deadline)
     while True:
-        connection = pool.take(peer, deadline)
         try:
             answer = _exchange(connection, request, method, charge, deadline)
         except _Retry:
             if retry_stale:
                 retry_stale = False
+                connection = pool.connect(peer, deadline)  # a new one: another idle one may be stale too
                 continue
             raise
         if answer.reusable and not connection.reader.buffered:  # nothing after the answer: clean for the next one
@@ -2616,7 +2607,11 @@ def origin_pool(scheme):
 def _connect_tls(peer, deadline):
     import ssl  # only here: most runs never need it
     sock = connect_to(peer.address, deadline).sock
-    return Connection(ssl.create_default_context().wrap_socket(sock, server_hostname=peer.address[0]))
+    try:
+        return Connection(ssl.create_default_context().wrap_socket(sock, server_hostname=peer.address[0]))
+    except BaseException:  # a failed handshake: the socket is not left open
+        sock.close()
+        raise
 
 
 def byte_limit(limit):
@@ -3780,7 +3775,7 @@ def _otel_number(get, name, convert, default, scale=1.0):
         raise ConfigError(f"{name}={text!r}: expected a number") from None
     if value <= 0:
         raise ConfigError(f"{name}={text!r}: must be above zero")
-    return value * scale
+    return convert(value * scale)  # an int setting stays an int (a batch size slices the queue)
 
 
 def otlp_endpoint(get):
@@ -4405,6 +4400,8 @@ class Config(Struct):
         except DirectiveError as error:
             raise ConfigError(f"{DIRECTIVES[error.name].env}: {error}") from None
         for amount, limit, variable, name in ((base.size, config.max_route_bytes, "MAX_ROUTE_BYTES", "RESPONSE_SIZE"),
+                                              (base.size, config.max_inflight_bytes, "MAX_INFLIGHT_BYTES",
+                                               "RESPONSE_SIZE"),
                                               (base.cpu, config.max_route_cpu, "MAX_ROUTE_CPU", "CPU"),
                                               (base.cpu, config.max_inflight_cpu, "MAX_INFLIGHT_CPU", "CPU")):
             if amount > limit:  # else every routed request would be refused
@@ -4715,19 +4712,13 @@ class Handler:
         inflight = self.node.inflight
         held = reader.take_charge()  # a body gathered on the poller was charged before it came
         if head.length and not held:
-            if not inflight.charge(head.length):  # before a byte of it is read (SPEC 8)
-                raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES="
-                                      f"{inflight.limit}")
-            held = head.length
+            held = charge_body(inflight, head.length)  # before a byte of it is read (SPEC 8)
         try:
             if head.expects_continue:
                 self.conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second before a body
             body = read_body(reader, head, max_body)
-            if body is not None and head.chunked and body:  # its length is known only now
-                if not inflight.charge(len(body)):
-                    raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES="
-                                          f"{inflight.limit}")
-                held = len(body)
+            if body and head.chunked:  # its length is known only now
+                held = charge_body(inflight, len(body))
         except BaseException:
             inflight.release(held)
             raise
@@ -4928,14 +4919,19 @@ def connection_cap(configured):
     return min(configured, max(16, soft // 2))
 
 
+def charge_body(inflight, nbytes):
+    """Charge a request body to the node's MAX_INFLIGHT_BYTES: ``nbytes``, or the 503 that says the node is full."""
+    if not inflight.charge(nbytes):
+        raise BadRequest(503, f"the node is busy: the bytes it holds are near MAX_INFLIGHT_BYTES={inflight.limit}")
+    return nbytes
+
+
 class InboundConnection:
     """One client connection: its socket, reader, and when it was last idle (for the poller)."""
-    __slots__ = ("sock", "address", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed",
-                 "stay_poll")
+    __slots__ = ("sock", "reader", "idle_since", "first_byte", "linger_until", "lingered", "routed", "stay_poll")
 
-    def __init__(self, sock, address):
+    def __init__(self, sock):
         self.sock = sock
-        self.address = address
         self.reader = SocketReader(sock)
         self.idle_since = time.monotonic()
         self.first_byte = 0.0  # when the current request's first byte was seen
@@ -4982,7 +4978,7 @@ class Poller:
         if self.epoll:
             self.epoll.unregister(fd)
         else:
-            self.poller.unregister(sock)
+            self.selector.unregister(sock)
 
     def select(self, timeout):
         if self.epoll:
@@ -5096,7 +5092,7 @@ class Server:
             sock.settimeout(self.node.config.keepalive_timeout)
         except OSError:
             pass
-        self.park(InboundConnection(sock, address))
+        self.park(InboundConnection(sock))
 
     def park(self, conn):
         conn.idle_since = time.monotonic()
@@ -5955,11 +5951,12 @@ def start_node_processes(configs, inherited_socket):
             writer.close()  # the child's end: closed here, so a child that dies shows as EOF
             children.append((child, reader))
         for child, reader in children:
-            problem = reader.recv() if reader.poll(MESH_CHILD_START_SECONDS) else "did not start in time"
+            try:
+                problem = reader.recv() if reader.poll(MESH_CHILD_START_SECONDS) else "did not start in time"
+            except EOFError:
+                problem = "a node's process exited while starting"
             if problem:
                 raise ConfigError(f"cannot start the mesh: {problem}")
-    except EOFError:
-        raise ConfigError("cannot start the mesh: a node's process exited while starting") from None
     except BaseException:
         stop_node_processes([child for child, _reader in children], 0.0)
         raise
@@ -6308,7 +6305,7 @@ def run_load(stats, url_parts, method, headers, timeout, duration, stop, progres
 def command_load(args, environ):
     scheme, host, port, path = split_url(args.url)
     headers = request_headers(args.header)
-    if args.rate <= 0 or args.concurrency < 1 or args.duration < 0:
+    if not math.isfinite(args.rate) or args.rate <= 0 or args.concurrency < 1 or args.duration < 0:
         raise ConfigError("--rate and --concurrency must be above zero, --duration at least 0")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # both end the run with the summary so far, exit 0
